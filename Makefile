@@ -1,0 +1,35 @@
+# lorafit: everything runs from .venv at the repo root.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+# CPU torch, pinned in the same pip command as everything else: an unpinned torch pulls a CUDA build.
+TORCH  := torch==2.13.0
+
+export HF_HUB_OFFLINE := 1
+export HF_DATASETS_OFFLINE := 1
+export TRANSFORMERS_NO_ADVISORY_WARNINGS := 1
+
+.PHONY: install test test-fast demo docs clean
+
+$(BIN)/lorafit: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet "$(TORCH)" -e ".[dev]"
+	touch $(BIN)/lorafit
+
+install: $(BIN)/lorafit
+
+test: install
+	$(BIN)/python -m pytest -q
+
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not slow"
+
+demo: install
+	$(BIN)/python -m lorafit.demo
+
+docs: install
+	$(BIN)/python -m lorafit.docs docs/recipe.md
+
+clean:
+	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -1,0 +1,254 @@
+"""The command line. The only place that prints results, catches LorafitError and sets exit codes.
+
+Heavy libraries (torch, transformers, peft) are imported inside the commands so that
+``lorafit --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from lorafit import __version__
+from lorafit.errors import LorafitError, RecipeError
+
+app = typer.Typer(
+    name="lorafit",
+    help="LoRA / QLoRA fine-tuning of Hugging Face models from YAML recipes.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+
+SET_HELP = "Override a recipe field: --set lora.r=8 (repeatable; values are read as YAML)."
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"lorafit {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks (also LORAFIT_DEBUG=1)."),
+) -> None:
+    if debug:
+        os.environ["LORAFIT_DEBUG"] = "1"
+
+
+def _out(text: str = "") -> None:
+    typer.echo(text)
+
+
+def _print_json(doc) -> None:
+    sys.stdout.write(json.dumps(doc, indent=2, default=str) + "\n")
+
+
+def _console():
+    from rich.console import Console
+
+    return Console()
+
+
+def _recipe(path: Path, overrides: Optional[List[str]]):
+    from lorafit.recipe import load_recipe
+
+    return load_recipe(path, overrides or [])
+
+
+@app.command()
+def train(
+    recipe: Path = typer.Argument(..., help="Recipe YAML."),
+    set_: Optional[List[str]] = typer.Option(None, "--set", help=SET_HELP),
+    output_dir: Optional[Path] = typer.Option(None, "--output-dir", help="Run directory (overrides output.dir)."),
+    resume: Optional[str] = typer.Option(
+        None, "--resume", flag_value="latest",
+        help="Resume from the latest checkpoint of the run directory, or from CHECKPOINT."),
+) -> None:
+    """Fine-tune: load → quantize → inject → train → evaluate → save."""
+    from lorafit.pipeline import train as run_train
+
+    overrides = list(set_ or [])
+    if output_dir is not None:
+        overrides.append(f"output.dir={output_dir}")
+    result = run_train(_recipe(recipe, overrides), recipe_path=recipe, resume=resume)
+    _out(result.summary())
+
+
+@app.command()
+def validate(
+    recipe: Path = typer.Argument(..., help="Recipe YAML."),
+    set_: Optional[List[str]] = typer.Option(None, "--set", help=SET_HELP),
+) -> None:
+    """Run every check that needs no training (schema, files, data rows, model, targets). Writes nothing."""
+    from lorafit.pipeline import validate as run_validate
+
+    report = run_validate(_recipe(recipe, set_), recipe_path=recipe)
+    for line in report.lines():
+        _out(line)
+
+
+@app.command("find-targets")
+def find_targets(
+    model: str = typer.Argument(..., help="Hub id, local model directory, or a directory holding only config.json."),
+    r: int = typer.Option(16, "--r", min=1, help="LoRA rank used for the parameter counts."),
+    task: str = typer.Option("causal_lm", "--task", help="Head: causal_lm | seq_cls | token_cls | seq2seq_lm."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON document."),
+) -> None:
+    """List the modules that can take LoRA, with exact parameter counts per preset."""
+    from lorafit import targets_report
+
+    report = targets_report.find_targets(model, r=r, task=task)
+    if as_json:
+        _print_json(report)
+    else:
+        _console().print(targets_report.render(report))
+
+
+@app.command()
+def estimate(
+    recipe: Path = typer.Argument(..., help="Recipe YAML."),
+    set_: Optional[List[str]] = typer.Option(None, "--set", help=SET_HELP),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON document."),
+) -> None:
+    """Exact trainable parameters and a memory plan for the recipe, without loading weights."""
+    from lorafit import estimate as est
+
+    report = est.estimate(_recipe(recipe, set_))
+    if as_json:
+        _print_json(report)
+    else:
+        _console().print(est.render(report))
+
+
+@app.command()
+def evaluate(
+    run_or_adapter: Path = typer.Argument(..., help="Run directory or adapter directory."),
+    data: Optional[Path] = typer.Option(None, "--data", help="Evaluation data file (default: the run's eval split)."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON document."),
+) -> None:
+    """Eval loss and perplexity of the base model and of base + adapter on the same data."""
+    from lorafit.stages.evaluate import evaluate_adapter
+
+    report = evaluate_adapter(run_or_adapter, data)
+    if as_json:
+        _print_json(report)
+    else:
+        for key, value in report.items():
+            _out(f"{key:>22}: {value}")
+
+
+@app.command()
+def merge(
+    adapter_dir: Path = typer.Argument(..., help="Adapter directory (or run directory)."),
+    output: Path = typer.Option(..., "--output", help="Where to write the merged model."),
+    base: Optional[str] = typer.Option(None, "--base", help="Base model (default: from adapter_config.json)."),
+    dtype: str = typer.Option("bfloat16", "--dtype", help="bfloat16 | float16 | float32."),
+    verify: bool = typer.Option(False, "--verify", help="Compare merged vs base+adapter logits; write merge_report.json."),
+    low_memory: bool = typer.Option(False, "--low-memory", help="Merge shard by shard (RAM ≈ one shard)."),
+    max_shard_size: str = typer.Option("2GB", "--max-shard-size", help="Largest safetensors shard."),
+    force: bool = typer.Option(False, "--force", help="Write into a non-empty output directory."),
+) -> None:
+    """Fold the adapter into a base reloaded in 16/32-bit (never 4-bit) and save a plain model."""
+    from lorafit import merge as merge_mod
+
+    report = merge_mod.merge(adapter_dir, output, base=base, dtype=dtype, verify=verify,
+                             low_memory=low_memory, max_shard_size=max_shard_size, force=force)
+    for line in merge_mod.summary_lines(report):
+        _out(line)
+    if verify and not report.get("verify", {}).get("passed", True):
+        raise typer.Exit(1)
+
+
+@app.command()
+def push(
+    path: Path = typer.Argument(..., help="Adapter dir, run dir, or merged model dir."),
+    repo_id: str = typer.Option(..., "--repo-id", help="OWNER/NAME on the hub."),
+    private: bool = typer.Option(False, "--private", help="Create the repo private."),
+    revision: Optional[str] = typer.Option(None, "--revision", help="Branch to push to."),
+    merged: bool = typer.Option(False, "--merged", help="Merge (bf16 base) and push the full model instead."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="List what would be uploaded and the card; no network."),
+) -> None:
+    """Upload an adapter (or merged model) with a model card."""
+    from lorafit import push as push_mod
+
+    for line in push_mod.push(path, repo_id=repo_id, private=private, revision=revision, merged=merged,
+                              dry_run=dry_run):
+        _out(line)
+
+
+@app.command()
+def generate(
+    model: str = typer.Argument(..., help="Adapter dir, run dir, or model."),
+    prompt: str = typer.Option(..., "--prompt", help="Prompt text (chat models get their chat template)."),
+    max_new_tokens: int = typer.Option(64, "--max-new-tokens", min=1),
+) -> None:
+    """Greedy generation from base + adapter (or a plain model)."""
+    from lorafit.generate import generate as gen
+
+    _out(gen(model, prompt, max_new_tokens=max_new_tokens))
+
+
+@app.command()
+def schema() -> None:
+    """Print the recipe's JSON Schema (for editors)."""
+    from lorafit.recipe import recipe_schema
+
+    _print_json(recipe_schema())
+
+
+def main() -> None:
+    debug = os.environ.get("LORAFIT_DEBUG") == "1" or "--debug" in sys.argv
+    try:
+        app(standalone_mode=False)
+    except LorafitError as e:
+        if debug:
+            import traceback
+
+            traceback.print_exc()
+        problems = e.problems if isinstance(e, RecipeError) else [str(e)]
+        for line in problems:
+            typer.echo(f"error: {line}", err=True)
+        sys.exit(e.exit_code)
+    except typer.Exit as e:
+        sys.exit(e.exit_code)
+    except typer.Abort:
+        typer.echo("error: aborted", err=True)
+        sys.exit(130)
+    except KeyboardInterrupt:
+        typer.echo("error: interrupted", err=True)
+        sys.exit(130)
+    except _click_usage_errors() as e:
+        e.show()
+        sys.exit(2)
+    except Exception as e:  # an internal failure: ours, not the user's
+        if debug:
+            raise
+        typer.echo(f"error: internal failure: {type(e).__name__}: {e} (rerun with --debug for the traceback)", err=True)
+        sys.exit(1)
+
+
+def _click_usage_errors():
+    # Typer vendors its own click in recent releases; accept both.
+    import click
+
+    errors = [click.UsageError]
+    try:
+        from typer._click import exceptions as vendored
+
+        errors.append(vendored.UsageError)
+    except ImportError:
+        pass
+    return tuple(errors)
+
+
+if __name__ == "__main__":
+    main()

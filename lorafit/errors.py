@@ -1,0 +1,41 @@
+"""Errors. A LorafitError is the user's mistake (exit 2); anything else is ours (exit 1).
+
+Raise them deep, with *where* (a dotted recipe path or ``file:line``) and a *fix*; only the CLI
+turns them into the one ``error:`` line the user reads.
+"""
+
+from __future__ import annotations
+
+
+class LorafitError(Exception):
+    """A mistake the user can fix: bad recipe, data file, CLI usage, missing model or module."""
+
+    exit_code = 2
+
+    def __init__(self, message: str, *, where: str | None = None, fix: str | None = None):
+        self.message = message
+        self.where = where
+        self.fix = fix
+        super().__init__(str(self))
+
+    def __str__(self) -> str:
+        text = f"{self.where}: {self.message}" if self.where else self.message
+        return f"{text}; {self.fix}" if self.fix else text
+
+
+class RecipeError(LorafitError):
+    """The recipe (or a --set override) is invalid."""
+
+    def __init__(self, message: str, *, where: str | None = None, fix: str | None = None,
+                 problems: list[str] | None = None):
+        super().__init__(message, where=where, fix=fix)
+        # Every problem found, one line each: all are reported at once, not one per run.
+        self.problems = problems or [str(self)]
+
+
+class DataError(LorafitError):
+    """A data file or its rows cannot be used; *where* is ``file:line`` when known."""
+
+
+class ModelError(LorafitError):
+    """The model (or adapter) cannot be found or does not fit the recipe."""

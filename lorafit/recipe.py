@@ -1,0 +1,340 @@
+"""The recipe: one Pydantic model per section. Every field is documented here, once.
+
+``load_recipe`` is the boundary: YAML + ``--set`` overrides in, a validated ``Recipe`` out, or a
+``RecipeError`` whose lines name the dotted path and the fix. Nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from lorafit.errors import RecipeError
+
+Task = Literal["causal_lm", "seq_cls", "token_cls", "seq2seq_lm"]
+TargetPreset = Literal["all-linear", "attention", "mlp"]
+DataFormat = Literal["text", "alpaca", "chat", "completion", "classification"]
+
+# Optimizers accepted by transformers' Trainer that make sense for LoRA. Paged ones need CUDA.
+Optimizer = Literal[
+    "adamw_torch", "adamw_torch_fused", "adafactor", "sgd", "adagrad",
+    "adamw_bnb_8bit", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit", "lion_8bit",
+]
+
+ALPACA_TEMPLATE = (
+    "Below is an instruction that describes a task, paired with an input that provides further "
+    "context. Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+)
+ALPACA_TEMPLATE_NO_INPUT = (
+    "Below is an instruction that describes a task. Write a response that appropriately completes "
+    "the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n"
+)
+
+
+class Section(BaseModel):
+    # Unknown keys are errors; YAML 1.1 reads `2e-4` as a string, so numbers come from strings too.
+    model_config = ConfigDict(extra="forbid", coerce_numbers_to_str=True, validate_default=True)
+
+
+class ModelSpec(Section):
+    name: str = Field(description="Hub id (e.g. HuggingFaceTB/SmolLM2-135M-Instruct) or a local model directory.")
+    task: Task = Field("causal_lm", description="causal_lm (generation), seq_cls (sequence classification), token_cls, seq2seq_lm.")
+    num_labels: Optional[int] = Field(None, ge=2, description="Number of classes for seq_cls / token_cls; taken from the data when unset.")
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        "auto", description="dtype the base weights are loaded in; auto follows training.precision.")
+    revision: Optional[str] = Field(None, description="Hub revision (branch, tag or commit) of the model.")
+    trust_remote_code: bool = Field(False, description="Run model code shipped with the checkpoint. Off unless you trust it.")
+    gguf_file: Optional[str] = Field(None, description="Load the weights from this GGUF file (inside model.name, or a path); dequantized on load.")
+
+
+class QuantizationSpec(Section):
+    bits: Optional[Literal[4, 8]] = Field(None, description="Load the base model in 4 or 8 bits with bitsandbytes (QLoRA); null for no quantization.")
+    quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type: nf4 (QLoRA paper) or fp4.")
+    double_quant: bool = Field(True, description="Quantize the 4-bit quantization constants too (saves ~0.4 bit/param).")
+    compute_dtype: Literal["bfloat16", "float16", "float32"] = Field("bfloat16", description="dtype of the matmuls of a 4-bit layer.")
+
+
+class LoraSpec(Section):
+    r: int = Field(16, description="Rank of the update B·A. 8–16 for most tasks, 32–64 for hard ones.")
+    alpha: float = Field(32, description="Scale numerator: the update is multiplied by alpha/r (alpha/√r with use_rslora). Commonly 2·r.")
+    dropout: float = Field(0.05, description="Dropout on the LoRA input, 0 ≤ dropout < 1.")
+    target_modules: Union[TargetPreset, list[str]] = Field(
+        "all-linear",
+        description="Modules to adapt: a list of module names (suffixes of the model's module paths) or a preset "
+                    "resolved from the model's own modules: all-linear, attention, mlp. See `lorafit find-targets`.")
+    bias: Literal["none", "all", "lora_only"] = Field("none", description="Which biases to train.")
+    modules_to_save: Optional[list[str]] = Field(
+        None, description="Modules trained in full and saved with the adapter (e.g. a classifier head). "
+                          "seq_cls heads are added automatically.")
+    layers_to_transform: Optional[list[int]] = Field(None, description="Adapt only these layer indices.")
+    use_rslora: bool = Field(False, description="Rank-stabilised LoRA: scale by alpha/√r.")
+    use_dora: bool = Field(False, description="DoRA: also learn a per-column magnitude.")
+
+    @field_validator("r")
+    @classmethod
+    def _r(cls, v: int) -> int:
+        if v < 1:
+            raise ValueError("must be ≥ 1 (16 is a good default)")
+        return v
+
+    @field_validator("alpha")
+    @classmethod
+    def _alpha(cls, v: float) -> float:
+        if v <= 0:
+            raise ValueError("must be > 0 (commonly 2·r)")
+        return v
+
+    @field_validator("dropout")
+    @classmethod
+    def _dropout(cls, v: float) -> float:
+        if not 0 <= v < 1:
+            raise ValueError("must be in [0, 1) (0.05–0.1 is usual)")
+        return v
+
+    @field_validator("target_modules")
+    @classmethod
+    def _targets(cls, v):
+        if isinstance(v, list) and not v:
+            raise ValueError("is empty; name modules or use a preset: all-linear, attention, mlp")
+        return v
+
+
+class ColumnsSpec(Section):
+    """Which column of the data holds what. Defaults are the usual names."""
+
+    text: str = Field("text", description="text and classification formats: the text.")
+    instruction: str = Field("instruction", description="alpaca: the instruction.")
+    input: str = Field("input", description="alpaca: the optional input (may be missing or empty).")
+    output: str = Field("output", description="alpaca: the response to learn.")
+    messages: str = Field("messages", description="chat: the list of {role, content} messages.")
+    prompt: str = Field("prompt", description="completion: the prompt.")
+    completion: str = Field("completion", description="completion: the response to learn.")
+    label: str = Field("label", description="classification: the label (an integer id or a class name).")
+
+
+class DataSpec(Section):
+    train: str = Field(description="Training data: a local .jsonl/.json/.csv/.parquet file, or a hub dataset id.")
+    split: str = Field("train", description="Split to use when data.train is a hub dataset id.")
+    eval: Optional[str] = Field(None, description="Evaluation data file; when unset, eval_fraction of train is held out.")
+    eval_fraction: float = Field(0.1, description="Fraction of train held out for evaluation (seeded), in [0, 0.5].")
+    format: DataFormat = Field("text", description="Row format: text | alpaca | chat | completion | classification.")
+    columns: ColumnsSpec = Field(default_factory=ColumnsSpec, description="Column names for the chosen format.")
+    prompt_template: str = Field(ALPACA_TEMPLATE, description="alpaca: prompt for rows with an input; uses {instruction} and {input}.")
+    prompt_template_no_input: str = Field(ALPACA_TEMPLATE_NO_INPUT, description="alpaca: prompt for rows without input; uses {instruction}.")
+    chat_template: Optional[str] = Field(None, description="chat: a Jinja chat template, or 'chatml', replacing the tokenizer's own.")
+    max_length: int = Field(1024, ge=8, description="Tokens per example; longer rows are truncated (and counted).")
+    train_on_inputs: bool = Field(False, description="Also train on prompt tokens (default: responses only).")
+    seed: int = Field(42, description="Seed of the train/eval split.")
+
+    @field_validator("eval_fraction")
+    @classmethod
+    def _fraction(cls, v: float) -> float:
+        if not 0 <= v <= 0.5:
+            raise ValueError("must be in [0, 0.5] (0.1 holds out 10 %)")
+        return v
+
+    @field_validator("prompt_template")
+    @classmethod
+    def _template(cls, v: str) -> str:
+        if "{instruction}" not in v:
+            raise ValueError("must contain {instruction}")
+        return v
+
+
+class TrainingSpec(Section):
+    epochs: float = Field(1, gt=0, description="Passes over the training data (ignored when max_steps is set).")
+    max_steps: Optional[int] = Field(None, ge=1, description="Stop after this many optimizer steps.")
+    batch_size: int = Field(4, ge=1, description="Examples per device per forward pass.")
+    grad_accum: int = Field(4, ge=1, description="Forward passes per optimizer step (effective batch = batch_size·grad_accum·devices).")
+    learning_rate: float = Field(2.0e-4, gt=0, description="Peak learning rate (~10× full fine-tuning's).")
+    lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup", "cosine_with_restarts", "polynomial"] = Field(
+        "cosine", description="Learning-rate schedule after warmup.")
+    warmup_ratio: float = Field(0.03, ge=0, lt=1, description="Fraction of steps spent warming up.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    max_grad_norm: float = Field(1.0, ge=0, description="Gradient clipping norm (0 disables).")
+    optim: Optimizer = Field("adamw_torch", description="Optimizer. Paged optimizers need CUDA; on CPU adamw_torch is used instead.")
+    gradient_checkpointing: Optional[bool] = Field(
+        None, description="Recompute activations to save memory; default on for quantized models, off otherwise.")
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
+        "auto", description="Mixed precision; auto = bf16 on a GPU that supports it, else fp32.")
+    logging_steps: int = Field(10, ge=1, description="Log loss every N steps.")
+    eval_steps: Optional[int] = Field(None, ge=1, description="Evaluate every N steps; default: at the end only.")
+    save_steps: Optional[int] = Field(None, ge=1, description="Write a resumable checkpoint every N steps; default: at the end.")
+    save_total_limit: int = Field(2, ge=1, description="Checkpoints kept.")
+    seed: int = Field(42, description="Seed of initialisation, dropout and data order.")
+    report_to: Literal["none", "tensorboard", "wandb", "mlflow"] = Field("none", description="Experiment tracker.")
+
+
+class EvaluationSpec(Section):
+    compare_base: bool = Field(True, description="Also measure the base model's eval loss (adapter disabled) for metrics.json.")
+    batch_size: Optional[int] = Field(None, ge=1, description="Eval batch size; default training.batch_size.")
+    max_samples: Optional[int] = Field(None, ge=1, description="Evaluate on at most this many eval rows.")
+
+
+class OutputSpec(Section):
+    dir: str = Field("runs/lorafit-run", description="Run directory (adapter/, recipe.yaml, metrics.json, checkpoints/).")
+    run_name: Optional[str] = Field(None, description="Name shown in logs and trackers; default: the directory's name.")
+    overwrite: bool = Field(False, description="Allow training into a run directory that already holds an adapter.")
+
+
+class Recipe(Section):
+    model: ModelSpec
+    quantization: QuantizationSpec = Field(default_factory=QuantizationSpec)
+    lora: LoraSpec = Field(default_factory=LoraSpec)
+    data: DataSpec
+    training: TrainingSpec = Field(default_factory=TrainingSpec)
+    evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec)
+    output: OutputSpec = Field(default_factory=OutputSpec)
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> "Recipe":
+        task, fmt = self.model.task, self.data.format
+        if task == "seq_cls" and fmt != "classification":
+            raise ValueError("data.format: seq_cls needs format 'classification' (rows with text and label)")
+        if fmt == "classification" and task not in ("seq_cls",):
+            raise ValueError("model.task: format 'classification' needs task 'seq_cls'")
+        if self.quantization.bits is not None and self.training.precision == "fp16" \
+                and self.quantization.compute_dtype == "bfloat16":
+            raise ValueError("training.precision: fp16 with a bfloat16 quantization.compute_dtype mixes "
+                             "dtypes; use precision bf16 or compute_dtype float16")
+        if self.lora.use_dora and self.quantization.bits == 8:
+            raise ValueError("lora.use_dora: DoRA is not supported on 8-bit models; use bits 4 or null")
+        return self
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading, overrides and error messages
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """Read a YAML recipe, apply ``--set key=value`` overrides, validate. Raises RecipeError."""
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"recipe file not found: {path}", fix="pass the path of a .yaml recipe")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise RecipeError(f"not valid UTF-8 ({e.reason} at byte {e.start})", where=str(path)) from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise RecipeError(f"invalid YAML: {problem}", where=where) from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise RecipeError("a recipe is a mapping of sections (model:, lora:, data:, ...)", where=str(path))
+    for item in overrides or []:
+        apply_override(raw, item)
+    return validate_recipe(raw, source=str(path))
+
+
+def validate_recipe(raw: dict, source: str = "recipe") -> Recipe:
+    try:
+        return Recipe.model_validate(raw)
+    except ValidationError as e:
+        problems: list[str] = []
+        seen: set[str] = set()
+        for err in e.errors():
+            line = _describe(err)
+            path = line.split(": ", 1)[0]
+            if path not in seen:  # a union field fails once per branch: report it once
+                seen.add(path)
+                problems.append(f"{source}: {line}")
+        raise RecipeError(problems[0].split(": ", 1)[1], where=source, problems=problems) from None
+
+
+def apply_override(raw: dict, item: str) -> None:
+    """``a.b=c``: set a nested key; the value is read as YAML (numbers, lists, null), typed later by the schema."""
+    key, sep, value = item.partition("=")
+    if not sep or not key.strip():
+        raise RecipeError(f"--set {item!r}: expected KEY=VALUE, e.g. --set lora.r=8")
+    parts = key.strip().split(".")
+    model: type[BaseModel] | None = Recipe
+    node = raw
+    for i, part in enumerate(parts):
+        dotted = ".".join(parts[: i + 1])
+        if model is not None and part not in model.model_fields:
+            raise RecipeError(f"unknown key{_did_you_mean(part, model)}", where=f"--set {dotted}")
+        sub = _section_model(model, part) if model is not None else None
+        if i == len(parts) - 1:
+            try:
+                node[part] = yaml.safe_load(value) if value.strip() else ""
+            except yaml.YAMLError:
+                node[part] = value
+        else:
+            if sub is None:
+                raise RecipeError(f"'{part}' is not a section", where=f"--set {dotted}")
+            child = node.get(part)
+            if not isinstance(child, dict):
+                child = node[part] = {}
+            node, model = child, sub
+
+
+def dump_recipe(recipe: Recipe) -> str:
+    """The fully resolved recipe as YAML (defaults filled in), in section order."""
+    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False, allow_unicode=True, width=100)
+
+
+def recipe_schema() -> dict:
+    schema = Recipe.model_json_schema()
+    schema["title"] = "lorafit recipe"
+    return schema
+
+
+def _section_model(model: type[BaseModel] | None, field: str) -> type[BaseModel] | None:
+    if model is None or field not in model.model_fields:
+        return None
+    ann = model.model_fields[field].annotation
+    return ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+
+
+def _model_at(loc: tuple) -> type[BaseModel] | None:
+    model: type[BaseModel] | None = Recipe
+    for part in loc:
+        model = _section_model(model, part) if isinstance(part, str) else None
+        if model is None:
+            return None
+    return model
+
+
+def _did_you_mean(key: str, model: type[BaseModel] | None) -> str:
+    if model is None:
+        return ""
+    names = list(model.model_fields)
+    close = difflib.get_close_matches(key, names, n=1, cutoff=0.6)
+    if close:
+        return f"; did you mean '{close[0]}'?"
+    return "; valid keys: " + ", ".join(names)
+
+
+def _describe(err: dict) -> str:
+    """One Pydantic error → 'dotted.path: what is wrong; how to fix it'."""
+    loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and ("[" in p or p in ("list[str]", "literal"))))
+    kind, msg = err["type"], err["msg"]
+    path = ".".join(str(p) for p in loc)
+    if kind == "extra_forbidden":
+        parent = _model_at(loc[:-1])
+        return f"{path}: unknown key{_did_you_mean(str(loc[-1]), parent)}"
+    if kind == "missing":
+        model = _model_at(loc)
+        fields = ", ".join(model.model_fields) if model else ""
+        hint = f" (a section with keys: {fields})" if model else ""
+        return f"{path}: required{hint}"
+    if kind == "value_error":
+        msg = msg.removeprefix("Value error, ")
+        # Cross-field checks name their own path.
+        if not loc and ": " in msg:
+            return msg
+        return f"{path}: {msg}"
+    if kind in ("literal_error", "enum"):
+        expected = [x.strip(" '") for x in err.get("ctx", {}).get("expected", "").replace(" or ", ", ").split(",")]
+        close = difflib.get_close_matches(str(err.get("input")), expected, n=1, cutoff=0.6)
+        hint = f"did you mean '{close[0]}'?" if close else "expected one of: " + ", ".join(expected)
+        return f"{path}: got {err.get('input')!r}; {hint}"
+    return f"{path}: {msg.lower()} (got {err.get('input')!r})"

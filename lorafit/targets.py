@@ -1,0 +1,242 @@
+"""Which modules of a model can take LoRA, how presets resolve, and how many parameters that adds.
+
+The same code answers ``find-targets``, ``estimate``, ``validate`` and training: a model is read
+from its config on the meta device (no weights), its modules are classified by their path, and
+presets are resolved from what is really there, never from a table alone.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from lorafit.errors import ModelError, RecipeError
+
+PRESETS = ("attention", "mlp", "all-linear")
+
+# Path components that put a module in the attention or MLP block, across families.
+_ATTENTION = re.compile(r"(^|_)(attn|attention|self_attention|self_attn|cross_attn|encdecattention|selfattention)($|_)")
+_MLP = re.compile(r"(^|_)(mlp|ffn|feed_forward|feedforward|intermediate|densereludense|block_sparse_moe|experts|moe)($|_)")
+# Leaf names known to be fused projections (several matrices in one Linear).
+FUSED = {"c_attn", "query_key_value", "qkv_proj", "gate_up_proj", "Wqkv", "qkv", "in_proj", "W_pack"}
+# BERT-style encoders put the FFN's second matrix at layer.N.output.dense.
+_ENCODER_FFN_PARENT = {"intermediate", "output"}
+
+
+@dataclass(frozen=True)
+class LinearModule:
+    """One adaptable matrix: full dotted path, block, shape."""
+
+    name: str
+    block: str  # attention | mlp | other
+    in_features: int
+    out_features: int
+
+    @property
+    def leaf(self) -> str:
+        return self.name.rsplit(".", 1)[-1]
+
+    @property
+    def fused(self) -> bool:
+        return self.leaf in FUSED
+
+    def lora_params(self, r: int) -> int:
+        return r * (self.in_features + self.out_features)
+
+
+def _is_linear(module) -> tuple[int, int] | None:
+    """(in, out) for nn.Linear (incl. bitsandbytes subclasses) and transformers' Conv1D, else None."""
+    import torch.nn as nn
+
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
+    if type(module).__name__ == "Conv1D" and hasattr(module, "nf"):  # GPT-2: weight is (in, out)
+        w = module.weight
+        return int(w.shape[0]), int(w.shape[1])
+    return None
+
+
+def classify(name: str) -> str:
+    parts = name.split(".")
+    for p in parts[:-1]:
+        if _ATTENTION.search(p.lower()):
+            return "attention"
+    for p in parts[:-1]:
+        if _MLP.search(p.lower()):
+            return "mlp"
+    if len(parts) >= 2 and parts[-2] in _ENCODER_FFN_PARENT:
+        return "mlp"
+    leaf = parts[-1].lower()
+    if leaf in {"q_proj", "k_proj", "v_proj", "o_proj", "query", "key", "value", "c_attn", "qkv_proj",
+                "query_key_value", "out_proj", "wqkv", "wo_attn"}:
+        return "attention"
+    if leaf in {"gate_proj", "up_proj", "down_proj", "fc1", "fc2", "c_fc", "w1", "w2", "w3", "wi", "wo",
+                "wi_0", "wi_1", "dense_h_to_4h", "dense_4h_to_h", "gate_up_proj"}:
+        return "mlp"
+    return "other"
+
+
+def output_head_names(model) -> set[str]:
+    """Full paths of output heads (lm_head, classifier, score, ...): never adapted by a preset."""
+    heads: set[str] = set()
+    out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    for name, module in model.named_modules():
+        if out_emb is not None and module is out_emb:
+            heads.add(name)
+        leaf = name.rsplit(".", 1)[-1]
+        if leaf in {"lm_head", "classifier", "score", "qa_outputs", "embed_out", "output_layer"} or \
+                name.startswith(("classifier.", "score.", "lm_head.")):
+            if _is_linear(module) is not None:
+                heads.add(name)
+    return heads
+
+
+def linear_modules(model) -> list[LinearModule]:
+    """Every adaptable matrix of *model* but its output heads, in module order."""
+    heads = output_head_names(model)
+    found = []
+    for name, module in model.named_modules():
+        if name in heads or not name:
+            continue
+        # LoRA-wrapped layers expose base_layer; count the original only.
+        if ".lora_" in name or name.endswith(".base_layer") or "modules_to_save" in name or "original_module" in name:
+            continue
+        shape = _is_linear(module)
+        if shape is not None:
+            found.append(LinearModule(name, classify(name), shape[0], shape[1]))
+    return found
+
+
+def select(modules: list[LinearModule], preset: str) -> list[LinearModule]:
+    if preset == "all-linear":
+        return [m for m in modules if m.block in ("attention", "mlp", "other")]
+    return [m for m in modules if m.block == preset]
+
+
+def matches(name: str, key: str) -> bool:
+    """peft's rule: a target key matches a module path equal to it or ending in '.key'."""
+    return name == key or name.endswith("." + key)
+
+
+def minimal_keys(chosen: list[LinearModule], all_modules: list[LinearModule]) -> list[str]:
+    """Shortest path suffixes that match exactly the chosen modules (q_proj, not model.layers.0.self_attn.q_proj)."""
+    chosen_names = {m.name for m in chosen}
+    keys: list[str] = []
+    for m in chosen:
+        if any(matches(m.name, k) for k in keys):
+            continue
+        parts = m.name.split(".")
+        for i in range(len(parts) - 1, -1, -1):
+            key = ".".join(parts[i:])
+            hits = {a.name for a in all_modules if matches(a.name, key)}
+            if hits <= chosen_names:
+                keys.append(key)
+                break
+    return keys
+
+
+def resolve_targets(model, target_modules, *, model_name: str = "model") -> tuple[list[str], list[LinearModule]]:
+    """Recipe's lora.target_modules → (keys for peft, the modules they select). Raises RecipeError."""
+    modules = linear_modules(model)
+    if not modules:
+        raise ModelError(f"{model_name} has no nn.Linear or Conv1D module LoRA could adapt", where="model.name")
+    if isinstance(target_modules, str):
+        chosen = select(modules, target_modules)
+        if not chosen:
+            blocks = sorted({m.block for m in modules})
+            raise RecipeError(f"preset '{target_modules}' selects no module of {model_name}",
+                              where="lora.target_modules",
+                              fix=f"its modules fall in: {', '.join(blocks)}; list names instead: {', '.join(leaf_names(modules))}")
+        return minimal_keys(chosen, modules), chosen
+    chosen_names: set[str] = set()
+    for key in target_modules:
+        hits = [m for m in modules if matches(m.name, key)]
+        if not hits:
+            raise RecipeError(f"'{key}' matches no module of {model_name}", where="lora.target_modules",
+                              fix=f"modules that can take LoRA: {', '.join(leaf_names(modules))} "
+                                  f"(or a preset: {', '.join(PRESETS)}; see `lorafit find-targets`)")
+        chosen_names.update(m.name for m in hits)
+    return list(target_modules), [m for m in modules if m.name in chosen_names]
+
+
+def leaf_names(modules: list[LinearModule]) -> list[str]:
+    seen: dict[str, None] = {}
+    for m in modules:
+        seen.setdefault(m.leaf, None)
+    return list(seen)
+
+
+def count_lora_params(chosen: list[LinearModule], r: int, layers_to_transform: list[int] | None = None,
+                      use_dora: bool = False) -> int:
+    total = 0
+    for m in chosen:
+        if layers_to_transform is not None and layer_index(m.name) not in layers_to_transform:
+            continue
+        total += m.lora_params(r) + (m.out_features if use_dora else 0)
+    return total
+
+
+def layer_index(name: str) -> int | None:
+    found = re.search(r"\.(\d+)\.", name)
+    return int(found.group(1)) if found else None
+
+
+# ----------------------------------------------------------------------------------------------
+# Building a model without its weights
+
+
+def load_config(name: str, *, revision: str | None = None, trust_remote_code: bool = False, gguf_file: str | None = None):
+    """AutoConfig for a hub id (cached) or a local dir; ModelError naming what was looked for."""
+    from transformers import AutoConfig
+
+    path = Path(name).expanduser()
+    if path.exists() and not path.is_dir():
+        raise ModelError(f"'{name}' is a file, not a model directory", where="model.name",
+                         fix="pass the directory that holds config.json")
+    if path.is_dir() and not (path / "config.json").is_file() and gguf_file is None:
+        raise ModelError(f"'{name}' has no config.json", where="model.name",
+                         fix="pass a Hugging Face model directory (config.json + weights + tokenizer)")
+    looks_local = path.is_dir() or name.startswith((".", "/", "~")) or name.count("/") > 1
+    if looks_local and not path.is_dir():
+        raise ModelError(f"directory not found: {name}", where="model.name", fix="check the path")
+    try:
+        kwargs = {"revision": revision, "trust_remote_code": trust_remote_code}
+        if gguf_file:
+            kwargs["gguf_file"] = gguf_file
+        return AutoConfig.from_pretrained(str(path) if path.is_dir() else name, **kwargs)
+    except ValueError as e:  # unknown model_type, remote code refused, ...
+        raise ModelError(str(e).splitlines()[0], where="model.name",
+                         fix="upgrade transformers, or set model.trust_remote_code: true if you trust the checkpoint")
+    except OSError:
+        raise ModelError(f"'{name}' is neither a local model directory nor a model in the hub cache",
+                         where="model.name",
+                         fix="download it first (huggingface-cli download NAME) or pass a local directory") from None
+
+
+def auto_class(task: str):
+    import transformers as tf
+
+    return {
+        "causal_lm": tf.AutoModelForCausalLM,
+        "seq_cls": tf.AutoModelForSequenceClassification,
+        "token_cls": tf.AutoModelForTokenClassification,
+        "seq2seq_lm": tf.AutoModelForSeq2SeqLM,
+    }[task]
+
+
+def build_meta_model(config, task: str = "causal_lm", *, trust_remote_code: bool = False, num_labels: int | None = None):
+    """The model's modules on the meta device: exact shapes, no memory, no weights read."""
+    import torch
+
+    if num_labels is not None:
+        config.num_labels = num_labels
+    with torch.device("meta"):
+        try:
+            model = auto_class(task).from_config(config, trust_remote_code=trust_remote_code)
+        except ValueError as e:
+            raise ModelError(f"{config.model_type} has no {task} head: {str(e).splitlines()[0]}",
+                             where="model.task") from None
+    # Building on meta can leave tied embeddings untied; tie them so totals are right.
+    model.tie_weights()
+    return model

@@ -1,0 +1,124 @@
+"""Tiny random models with a real tokenizer, built offline: for tests, CI and the smoke demo.
+
+``python -m lorafit.tiny OUT_DIR [--family llama]`` writes a loadable model directory.
+Weights are drawn with std 0.2 (not 0.02) so that LoRA can visibly fit a few examples.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+CHATML = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+# A fixed corpus: the tokenizer must come out the same on every machine.
+_CORPUS = """
+Below is an instruction that describes a task. Write a response that appropriately completes the request.
+### Instruction: ### Input: ### Response: system user assistant
+The quick brown fox jumps over the lazy dog. A small model learns to answer questions.
+What is the capital of France? Paris. What is two plus two? Four. Translate hello into French: bonjour.
+Name a colour: blue, red, green, yellow. Count to five: one two three four five six seven eight nine ten.
+The weather is sunny today. I like this movie, it was great. I hate waiting, this was terrible.
+positive negative neutral label text prompt completion answer question summary of the story.
+0 1 2 3 4 5 6 7 8 9 , . ! ? : ; ' " ( ) - + = / * # < > [ ] { } | _ @ & % $
+abcdefghijklmnopqrstuvwxyz ABCDEFGHIJKLMNOPQRSTUVWXYZ
+"""
+
+SPECIALS = ["<|endoftext|>", "<s>", "</s>", "<pad>", "<|im_start|>", "<|im_end|>", "[CLS]", "[SEP]", "[MASK]", "[UNK]"]
+
+
+def build_tokenizer(family: str = "llama", vocab_size: int = 384):
+    """A byte-level BPE tokenizer trained on a fixed corpus, shaped like the family's own."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator([_CORPUS] * 4, trainer=trainer)
+    ids = {t: tok.token_to_id(t) for t in SPECIALS}
+
+    if family == "gpt2":  # no BOS added; pad is unset, eos = <|endoftext|>
+        fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>",
+                                       unk_token="<|endoftext|>")
+    elif family == "bert":
+        tok.post_processor = processors.TemplateProcessing(
+            single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+            special_tokens=[("[CLS]", ids["[CLS]"]), ("[SEP]", ids["[SEP]"])])
+        fast = PreTrainedTokenizerFast(tokenizer_object=tok, cls_token="[CLS]", sep_token="[SEP]",
+                                       pad_token="<pad>", mask_token="[MASK]", unk_token="[UNK]")
+    else:  # llama-like: BOS added, pad == eos as in many real checkpoints
+        tok.post_processor = processors.TemplateProcessing(
+            single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", ids["<s>"])])
+        fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                                       pad_token="</s>", unk_token="</s>")
+        fast.chat_template = CHATML
+    return fast
+
+
+def tiny_config(family: str, vocab_size: int, **overrides):
+    """A config of a few thousand parameters per layer for the given family."""
+    import transformers as tf
+
+    common = dict(vocab_size=vocab_size, initializer_range=0.2)
+    if family == "llama":
+        cfg = tf.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                             num_key_value_heads=2, max_position_embeddings=512, bos_token_id=1, eos_token_id=2,
+                             pad_token_id=2, tie_word_embeddings=False, **common)
+    elif family == "qwen2":
+        cfg = tf.Qwen2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                             num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True, **common)
+    elif family == "gpt2":
+        cfg = tf.GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=512, bos_token_id=0, eos_token_id=0, **common)
+    elif family == "gpt_neox":
+        cfg = tf.GPTNeoXConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                               max_position_embeddings=512, **common)
+    elif family == "bert":
+        cfg = tf.BertConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                            max_position_embeddings=512, pad_token_id=3, **common)
+    else:
+        raise ValueError(f"unknown tiny family {family!r}")
+    for k, v in overrides.items():
+        setattr(cfg, k, v)
+    return cfg
+
+
+def build_tiny_model(out_dir: str | Path, family: str = "llama", task: str = "causal_lm", seed: int = 0,
+                     **config_overrides) -> Path:
+    """Write config, safetensors weights and tokenizer of a tiny random model to *out_dir*."""
+    import torch
+    import transformers as tf
+
+    out = Path(out_dir)
+    tokenizer = build_tokenizer("bert" if family == "bert" else ("gpt2" if family == "gpt2" else "llama"))
+    cfg = tiny_config(family, len(tokenizer), **config_overrides)
+    auto = {"causal_lm": tf.AutoModelForCausalLM, "seq_cls": tf.AutoModelForSequenceClassification,
+            "token_cls": tf.AutoModelForTokenClassification}[task]
+    if task != "causal_lm":
+        cfg.num_labels = config_overrides.get("num_labels", 2)
+    torch.manual_seed(seed)
+    model = auto.from_config(cfg)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("out_dir")
+    parser.add_argument("--family", default="llama")
+    parser.add_argument("--task", default="causal_lm")
+    args = parser.parse_args()
+    print(build_tiny_model(args.out_dir, args.family, args.task))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,85 @@
+"""Session fixtures: tiny real models on disk, offline hub settings, a CLI runner."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+# Offline before anything imports huggingface_hub: hub look-ups would hang for ~40 s.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _hf_home(tmp_path_factory):
+    home = tmp_path_factory.mktemp("hf_home")
+    os.environ["HF_HOME"] = str(home)
+    os.environ["HF_DATASETS_CACHE"] = str(home / "datasets")
+    yield home
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory):
+    """Factory: tiny_models('llama'|'gpt2'|'qwen2'|'gpt_neox'|'bert', task) → model dir, built once."""
+    from lorafit.tiny import build_tiny_model
+
+    root = tmp_path_factory.mktemp("tiny_models")
+    cache: dict = {}
+
+    def get(family: str = "llama", task: str = "causal_lm") -> Path:
+        key = (family, task)
+        if key not in cache:
+            cache[key] = build_tiny_model(root / f"{family}-{task}", family, task)
+        return cache[key]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tiny_models) -> Path:
+    return tiny_models("llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2(tiny_models) -> Path:
+    return tiny_models("gpt2")
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_cls(tiny_models) -> Path:
+    return tiny_models("bert", "seq_cls")
+
+
+def run_cli(*args, cwd=None, env=None, timeout=600) -> subprocess.CompletedProcess:
+    """Run the real CLI in a subprocess, as a user would."""
+    full_env = {**os.environ, **(env or {})}
+    full_env.pop("LORAFIT_DEBUG", None)
+    return subprocess.run([sys.executable, "-m", "lorafit", *map(str, args)], cwd=cwd, env=full_env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture
+def cli():
+    return run_cli
+
+
+def write_jsonl(path: Path, rows) -> Path:
+    import json
+
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def write_recipe(path: Path, recipe: dict) -> Path:
+    import yaml
+
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False), encoding="utf-8")
+    return path
