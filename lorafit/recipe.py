@@ -231,7 +231,27 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
         raise RecipeError("a recipe is a mapping of sections (model:, lora:, data:, ...)", where=str(path))
     for item in overrides or []:
         apply_override(raw, item)
-    return validate_recipe(raw, source=str(path))
+    return resolve_paths(validate_recipe(raw, source=str(path)), path.parent)
+
+
+def resolve_paths(recipe: Recipe, recipe_dir: Path) -> Recipe:
+    """Relative paths are read from the working directory, else from the recipe's own directory.
+
+    The resolved recipe then holds absolute paths, so that it reruns from anywhere.
+    """
+    def resolve(value: Optional[str]) -> Optional[str]:
+        if not value or Path(value).is_absolute():
+            return value
+        for base in (Path.cwd(), recipe_dir):
+            candidate = (base / value)
+            if candidate.exists():
+                return str(candidate.resolve())
+        return value  # a hub id, or missing: the stage that uses it says so
+
+    recipe.model.name = resolve(recipe.model.name)
+    recipe.data.train = resolve(recipe.data.train)
+    recipe.data.eval = resolve(recipe.data.eval)
+    return recipe
 
 
 def validate_recipe(raw: dict, source: str = "recipe") -> Recipe:

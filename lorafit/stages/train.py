@@ -1,0 +1,188 @@
+"""Train stage: transformers' Trainer, configured from the recipe's training section.
+
+Why Trainer rather than a hand loop on accelerate: it already does gradient accumulation, schedulers,
+mixed precision, resumable checkpoints (optimizer, scheduler, RNG) and torchrun/accelerate
+distribution, and peft models plug into it. We add only what it lacks: a progress bar with tokens/s,
+a loss history, and NaN losses that are reported rather than filtered.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+from lorafit import log
+from lorafit.errors import LorafitError
+from lorafit.recipe import EvaluationSpec, TrainingSpec
+
+_NEVER = 10**9  # "only at the end": Trainer saves/evaluates at the last step for step strategies
+
+
+def training_arguments(spec: TrainingSpec, evaluation: EvaluationSpec, *, output_dir: Path, precision: str,
+                       gradient_checkpointing: bool, has_eval: bool, run_name: str):
+    import torch
+    from transformers import TrainingArguments
+
+    optim = spec.optim
+    if optim.startswith("paged_") and not torch.cuda.is_available():
+        from lorafit.stages.quantize import resolve_optim
+
+        optim = resolve_optim(optim)
+    return TrainingArguments(
+        output_dir=str(output_dir),
+        run_name=run_name,
+        num_train_epochs=spec.epochs,
+        max_steps=spec.max_steps or -1,
+        per_device_train_batch_size=spec.batch_size,
+        per_device_eval_batch_size=evaluation.batch_size or spec.batch_size,
+        gradient_accumulation_steps=spec.grad_accum,
+        learning_rate=spec.learning_rate,
+        lr_scheduler_type=spec.lr_scheduler,
+        warmup_steps=spec.warmup_ratio,  # transformers 5: a float < 1 is a ratio of the total steps
+        weight_decay=spec.weight_decay,
+        max_grad_norm=spec.max_grad_norm,
+        optim=optim,
+        gradient_checkpointing=gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False} if gradient_checkpointing else None,
+        bf16=precision == "bf16",
+        fp16=precision == "fp16",
+        use_cpu=not torch.cuda.is_available(),
+        logging_steps=spec.logging_steps,
+        logging_first_step=True,
+        logging_nan_inf_filter=False,  # a NaN loss must show, not be averaged away
+        eval_strategy="steps" if (has_eval and spec.eval_steps) else "no",
+        eval_steps=spec.eval_steps,
+        save_strategy="steps",
+        save_steps=spec.save_steps or _NEVER,
+        save_total_limit=spec.save_total_limit,
+        seed=spec.seed,
+        data_seed=spec.seed,
+        report_to=[] if spec.report_to == "none" else [spec.report_to],
+        disable_tqdm=True,  # our own bar shows loss and tokens/s
+        remove_unused_columns=False,
+        include_num_input_tokens_seen="non_padding",
+        ddp_find_unused_parameters=False,
+        dataloader_num_workers=0,
+    )
+
+
+def _progress_callback():
+    from tqdm.auto import tqdm
+    from transformers import TrainerCallback
+
+    class Progress(TrainerCallback):
+        """One bar on stderr: step/total, loss, tokens/s, ETA."""
+
+        def __init__(self):
+            self.bar = None
+            self.start = None
+            self.start_tokens = 0
+
+        def on_train_begin(self, args, state, control, **kw):
+            if state.is_world_process_zero:
+                self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc="train", unit="step",
+                                dynamic_ncols=True, leave=True)
+                self.start, self.start_tokens = time.perf_counter(), state.num_input_tokens_seen
+
+        def on_step_end(self, args, state, control, **kw):
+            if self.bar is not None:
+                self.bar.update(state.global_step - self.bar.n)
+                elapsed = time.perf_counter() - self.start
+                tps = (state.num_input_tokens_seen - self.start_tokens) / max(elapsed, 1e-9)
+                self.bar.set_postfix_str(f"loss={self._last_loss(state)} tok/s={tps:,.0f}", refresh=False)
+
+        def on_evaluate(self, args, state, control, metrics=None, **kw):
+            if self.bar is not None and metrics and "eval_loss" in metrics:
+                self.bar.write(f"step {state.global_step}: eval_loss={metrics['eval_loss']:.4f}")
+
+        def on_train_end(self, args, state, control, **kw):
+            if self.bar is not None:
+                self.bar.close()
+
+        @staticmethod
+        def _last_loss(state):
+            for entry in reversed(state.log_history):
+                if "loss" in entry:
+                    return f"{entry['loss']:.4f}"
+            return "-"
+
+    return Progress()
+
+
+class RunFailed(LorafitError):
+    """Training produced a NaN/inf loss: the adapter is not saved."""
+
+
+def train_model(model, bundle, args, *, resume_from: str | None = None):
+    """Run the Trainer. Returns (trainer, summary dict)."""
+    from transformers import Trainer
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    trainer = Trainer(model=model, args=args, train_dataset=bundle.train, eval_dataset=bundle.eval,
+                      data_collator=bundle.collator)
+    for cb in (PrinterCallback, ProgressCallback):
+        trainer.remove_callback(cb)  # they print raw dicts to stdout
+    trainer.add_callback(_progress_callback())
+    start = time.perf_counter()
+    output = trainer.train(resume_from_checkpoint=resume_from)
+    seconds = time.perf_counter() - start
+    history = [
+        {k: entry[k] for k in ("step", "loss", "learning_rate", "grad_norm") if k in entry}
+        for entry in trainer.state.log_history if "loss" in entry
+    ]
+    losses = [h["loss"] for h in history]
+    if any(not math.isfinite(x) for x in losses) or not math.isfinite(output.training_loss):
+        step = next((h["step"] for h in history if not math.isfinite(h["loss"])), trainer.state.global_step)
+        raise RunFailed(f"the training loss became NaN/inf at step {step}; no adapter was saved",
+                        where="training.learning_rate",
+                        fix="lower the learning rate, use precision fp32/bf16 instead of fp16, or check the data")
+    tokens = int(trainer.state.num_input_tokens_seen)
+    summary = {
+        "steps": trainer.state.global_step,
+        "epochs": round(trainer.state.epoch or 0.0, 4),
+        "train_loss": output.training_loss,
+        "first_loss": losses[0] if losses else None,
+        "final_loss": losses[-1] if losses else None,
+        "loss_history": history,
+        "tokens_seen": tokens,
+        "train_seconds": round(seconds, 3),
+        "train_tokens_per_second": round(tokens / seconds, 2) if seconds > 0 else None,
+    }
+    return trainer, summary
+
+
+def find_checkpoint(checkpoints_dir: Path, resume: str | None) -> str | None:
+    """--resume → the latest checkpoint in the run; --resume PATH → that checkpoint."""
+    if resume is None:
+        return None
+    from transformers.trainer_utils import get_last_checkpoint
+
+    if resume == "latest":
+        last = get_last_checkpoint(str(checkpoints_dir)) if checkpoints_dir.is_dir() else None
+        if last is None:
+            raise LorafitError(f"no checkpoint to resume from in {checkpoints_dir}", where="--resume",
+                               fix="train without --resume, or pass a checkpoint directory")
+        return last
+    path = Path(resume)
+    if not (path / "trainer_state.json").is_file():
+        raise LorafitError(f"{path} is not a checkpoint (no trainer_state.json)", where="--resume",
+                           fix=f"pass one of {checkpoints_dir}/checkpoint-*")
+    return str(path)
+
+
+def peak_memory() -> dict:
+    import resource
+
+    import torch
+
+    peak = {"cpu_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+    if torch.cuda.is_available():
+        peak["gpu_peak_allocated_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    return peak
+
+
+def warn_if_untrained(summary: dict) -> None:
+    first, final = summary.get("first_loss"), summary.get("final_loss")
+    if first is not None and final is not None and summary["steps"] > 1 and final >= first:
+        log.warn(f"loss did not fall ({first:.4f} → {final:.4f}); check the learning rate and the data")
