@@ -11,3 +11,17 @@ def info(message: str) -> None:
 
 def warn(message: str) -> None:
     print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+def quiet_libraries() -> None:
+    """Our progress bar and warnings are the ones users read: silence the libraries' chatter."""
+    import warnings
+
+    import datasets
+    import transformers
+
+    datasets.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    # Deprecation notices about names lorafit (or peft) uses internally are not the user's concern.
+    warnings.filterwarnings("ignore", category=FutureWarning, message=r".*is deprecated and will be removed in v6.*")

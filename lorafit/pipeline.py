@@ -47,6 +47,7 @@ def train(recipe: Recipe, *, recipe_path: Path | None = None, resume: str | None
     from lorafit.stages.train import (find_checkpoint, peak_memory, train_model, training_arguments,
                                       warn_if_untrained)
 
+    log.quiet_libraries()
     run_dir = prepare_run_dir(recipe.output, resume=resume)
     checkpoint = find_checkpoint(run_dir / "checkpoints", resume)
     precision = resolve_precision(recipe.training)
@@ -119,6 +120,7 @@ def validate(recipe: Recipe, *, recipe_path: Path | None = None) -> ValidationRe
     from lorafit.stages.load import check_model_files, load_tokenizer, resolve_precision
     from lorafit.targets import build_meta_model, count_lora_params, load_config, resolve_targets
 
+    log.quiet_libraries()
     report = ValidationReport()
     report.add("recipe", f"{recipe_path or 'recipe'}: schema ok")
     precision = resolve_precision(recipe.training)

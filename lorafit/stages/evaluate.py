@@ -33,8 +33,8 @@ def evaluate_model(trainer, eval_dataset, spec: EvaluationSpec) -> dict:
     if spec.compare_base:
         with trainer.model.disable_adapter():
             base = trainer.evaluate(eval_dataset=eval_dataset, metric_key_prefix="base")
-        result["base_eval_loss"] = base["base_eval_loss"]
-        result["base_eval_perplexity"] = _perplexity(base["base_eval_loss"])
+        result["base_eval_loss"] = base["base_loss"]
+        result["base_eval_perplexity"] = _perplexity(base["base_loss"])
     return result
 
 

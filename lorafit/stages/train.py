@@ -43,8 +43,7 @@ def training_arguments(spec: TrainingSpec, evaluation: EvaluationSpec, *, output
         weight_decay=spec.weight_decay,
         max_grad_norm=spec.max_grad_norm,
         optim=optim,
-        gradient_checkpointing=gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False} if gradient_checkpointing else None,
+        **_checkpointing_args(TrainingArguments, gradient_checkpointing),
         bf16=precision == "bf16",
         fp16=precision == "fp16",
         use_cpu=not torch.cuda.is_available(),
@@ -65,6 +64,15 @@ def training_arguments(spec: TrainingSpec, evaluation: EvaluationSpec, *, output
         ddp_find_unused_parameters=False,
         dataloader_num_workers=0,
     )
+
+
+def _checkpointing_args(args_class, enabled: bool) -> dict:
+    # transformers renamed gradient_checkpointing → activation_checkpointing (the old name warns).
+    import dataclasses
+
+    names = {f.name for f in dataclasses.fields(args_class)}
+    prefix = "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"
+    return {prefix: enabled, f"{prefix}_kwargs": {"use_reentrant": False} if enabled else None}
 
 
 def _progress_callback():
