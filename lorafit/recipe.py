@@ -42,6 +42,8 @@ class Section(BaseModel):
 
 
 class ModelSpec(Section):
+    """The base model and the head it is trained with."""
+
     name: str = Field(description="Hub id (e.g. HuggingFaceTB/SmolLM2-135M-Instruct) or a local model directory.")
     task: Task = Field("causal_lm", description="causal_lm (generation), seq_cls (sequence classification), token_cls, seq2seq_lm.")
     num_labels: Optional[int] = Field(None, ge=2, description="Number of classes for seq_cls / token_cls; taken from the data when unset.")
@@ -53,6 +55,8 @@ class ModelSpec(Section):
 
 
 class QuantizationSpec(Section):
+    """Load the base quantized (QLoRA: 4-bit NF4 + double quant + bf16 compute). Merging always reloads it unquantized."""
+
     bits: Optional[Literal[4, 8]] = Field(None, description="Load the base model in 4 or 8 bits with bitsandbytes (QLoRA); null for no quantization.")
     quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type: nf4 (QLoRA paper) or fp4.")
     double_quant: bool = Field(True, description="Quantize the 4-bit quantization constants too (saves ~0.4 bit/param).")
@@ -60,6 +64,8 @@ class QuantizationSpec(Section):
 
 
 class LoraSpec(Section):
+    """The adapter: rank, scale, dropout and which modules get one."""
+
     r: int = Field(16, description="Rank of the update B·A. 8–16 for most tasks, 32–64 for hard ones.")
     alpha: float = Field(32, description="Scale numerator: the update is multiplied by alpha/r (alpha/√r with use_rslora). Commonly 2·r.")
     dropout: float = Field(0.05, description="Dropout on the LoRA input, 0 ≤ dropout < 1.")
@@ -118,6 +124,8 @@ class ColumnsSpec(Section):
 
 
 class DataSpec(Section):
+    """Where the rows are, their format, and how they become tokens. Prompt tokens are not trained unless train_on_inputs."""
+
     train: str = Field(description="Training data: a local .jsonl/.json/.csv/.parquet file, or a hub dataset id.")
     split: str = Field("train", description="Split to use when data.train is a hub dataset id.")
     eval: Optional[str] = Field(None, description="Evaluation data file; when unset, eval_fraction of train is held out.")
@@ -147,6 +155,8 @@ class DataSpec(Section):
 
 
 class TrainingSpec(Section):
+    """The training loop (transformers Trainer)."""
+
     epochs: float = Field(1, gt=0, description="Passes over the training data (ignored when max_steps is set).")
     max_steps: Optional[int] = Field(None, ge=1, description="Stop after this many optimizer steps.")
     batch_size: int = Field(4, ge=1, description="Examples per device per forward pass.")
@@ -171,12 +181,16 @@ class TrainingSpec(Section):
 
 
 class EvaluationSpec(Section):
+    """Held-out evaluation after training: base model vs base + adapter on the same rows."""
+
     compare_base: bool = Field(True, description="Also measure the base model's eval loss (adapter disabled) for metrics.json.")
     batch_size: Optional[int] = Field(None, ge=1, description="Eval batch size; default training.batch_size.")
     max_samples: Optional[int] = Field(None, ge=1, description="Evaluate on at most this many eval rows.")
 
 
 class OutputSpec(Section):
+    """The run directory."""
+
     dir: str = Field("runs/lorafit-run", description="Run directory (adapter/, recipe.yaml, metrics.json, checkpoints/).")
     run_name: Optional[str] = Field(None, description="Name shown in logs and trackers; default: the directory's name.")
     overwrite: bool = Field(False, description="Allow training into a run directory that already holds an adapter.")
