@@ -227,7 +227,11 @@ def main() -> None:
         typer.echo("error: interrupted", err=True)
         sys.exit(130)
     except _click_usage_errors() as e:
-        e.show()
+        if type(e).__name__ == "NoArgsIsHelpError":
+            e.show()  # bare `lorafit`: the help text
+        else:
+            command = e.ctx.command_path if getattr(e, "ctx", None) else "lorafit"
+            typer.echo(f"error: {e.format_message().rstrip('.')}; see '{command} --help'", err=True)
         sys.exit(2)
     except Exception as e:  # an internal failure: ours, not the user's
         if debug:
