@@ -70,7 +70,7 @@ def train(
     set_: Optional[List[str]] = typer.Option(None, "--set", help=SET_HELP),
     output_dir: Optional[Path] = typer.Option(None, "--output-dir", help="Run directory (overrides output.dir)."),
     resume: Optional[str] = typer.Option(
-        None, "--resume", flag_value="latest",
+        None, "--resume", metavar="[CHECKPOINT]",
         help="Resume from the latest checkpoint of the run directory, or from CHECKPOINT."),
 ) -> None:
     """Fine-tune: load → quantize → inject → train → evaluate → save."""
@@ -205,10 +205,20 @@ def schema() -> None:
     _print_json(recipe_schema())
 
 
+def _optional_resume_value(argv: list[str]) -> list[str]:
+    """`--resume` may stand alone (latest checkpoint): click options can't take an optional value."""
+    out = []
+    for i, arg in enumerate(argv):
+        out.append(arg)
+        if arg == "--resume" and (i + 1 == len(argv) or argv[i + 1].startswith("-")):
+            out.append("latest")
+    return out
+
+
 def main() -> None:
     debug = os.environ.get("LORAFIT_DEBUG") == "1" or "--debug" in sys.argv
     try:
-        app(standalone_mode=False)
+        app(args=_optional_resume_value(sys.argv[1:]), prog_name="lorafit", standalone_mode=False)
     except LorafitError as e:
         if debug:
             import traceback

@@ -31,6 +31,13 @@ class TrainResult:
         return "\n".join(lines)
 
 
+def class_count(num_labels: int | None, label_names: list[str] | None) -> int | None:
+    """The recipe's model.num_labels wins (the data may not show every class); else the data's classes."""
+    if num_labels is not None:
+        return num_labels
+    return len(label_names) if label_names else None
+
+
 def gradient_checkpointing(recipe: Recipe) -> bool:
     flag = recipe.training.gradient_checkpointing
     return flag if flag is not None else recipe.quantization.bits is not None
@@ -55,7 +62,7 @@ def train(recipe: Recipe, *, recipe_path: Path | None = None, resume: str | None
     # Data first: a bad row should fail in seconds, before gigabytes of weights load.
     tokenizer = load_tokenizer(recipe.model)
     data = build_datasets(recipe.data, tokenizer, recipe.model.task, recipe.model.num_labels)
-    num_labels = len(data.label_names) if data.label_names else recipe.model.num_labels
+    num_labels = class_count(recipe.model.num_labels, data.label_names)
     write_recipe(run_dir, recipe)
 
     # load → quantize → inject
@@ -137,7 +144,7 @@ def validate(recipe: Recipe, *, recipe_path: Path | None = None) -> ValidationRe
                        f"({s['trainable_tokens']:,} trained), {s['truncated']} truncated, "
                        f"{s['dropped_fully_masked']} dropped")
 
-    num_labels = len(data.label_names) if data.label_names else spec.num_labels
+    num_labels = class_count(spec.num_labels, data.label_names)
     meta = build_meta_model(config, spec.task, trust_remote_code=spec.trust_remote_code, num_labels=num_labels)
     keys, chosen = resolve_targets(meta, recipe.lora.target_modules, model_name=spec.name)
     lora_params = count_lora_params(chosen, recipe.lora.r, recipe.lora.layers_to_transform, recipe.lora.use_dora)

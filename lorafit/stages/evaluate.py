@@ -40,8 +40,14 @@ def evaluate_model(trainer, eval_dataset, spec: EvaluationSpec) -> dict:
 
 def evaluate_adapter(path: Path, data: Path | None) -> dict:
     """`lorafit evaluate`: a run dir (its recipe and eval split) or an adapter dir (with --data)."""
-    from transformers import Trainer, TrainingArguments
+    from lorafit.log import quiet_libraries
 
+    quiet_libraries()
+    from transformers import TrainingArguments
+
+    from lorafit.stages.train import build_trainer
+
+    from lorafit.pipeline import class_count
     from lorafit.recipe import load_recipe
     from lorafit.stages.data import build_datasets
     from lorafit.stages.load import load_model, load_tokenizer, resolve_precision
@@ -65,7 +71,7 @@ def evaluate_adapter(path: Path, data: Path | None) -> dict:
         raise LorafitError("the run has no held-out split", where="--data", fix="pass --data FILE")
     precision = resolve_precision(recipe.training)
     model = load_model(recipe.model, recipe.quantization, precision,
-                       num_labels=len(bundle.label_names) if bundle.label_names else recipe.model.num_labels,
+                       num_labels=class_count(recipe.model.num_labels, bundle.label_names),
                        label_names=bundle.label_names, pad_token_id=tokenizer.pad_token_id)
     if recipe.quantization.bits == 4:
         from lorafit.stages.quantize import cpu_safe
@@ -74,10 +80,15 @@ def evaluate_adapter(path: Path, data: Path | None) -> dict:
     from peft import PeftModel
 
     model = PeftModel.from_pretrained(model, str(adapter_dir))
-    args = TrainingArguments(output_dir=str(run_dir / ".eval-tmp"), per_device_eval_batch_size=recipe.training.batch_size,
+    import tempfile
+
+    import torch
+
+    args = TrainingArguments(output_dir=tempfile.mkdtemp(prefix="lorafit-eval-"),
+                             per_device_eval_batch_size=recipe.evaluation.batch_size or recipe.training.batch_size,
                              report_to=[], disable_tqdm=True, remove_unused_columns=False,
-                             use_cpu=not __import__("torch").cuda.is_available(), save_strategy="no")
-    trainer = Trainer(model=model, args=args, data_collator=bundle.collator)
+                             use_cpu=not torch.cuda.is_available(), save_strategy="no")
+    trainer = build_trainer(model, args, bundle.collator)
     result = evaluate_model(trainer, dataset, recipe.evaluation)
     result["data"] = str(data) if data else "held-out split of the run"
     result["adapter"] = str(adapter_dir)

@@ -115,8 +115,9 @@ def load_model(spec: ModelSpec, quant: QuantizationSpec, precision: str, *, num_
         if num_labels is not None:
             kwargs["num_labels"] = num_labels
         if label_names:
-            kwargs["id2label"] = dict(enumerate(label_names))
-            kwargs["label2id"] = {n: i for i, n in enumerate(label_names)}
+            names = list(label_names) + [f"LABEL_{i}" for i in range(len(label_names), num_labels or 0)]
+            kwargs["id2label"] = dict(enumerate(names))
+            kwargs["label2id"] = {n: i for i, n in enumerate(names)}
     try:
         model = auto_class(spec.task).from_pretrained(name, **kwargs)
     except (OSError, ValueError) as e:

@@ -118,19 +118,24 @@ def _progress_callback():
     return Progress()
 
 
+def build_trainer(model, args, collator, *, train_dataset=None, eval_dataset=None):
+    from transformers import Trainer
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    trainer = Trainer(model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
+                      data_collator=collator)
+    for cb in (PrinterCallback, ProgressCallback):
+        trainer.remove_callback(cb)  # they print raw dicts to stdout, which --json keeps clean
+    return trainer
+
+
 class RunFailed(LorafitError):
     """Training produced a NaN/inf loss: the adapter is not saved."""
 
 
 def train_model(model, bundle, args, *, resume_from: str | None = None):
     """Run the Trainer. Returns (trainer, summary dict)."""
-    from transformers import Trainer
-    from transformers.trainer_callback import PrinterCallback, ProgressCallback
-
-    trainer = Trainer(model=model, args=args, train_dataset=bundle.train, eval_dataset=bundle.eval,
-                      data_collator=bundle.collator)
-    for cb in (PrinterCallback, ProgressCallback):
-        trainer.remove_callback(cb)  # they print raw dicts to stdout
+    trainer = build_trainer(model, args, bundle.collator, train_dataset=bundle.train, eval_dataset=bundle.eval)
     trainer.add_callback(_progress_callback())
     start = time.perf_counter()
     output = trainer.train(resume_from_checkpoint=resume_from)
