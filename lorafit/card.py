@@ -1,0 +1,167 @@
+"""The model card (README.md with YAML front matter) pushed with an adapter or a merged model.
+
+Built from what the run directory says about itself: the resolved recipe, metrics.json and, for a
+merged model, merge_report.json. Local paths never leave the machine: a local base model or data file
+is named by its basename only.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import yaml
+
+PIPELINE_TAGS = {"causal_lm": "text-generation", "seq_cls": "text-classification",
+                 "token_cls": "token-classification", "seq2seq_lm": "text2text-generation"}
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+def hub_id(name: str | None) -> str | None:
+    """*name* when it is a hub id (not a local path), else None."""
+    if not name or Path(name).exists() or name.startswith((".", "/", "~")) or not _HUB_ID.match(name):
+        return None
+    return name
+
+
+def build_card(*, repo_id: str, kind: str, base: str | None, recipe: dict | None = None,
+               metrics: dict | None = None, merge_report: dict | None = None) -> str:
+    """README.md text. *kind* is 'adapter' or 'merged'."""
+    recipe = recipe or {}
+    quant = (recipe.get("quantization") or {})
+    bits = quant.get("bits")
+    task = (recipe.get("model") or {}).get("task", "causal_lm")
+    base_id = hub_id(base)
+    meta: dict = {}
+    if base_id:
+        meta["base_model"] = base_id
+    if kind == "adapter":
+        meta["library_name"] = "peft"
+    else:
+        meta["library_name"] = "transformers"
+    license_ = recipe.get("license") or (recipe.get("model") or {}).get("license") or \
+        (recipe.get("output") or {}).get("license")
+    if license_:
+        meta["license"] = license_
+    tags = ["lorafit", "lora"] + (["qlora"] if bits == 4 else []) + (["8-bit"] if bits == 8 else [])
+    tags += ["peft"] if kind == "adapter" else ["merged"]
+    if base_id and kind == "adapter":
+        tags.append(f"base_model:adapter:{base_id}")
+    meta["tags"] = tags
+    meta["pipeline_tag"] = PIPELINE_TAGS.get(task, "text-generation")
+    dataset = _dataset(recipe)
+    if dataset and dataset[1]:
+        meta["datasets"] = [dataset[0]]
+
+    name = repo_id.split("/")[-1]
+    base_text = f"[{base_id}](https://huggingface.co/{base_id})" if base_id else \
+        f"a local model (`{Path(base).name}`)" if base else "an unknown base model"
+    out = ["---", yaml.safe_dump(meta, sort_keys=False, allow_unicode=True).strip(), "---", "", f"# {name}", ""]
+    if kind == "adapter":
+        method = f"QLoRA ({bits}-bit {quant.get('quant_type', 'nf4')} base)" if bits == 4 else \
+            "LoRA on an 8-bit base" if bits == 8 else "LoRA"
+        out += [f"A {method} adapter for {base_text}, trained with lorafit.", ""]
+    else:
+        out += [f"{base_text[0].upper() + base_text[1:]} with a LoRA adapter merged into its weights "
+                f"({(merge_report or {}).get('dtype', 'bfloat16')}), made with lorafit.", ""]
+    out += _usage(repo_id, kind, task)
+    out += _training(recipe, dataset)
+    out += _metrics(metrics)
+    out += _merge_section(merge_report)
+    return "\n".join(out).rstrip() + "\n"
+
+
+def _dataset(recipe: dict) -> tuple[str, bool] | None:
+    """(name to show, is a hub dataset id) for the recipe's training data."""
+    train = (recipe.get("data") or {}).get("train")
+    if not train:
+        return None
+    local = Path(train).suffix.lower() in (".jsonl", ".json", ".csv", ".parquet", ".txt") or Path(train).exists()
+    return (Path(train).name, False) if local else (train, hub_id(train) is not None)
+
+
+def _usage(repo_id: str, kind: str, task: str) -> list[str]:
+    if kind == "adapter":
+        auto = {"seq_cls": "AutoPeftModelForSequenceClassification",
+                "token_cls": "AutoPeftModelForTokenClassification",
+                "seq2seq_lm": "AutoPeftModelForSeq2SeqLM"}.get(task, "AutoPeftModelForCausalLM")
+        code = [f"from peft import {auto}", "from transformers import AutoTokenizer", "",
+                f'model = {auto}.from_pretrained("{repo_id}")',
+                f'tokenizer = AutoTokenizer.from_pretrained("{repo_id}")']
+    else:
+        auto = {"seq_cls": "AutoModelForSequenceClassification", "token_cls": "AutoModelForTokenClassification",
+                "seq2seq_lm": "AutoModelForSeq2SeqLM"}.get(task, "AutoModelForCausalLM")
+        code = [f"from transformers import {auto}, AutoTokenizer", "",
+                f'model = {auto}.from_pretrained("{repo_id}")',
+                f'tokenizer = AutoTokenizer.from_pretrained("{repo_id}")']
+    return ["## Usage", "", "```python", *code, "```", ""]
+
+
+def _training(recipe: dict, dataset) -> list[str]:
+    if not recipe:
+        return []
+    lora, train, quant = recipe.get("lora") or {}, recipe.get("training") or {}, recipe.get("quantization") or {}
+    data = recipe.get("data") or {}
+    rows = [("LoRA rank / alpha", f"{lora.get('r')} / {lora.get('alpha')}"),
+            ("target modules", _fmt(lora.get("target_modules"))),
+            ("dropout", lora.get("dropout"))]
+    if lora.get("use_dora") or lora.get("use_rslora"):
+        rows.append(("variant", "DoRA" if lora.get("use_dora") else "rsLoRA"))
+    if quant.get("bits"):
+        detail = f"{quant.get('quant_type')}, double quant {quant.get('double_quant')}, " \
+                 f"compute {quant.get('compute_dtype')}" if quant["bits"] == 4 else "LLM.int8()"
+        rows.append(("quantization", f"{quant['bits']}-bit ({detail})"))
+    if dataset:
+        rows.append(("data", f"{dataset[0]} ({data.get('format', 'text')} format"
+                             f"{', local file' if not dataset[1] else ''})"))
+    rows += [("max length", data.get("max_length")),
+             ("epochs / max steps", f"{train.get('epochs')} / {train.get('max_steps') or '-'}"),
+             ("batch size × grad accum", f"{train.get('batch_size')} × {train.get('grad_accum')}"),
+             ("learning rate", f"{train.get('learning_rate')} ({train.get('lr_scheduler')})"),
+             ("optimizer", train.get("optim"))]
+    return ["## Training", "", "| setting | value |", "|---|---|",
+            *[f"| {k} | {v} |" for k, v in rows if v is not None], ""]
+
+
+def _metrics(metrics: dict | None) -> list[str]:
+    flat = _flatten(metrics or {})
+    if not flat:
+        return []
+    return ["## Metrics", "", "| metric | value |", "|---|---|", *[f"| {k} | {_fmt(v)} |" for k, v in flat], ""]
+
+
+def _merge_section(report: dict | None) -> list[str]:
+    v = (report or {}).get("verify")
+    if not v:
+        return []
+    lines = ["## Merge check", "",
+             f"On {v['prompts']} prompts ({v['tokens']} tokens) the merged model's logits differ from base + adapter "
+             f"by at most {v['max_abs_logit_diff']:.3g} (tolerance {v['tolerance']:.3g}: "
+             f"{'passed' if v['passed'] else 'failed'})."]
+    if v.get("perplexity_adapter") is not None:
+        lines.append(f"Perplexity: base + adapter {v['perplexity_adapter']:.4f}, merged {v['perplexity_merged']:.4f}.")
+    q = v.get("quantized")
+    if q:
+        lines.append(f"The adapter was trained on a {q['bits']}-bit base; the merged model differs from that "
+                     f"quantized model by at most {q['max_abs_logit_diff']:.3g} in logits "
+                     f"(perplexity {q['perplexity_quantized']:.4f} quantized vs {v['perplexity_merged']:.4f} merged).")
+    return lines + [""]
+
+
+def _flatten(d: dict, prefix: str = "") -> list[tuple[str, object]]:
+    out: list[tuple[str, object]] = []
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out += _flatten(v, key + ".")
+        elif isinstance(v, (int, float)) and not isinstance(v, bool):
+            out.append((key, v))
+    return out
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    if isinstance(v, list):
+        return ", ".join(map(str, v))
+    return str(v)

@@ -1,0 +1,177 @@
+"""`lorafit push`: upload an adapter (or a merged model) with a model card, in one commit.
+
+What is uploaded is decided here, listed by ``--dry-run`` without any network, and sent with a single
+``HfApi.create_commit``. The token comes from huggingface_hub's usual places (HF_TOKEN, the login cache)
+and is only ever handed to HfApi: never printed, never written.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from lorafit import log
+from lorafit.errors import LorafitError, ModelError
+
+_WHAT = {"adapter": "adapter", "merged": "merged model"}
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}$")
+
+
+class PushError(LorafitError):
+    """The push cannot be done as asked (repo id, token, rights)."""
+
+
+@dataclass
+class Upload:
+    """What goes to the hub: files (path in repo → local file) and the card."""
+
+    kind: str  # 'adapter' | 'merged'
+    files: dict[str, Path | bytes]  # bytes: generated here (merge_report.json without local paths)
+    card: str
+    note: str = ""
+
+
+def push(path: str | Path, *, repo_id: str, private: bool = False, revision: str | None = None,
+         merged: bool = False, dry_run: bool = False) -> list[str]:
+    """Push *path* (adapter dir, run dir or merged model dir) to *repo_id*. Returns lines to print."""
+    if not _REPO_ID.match(repo_id):
+        raise PushError(f"{repo_id!r} is not a hub repo id", where="--repo-id", fix="use OWNER/NAME, e.g. alice/my-adapter")
+    path = Path(path)
+    with tempfile.TemporaryDirectory(prefix="lorafit-push-") as tmp:
+        upload = plan_upload(path, repo_id, merged=merged, tmp=Path(tmp))
+        if dry_run:
+            return _dry_run_lines(upload, repo_id, private, revision)
+        return _send(upload, repo_id, private, revision)
+
+
+def plan_upload(path: Path, repo_id: str, *, merged: bool, tmp: Path) -> Upload:
+    from lorafit import merge as merge_mod
+    from lorafit.card import build_card
+
+    kind = _kind(path)
+    if kind == "merged":
+        if merged:
+            raise PushError("already a merged model", where=str(path), fix="drop --merged")
+        report = _read_json(path / merge_mod.REPORT_FILE)
+        recipe = metrics = None
+        adapter = (report or {}).get("adapter")
+        if adapter and Path(adapter).exists():  # the adapter's run is still here: describe its training
+            try:
+                src = merge_mod.find_adapter(adapter)
+                recipe, metrics = src.recipe, _read_json(src.run_dir / "metrics.json") if src.run_dir else None
+            except ModelError:
+                pass
+        base = (report or {}).get("base") or _read_json(path / "config.json").get("_name_or_path")
+        card = build_card(repo_id=repo_id, kind="merged", base=base, recipe=recipe, metrics=metrics, merge_report=report)
+        return Upload("merged", _files(path), card)
+
+
+    source = merge_mod.find_adapter(path)
+    recipe = source.recipe
+    metrics = _read_json(source.run_dir / "metrics.json") if source.run_dir else None
+    if not merged:
+        card = build_card(repo_id=repo_id, kind="adapter", base=source.base, recipe=recipe, metrics=metrics)
+        return Upload("adapter", _files(source.adapter_dir), card)
+
+    # --merged: exactly `lorafit merge --verify` (bf16 base, never quantized) into a temporary dir.
+    out = tmp / "merged"
+    report = merge_mod.merge(path, out, dtype="bfloat16", verify=True)
+    if not report["verify"]["passed"]:
+        v = report["verify"]
+        raise ModelError(f"the merged model differs from base + adapter (max |logit diff| "
+                         f"{v['max_abs_logit_diff']:.3g} > {v['tolerance']:.3g}); nothing pushed", where=str(path),
+                         fix="run `lorafit merge --verify` to inspect merge_report.json")
+    card = build_card(repo_id=repo_id, kind="merged", base=source.base, recipe=recipe, metrics=metrics,
+                      merge_report=report)
+    return Upload("merged", _files(out), card, note="merged (bfloat16) into a temporary directory and verified")
+
+
+def _kind(path: Path) -> str:
+    if (path / "adapter_config.json").is_file() or (path / "adapter" / "adapter_config.json").is_file():
+        return "adapter"
+    if (path / "config.json").is_file() and (any(path.glob("*.safetensors")) or any(path.glob("*.bin"))):
+        return "merged"
+    raise PushError("neither an adapter, a run directory nor a model directory", where=str(path),
+                    fix="pass a run directory, its adapter/ directory, or the output of `lorafit merge`")
+
+
+def _files(directory: Path) -> dict[str, Path | bytes]:
+    """Every file to upload, by path in the repo. README.md is replaced by the generated card."""
+    from lorafit.merge import REPORT_FILE
+
+    files: dict[str, Path | bytes] = {}
+    for p in sorted(directory.rglob("*")):
+        rel = p.relative_to(directory).as_posix()
+        if p.is_file() and rel != "README.md" and not any(part.startswith(".") for part in rel.split("/")):
+            files[rel] = p
+    if REPORT_FILE in files:  # local paths stay on this machine: keep their last component only
+        report = _read_json(directory / REPORT_FILE)
+        for key in ("adapter", "output", "base"):
+            if report.get(key) and (key != "base" or Path(report[key]).exists() or report[key].startswith("/")):
+                report[key] = Path(report[key]).name
+        files[REPORT_FILE] = (json.dumps(report, indent=2) + "\n").encode("utf-8")
+    return files
+
+
+def _size(item: Path | bytes) -> int:
+    return len(item) if isinstance(item, bytes) else item.stat().st_size
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return {}
+
+
+def _dry_run_lines(upload: Upload, repo_id: str, private: bool, revision: str | None) -> list[str]:
+    from huggingface_hub import get_token
+
+    total = sum(_size(p) for p in upload.files.values()) + len(upload.card.encode())
+    lines = [f"dry run: nothing uploaded{f' ({upload.note})' if upload.note else ''}",
+             f"would create {'private' if private else 'public'} repo {repo_id} (if missing) and commit "
+             f"{len(upload.files) + 1} files ({total / 1e6:.2f} MB) of the {_WHAT[upload.kind]} "
+             f"to {revision or 'main'}:"]
+    for rel, p in upload.files.items():
+        lines.append(f"  {rel}  ({_size(p):,} bytes{', local paths removed' if isinstance(p, bytes) else ''})")
+    lines.append(f"  README.md  ({len(upload.card.encode()):,} bytes, generated model card)")
+    lines.append("token: " + ("found" if get_token() else "none found; set HF_TOKEN or run `hf auth login` before pushing"))
+    lines += ["", "--- README.md ---", *upload.card.rstrip("\n").split("\n")]
+    return lines
+
+
+def _send(upload: Upload, repo_id: str, private: bool, revision: str | None) -> list[str]:
+    from huggingface_hub import CommitOperationAdd, HfApi, get_token
+    from huggingface_hub.errors import HfHubHTTPError
+
+    token = get_token()
+    if not token:
+        raise PushError("no Hugging Face token found", where="push",
+                        fix="set HF_TOKEN or run `hf auth login` (a token with write access)")
+    api = HfApi(token=token)
+    ops = [CommitOperationAdd(path_in_repo=rel, path_or_fileobj=p if isinstance(p, bytes) else str(p))
+           for rel, p in upload.files.items()]
+    ops.append(CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=upload.card.encode("utf-8")))
+    try:
+        log.info(f"pushing {len(ops)} files to {repo_id}")
+        api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+        if revision:
+            api.create_branch(repo_id, branch=revision, exist_ok=True, repo_type="model")
+        info = api.create_commit(repo_id, operations=ops, revision=revision, repo_type="model",
+                                 commit_message=f"Upload {upload.kind} with lorafit")
+    except HfHubHTTPError as e:
+        status = getattr(getattr(e, "response", None), "status_code", None)
+        message = _scrub(str(e).splitlines()[0], token)
+        if status in (401, 403):
+            raise PushError(f"the hub refused the token ({status}): {message}", where=repo_id,
+                            fix="use a token with write access to this namespace (HF_TOKEN or `hf auth login`)") from None
+        raise PushError(f"the hub answered {status}: {message}", where=repo_id, fix="check the repo id and retry") from None
+    url = getattr(info, "commit_url", None) or f"https://huggingface.co/{repo_id}"
+    return [f"pushed {len(ops)} files ({upload.kind}) to {repo_id}{f'@{revision}' if revision else ''}", url]
+
+
+def _scrub(text: str, token: str) -> str:
+    return text.replace(token, "hf_***") if token else text
