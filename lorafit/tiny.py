@@ -75,6 +75,15 @@ def tiny_config(family: str, vocab_size: int, **overrides):
     elif family == "qwen2":
         cfg = tf.Qwen2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                              num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True, **common)
+    elif family in ("mistral", "gemma", "phi3"):
+        cls = {"mistral": tf.MistralConfig, "gemma": tf.GemmaConfig, "phi3": tf.Phi3Config}[family]
+        extra = {"head_dim": 16} if family == "gemma" else {}
+        cfg = cls(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=512, bos_token_id=1, eos_token_id=2,
+                  pad_token_id=2, **extra, **common)
+    elif family == "falcon":
+        cfg = tf.FalconConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_kv_heads=2,
+                              new_decoder_architecture=True, bos_token_id=1, eos_token_id=2, **common)
     elif family == "gpt2":
         cfg = tf.GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=512, bos_token_id=0, eos_token_id=0, **common)
     elif family == "gpt_neox":

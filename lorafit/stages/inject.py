@@ -21,10 +21,11 @@ class Injection:
         return 100.0 * self.trainable_params / max(self.total_params, 1)
 
 
-def lora_config(spec: LoraSpec, task: str, target_keys: list[str]):
+def lora_config(spec: LoraSpec, task: str, target_keys: list[str], *, fan_in_fan_out: bool = False):
     from peft import LoraConfig
 
     return LoraConfig(
+        fan_in_fan_out=fan_in_fan_out,
         r=spec.r,
         lora_alpha=spec.alpha,
         lora_dropout=spec.dropout,
@@ -45,7 +46,9 @@ def inject_lora(model, spec: LoraSpec, task: str, *, model_name: str = "model"):
     from lorafit.targets import resolve_targets
 
     keys, chosen = resolve_targets(model, spec.target_modules, model_name=model_name)
-    peft_model = get_peft_model(model, lora_config(spec, task, keys))
+    # GPT-2's Conv1D stores weights transposed; peft must know, or it warns and flips it itself.
+    conv1d = any(type(m).__name__ == "Conv1D" for m in model.modules())
+    peft_model = get_peft_model(model, lora_config(spec, task, keys, fan_in_fan_out=conv1d))
     trainable, total = peft_model.get_nb_trainable_parameters()
     adapted = sum(1 for name, _ in peft_model.named_modules() if name.endswith(".lora_A"))
     return peft_model, Injection(keys, adapted, int(trainable), int(total))
