@@ -83,3 +83,17 @@ def write_recipe(path: Path, recipe: dict) -> Path:
 
     path.write_text(yaml.safe_dump(recipe, sort_keys=False), encoding="utf-8")
     return path
+
+
+def pytest_collection_modifyitems(config, items):
+    """`gpu` tests run only where CUDA is present (the device machine); elsewhere they are skipped."""
+    if not any(item.get_closest_marker("gpu") for item in items):
+        return
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if item.get_closest_marker("gpu"):
+            item.add_marker(skip)
