@@ -218,7 +218,9 @@ def _optional_resume_value(argv: list[str]) -> list[str]:
 def main() -> None:
     debug = os.environ.get("LORAFIT_DEBUG") == "1" or "--debug" in sys.argv
     try:
-        app(args=_optional_resume_value(sys.argv[1:]), prog_name="lorafit", standalone_mode=False)
+        code = app(args=_optional_resume_value(sys.argv[1:]), prog_name="lorafit", standalone_mode=False)
+        if isinstance(code, int) and code:  # typer.Exit(n) raised in a command comes back as a return value
+            sys.exit(code)
     except LorafitError as e:
         if debug:
             import traceback

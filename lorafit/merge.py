@@ -239,7 +239,15 @@ def _check_shapes(source: AdapterSource, base_dir: Path) -> None:
     if not index:
         return  # .bin-only checkpoint: peft's own load reports mismatches
     fan_in_fan_out = bool(source.config.get("fan_in_fan_out"))
-    for module, ab in _lora_modules(source).items():
+    modules = _lora_modules(source)
+    missing = [m for m in modules if _checkpoint_key(m, index) is None]
+    leaves = {m.rsplit(".", 1)[-1] for m in modules}
+    # Only when even the leaf names are absent: transformers may rename checkpoint prefixes on load.
+    if modules and len(missing) == len(modules) and not any(f".{leaf}." in f".{k}" for k in index for leaf in leaves):
+        raise ModelError(f"none of the adapter's {len(modules)} LoRA modules (e.g. {missing[0]}) exist in the base "
+                         f"model", where=f"base model {source.base}",
+                         fix="pass the base model the adapter was trained on with --base")
+    for module, ab in modules.items():
         key = _checkpoint_key(module, index)
         if key is None or "A" not in ab or "B" not in ab:
             continue
