@@ -1,6 +1,6 @@
 """`make demo`: fine-tune the shipped tiny model on the shipped data, then show base vs adapter.
 
-Offline, a few seconds on CPU. Run from the repository root: ``python -m lorafit.demo``.
+Offline, a few seconds on CPU: ``python -m lorafit.demo [RUN_DIR]`` (default runs/demo).
 """
 
 from __future__ import annotations
@@ -9,26 +9,28 @@ import json
 import sys
 from pathlib import Path
 
-RECIPE = Path("recipes/tiny-smoke.yaml")
-RUN_DIR = Path("runs/demo")
+REPO = Path(__file__).resolve().parent.parent
+RECIPE = REPO / "recipes" / "tiny-smoke.yaml"
 PROMPTS = ["What is two plus three?", "Translate hello into French."]
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     from lorafit.errors import LorafitError
     from lorafit.generate import complete, load_for_inference
     from lorafit.pipeline import train
     from lorafit.recipe import load_recipe
 
+    args = sys.argv[1:] if argv is None else argv
+    run_dir = Path(args[0]) if args else Path("runs/demo")
     try:
-        recipe = load_recipe(RECIPE, [f"output.dir={RUN_DIR}", "output.overwrite=true"])
+        recipe = load_recipe(RECIPE, [f"output.dir={run_dir}", "output.overwrite=true"])
         result = train(recipe, recipe_path=RECIPE)
     except LorafitError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(result.summary())
 
-    model, tokenizer, run_recipe = load_for_inference(RUN_DIR)
+    model, tokenizer, run_recipe = load_for_inference(run_dir)
     rows = []
     for prompt in PROMPTS:
         tuned = complete(model, tokenizer, run_recipe, prompt, max_new_tokens=12)
