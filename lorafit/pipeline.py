@@ -44,8 +44,6 @@ def gradient_checkpointing(recipe: Recipe) -> bool:
 
 
 def train(recipe: Recipe, *, recipe_path: Path | None = None, resume: str | None = None) -> TrainResult:
-    from transformers import set_seed
-
     from lorafit.stages.data import build_datasets
     from lorafit.stages.evaluate import evaluate_model
     from lorafit.stages.inject import inject_lora
@@ -73,6 +71,8 @@ def train(recipe: Recipe, *, recipe_path: Path | None = None, resume: str | None
         from lorafit.stages.quantize import prepare_quantized
 
         model = prepare_quantized(model, recipe.quantization, gradient_checkpointing=use_gc)
+    from transformers import set_seed
+
     set_seed(recipe.training.seed)  # before LoRA init: resume and reruns must draw the same A
     model, injection = inject_lora(model, recipe.lora, recipe.model.task, model_name=recipe.model.name)
     log.info(f"lora: {injection.adapted_modules} modules ({', '.join(injection.target_keys)}), "

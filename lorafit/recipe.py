@@ -238,7 +238,9 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
         mark = getattr(e, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark else str(path)
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise RecipeError(f"invalid YAML: {problem}", where=where) from None
+        raise RecipeError(f"invalid YAML: {problem}", where=where,
+                          fix="check the indentation and the quoting there (a value holding ': ' or starting "
+                              "with [ { * & needs quotes)") from None
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
@@ -357,8 +359,11 @@ def _describe(err: dict) -> str:
         return f"{path}: unknown key{_did_you_mean(str(loc[-1]), parent)}"
     if kind == "missing":
         model = _model_at(loc)
-        fields = ", ".join(model.model_fields) if model else ""
-        hint = f" (a section with keys: {fields})" if model else ""
+        if model is not None:
+            return f"{path}: required (a section with keys: {', '.join(model.model_fields)})"
+        parent = _model_at(loc[:-1])
+        field = parent.model_fields.get(str(loc[-1])) if parent is not None else None
+        hint = f"; add it: {field.description}" if field is not None and field.description else ""
         return f"{path}: required{hint}"
     if kind == "value_error":
         msg = msg.removeprefix("Value error, ")

@@ -94,6 +94,9 @@ def _progress_callback():
                 self.start, self.start_tokens = time.perf_counter(), state.num_input_tokens_seen
 
         def on_step_end(self, args, state, control, **kw):
+            # Log the last step too, between logging_steps: final_loss must be the final step's loss.
+            if state.global_step >= state.max_steps:
+                control.should_log = True
             if self.bar is not None:
                 self.bar.update(state.global_step - self.bar.n)
                 elapsed = time.perf_counter() - self.start

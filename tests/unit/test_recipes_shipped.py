@@ -1,0 +1,118 @@
+"""Every shipped recipe loads; those on a tiny model pass `lorafit validate`; the others' target modules
+resolve on a config-only stand-in with the family's published dimensions (no weights, no network)."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from lorafit.recipe import load_recipe
+from lorafit.targets import build_meta_model, count_lora_params, load_config, resolve_targets
+from tests.conftest import REPO, run_cli
+
+RECIPES = sorted((REPO / "recipes").glob("*.yaml"))
+TINY = [p for p in RECIPES if p.stem.startswith("tiny-")]
+HUB = [p for p in RECIPES if not p.stem.startswith("tiny-")]
+
+
+def _config(family: str):
+    import transformers as tf
+
+    return {
+        "llama-3.1-8b": lambda: tf.LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                                               num_attention_heads=32, num_key_value_heads=8, vocab_size=128256),
+        "mistral-7b-v0.3": lambda: tf.MistralConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                                                    num_attention_heads=32, num_key_value_heads=8, vocab_size=32768),
+        "qwen2.5-7b": lambda: tf.Qwen2Config(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                                             num_attention_heads=28, num_key_value_heads=4, vocab_size=152064),
+        "gpt2": lambda: tf.GPT2Config(n_embd=768, n_layer=12, n_head=12, vocab_size=50257),
+        "bert-base": lambda: tf.BertConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                                           num_attention_heads=12, vocab_size=30522),
+    }[family]()
+
+
+# model.name of a shipped recipe → (stand-in family, LoRA params its target_modules give at its r: computed
+# by hand from the published shapes, r·(in+out) per matrix).
+STAND_INS = {
+    # 32 layers · 16 · (q 8192 + k 5120 + v 5120 + o 8192 + gate 18432 + up 18432 + down 18432)
+    "meta-llama/Llama-3.1-8B-Instruct": ("llama-3.1-8b", 41_943_040),
+    "mistralai/Mistral-7B-Instruct-v0.3": ("mistral-7b-v0.3", 41_943_040),
+    # 28 layers · 16 · (q 7168 + k 4096 + v 4096 + o 7168 + 3 · 22528)
+    "Qwen/Qwen2.5-7B-Instruct": ("qwen2.5-7b", 40_370_176),
+    # 12 layers · 8 · (c_attn 3072 + attn c_proj 1536 + c_fc 3840 + mlp c_proj 3840)
+    "openai-community/gpt2": ("gpt2", 1_179_648),
+    # 12 layers · 8 · 3 · (768 + 768)
+    "google-bert/bert-base-uncased": ("bert-base", 442_368),
+}
+
+
+@pytest.fixture(autouse=True)
+def _repo_cwd(monkeypatch):
+    # Shipped recipes name examples/... relative to the repo root, where users run them.
+    monkeypatch.chdir(REPO)
+
+
+def test_there_are_shipped_recipes():
+    assert TINY and HUB
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
+def test_recipe_loads_and_names_existing_data(path):
+    recipe = load_recipe(path)
+    for data in (recipe.data.train, recipe.data.eval):
+        if data is not None:
+            assert Path(data).is_file(), f"{path.name}: {data} does not exist"
+            assert Path(data).resolve().is_relative_to(REPO), f"{path.name}: {data} is not shipped in the repo"
+    if path in TINY:
+        assert Path(recipe.model.name).is_dir() and Path(recipe.model.name).resolve().is_relative_to(REPO)
+
+
+@pytest.fixture(scope="module")
+def tiny_validations():
+    env = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        procs = pool.map(lambda p: run_cli("validate", p.relative_to(REPO), cwd=REPO, env=env), TINY)
+        return dict(zip(TINY, procs))
+
+
+@pytest.mark.parametrize("path", TINY, ids=lambda p: p.name)
+def test_tiny_recipe_passes_validate(tiny_validations, path):
+    proc = tiny_validations[path]
+    assert proc.returncode == 0, proc.stderr
+    assert "ok  targets" in proc.stdout and "ok  data" in proc.stdout, proc.stdout
+
+
+@pytest.mark.parametrize("path", HUB, ids=lambda p: p.name)
+def test_hub_recipe_targets_resolve_on_the_published_shapes(path, tmp_path):
+    recipe = load_recipe(path)
+    assert recipe.model.name in STAND_INS, f"{path.name}: add a stand-in for {recipe.model.name}"
+    family, expected = STAND_INS[recipe.model.name]
+    _config(family).save_pretrained(tmp_path)
+    assert [p.name for p in tmp_path.iterdir()] == ["config.json"]
+
+    config = load_config(str(tmp_path))
+    meta = build_meta_model(config, recipe.model.task, num_labels=2 if recipe.model.task == "seq_cls" else None)
+    keys, chosen = resolve_targets(meta, recipe.lora.target_modules, model_name=recipe.model.name)
+    assert chosen, f"{path.name}: lora.target_modules selects nothing"
+    if isinstance(recipe.lora.target_modules, list):
+        assert keys == recipe.lora.target_modules
+    # No output head is adapted by a recipe.
+    assert not any(m.name.split(".")[0] in ("lm_head", "classifier", "score") for m in chosen)
+    lora = count_lora_params(chosen, recipe.lora.r, recipe.lora.layers_to_transform, recipe.lora.use_dora)
+    assert lora == expected, f"{path.name}: {lora:,} LoRA params, expected {expected:,}"
+
+
+def test_llama_3_1_8b_seven_projections_at_r16_is_the_published_count(tmp_path):
+    recipe = load_recipe(REPO / "recipes" / "llama3-8b-lora.yaml")
+    assert recipe.lora.r == 16
+    assert recipe.lora.target_modules == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    _config("llama-3.1-8b").save_pretrained(tmp_path)
+    meta = build_meta_model(load_config(str(tmp_path)), "causal_lm")
+    _, chosen = resolve_targets(meta, recipe.lora.target_modules)
+    assert len(chosen) == 7 * 32
+    assert count_lora_params(chosen, 16) == 41_943_040
+    # q,k,v,o only: the other published figure (GQA makes k/v 1024 wide, not 4096).
+    _, attention = resolve_targets(meta, ["q_proj", "k_proj", "v_proj", "o_proj"])
+    assert count_lora_params(attention, 16) == 13_631_488
