@@ -388,7 +388,6 @@ def merge_streaming(source: AdapterSource, base_dir: Path, out: Path, *, dtype: 
     """Read the base tensor by tensor, add ΔW = scale·B·A where the adapter has one, write shards."""
     import torch
     from safetensors import safe_open
-    from safetensors.torch import save_file
 
     cfg = source.config
     if cfg.get("use_dora") or cfg.get("lora_bias"):
@@ -440,36 +439,62 @@ def merge_streaming(source: AdapterSource, base_dir: Path, out: Path, *, dtype: 
     with safe_open(str(adapter_path), "pt") as adapter:
         for i, shard in enumerate(shards):
             fname = "model.safetensors" if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-            tensors = {}
             handles: dict[Path, object] = {}
+
+            def produce(name, handles=handles):
+                path, info = index[name]
+                f = handles.get(path) or handles.setdefault(path, open(path, "rb"))
+                t = adapter.get_tensor(replace[name]) if name in replace else _read_tensor(f, info)
+                if list(t.shape) != list(info["shape"]):
+                    raise ModelError(f"adapter tensor {replace[name]} is {list(t.shape)}, the base's {name} is "
+                                     f"{list(info['shape'])}", where=str(source.adapter_dir),
+                                     fix="pass the base model the adapter was trained on with --base")
+                if name in deltas:
+                    module = deltas[name][0]
+                    a = adapter.get_tensor(f"base_model.model.{module}.lora_A.weight").float()
+                    b = adapter.get_tensor(f"base_model.model.{module}.lora_B.weight").float()
+                    delta = (b @ a) * _scaling(cfg, module, a.shape[0])
+                    t = t.float() + (delta.T if fan_in_fan_out else delta)
+                return t.to(target) if t.is_floating_point() else t
+
             try:
-                for name in shard:
-                    path, info = index[name]
-                    f = handles.get(path) or handles.setdefault(path, open(path, "rb"))
-                    if name in replace:
-                        t = adapter.get_tensor(replace[name])
-                    else:
-                        t = _read_tensor(f, info)
-                    if name in deltas:
-                        module = deltas[name][0]
-                        a = adapter.get_tensor(f"base_model.model.{module}.lora_A.weight").float()
-                        b = adapter.get_tensor(f"base_model.model.{module}.lora_B.weight").float()
-                        delta = (b @ a) * _scaling(cfg, module, a.shape[0])
-                        t = t.float() + (delta.T if fan_in_fan_out else delta)
-                    if t.is_floating_point():
-                        t = t.to(target)
-                    tensors[name] = t.contiguous()
-                    weight_map[name] = fname
+                total += _write_safetensors(out / fname, shard, produce,
+                                            {n: (index[n][1], target) for n in shard})
             finally:
                 for f in handles.values():
                     f.close()
-            save_file(tensors, str(out / fname), metadata={"format": "pt"})
-            total += sum(t.numel() * t.element_size() for t in tensors.values())
-            del tensors
+            weight_map.update(dict.fromkeys(shard, fname))
     if len(shards) > 1:
         (out / "model.safetensors.index.json").write_text(json.dumps(
             {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n", encoding="utf-8")
     _write_config(base_dir, out, dtype)
+
+
+def _write_safetensors(path: Path, names: list[str], produce, plan: dict) -> int:
+    """Write one safetensors file tensor by tensor: the header comes from the plan, so at most one
+    tensor is in memory (safetensors' save_file would first build the whole file in RAM)."""
+    import torch
+
+    codes = {v: k for k, v in _ST_DTYPES.items()}
+    header, offset = {}, 0
+    for name in names:
+        info, target = plan[name]
+        dtype = _ST_DTYPES[info["dtype"]]
+        if _is_float(info["dtype"]):
+            dtype = str(target).removeprefix("torch.")
+        nbytes = math.prod(info["shape"]) * getattr(torch, dtype).itemsize
+        header[name] = {"dtype": codes[dtype], "shape": info["shape"], "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    raw = json.dumps({"__metadata__": {"format": "pt"}, **header}, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # 8-byte aligned data, as safetensors writes it
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)) + raw)
+        for name in names:
+            t = produce(name).contiguous()
+            if t.numel():
+                f.write(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+            del t
+    return offset
 
 
 def _is_float(st_dtype: str) -> bool:
