@@ -39,8 +39,7 @@ def build_card(*, repo_id: str, kind: str, base: str | None, recipe: dict | None
         meta["library_name"] = "peft"
     else:
         meta["library_name"] = "transformers"
-    license_ = recipe.get("license") or (recipe.get("model") or {}).get("license") or \
-        (recipe.get("output") or {}).get("license")
+    license_ = (recipe.get("output") or {}).get("license")
     if license_:
         meta["license"] = license_
     tags = ["lorafit", "lora"] + (["qlora"] if bits == 4 else []) + (["8-bit"] if bits == 8 else [])

@@ -194,6 +194,7 @@ class OutputSpec(Section):
     dir: str = Field("runs/lorafit-run", description="Run directory (adapter/, recipe.yaml, metrics.json, checkpoints/).")
     run_name: Optional[str] = Field(None, description="Name shown in logs and trackers; default: the directory's name.")
     overwrite: bool = Field(False, description="Allow training into a run directory that already holds an adapter.")
+    license: Optional[str] = Field(None, description="License of the trained adapter, for the model card `lorafit push` writes (e.g. apache-2.0).")
 
 
 class Recipe(Section):

@@ -21,12 +21,13 @@ def run_dir(tiny_llama, tmp_path_factory):
     run = tmp_path_factory.mktemp("push") / "run"
     make_adapter(tiny_llama, run / "adapter")
     (run / "adapter" / "README.md").write_text("peft's boilerplate card")
-    recipe = {"model": {"name": "HuggingFaceTB/SmolLM2-135M-Instruct", "task": "causal_lm", "license": "apache-2.0"},
+    recipe = {"model": {"name": "HuggingFaceTB/SmolLM2-135M-Instruct", "task": "causal_lm"},
               "quantization": {"bits": 4, "quant_type": "nf4", "double_quant": True, "compute_dtype": "bfloat16"},
               "lora": {"r": 4, "alpha": 8, "dropout": 0.05, "target_modules": "all-linear"},
               "data": {"train": "/home/alice/private/train.jsonl", "format": "alpaca", "max_length": 256},
               "training": {"epochs": 1, "batch_size": 2, "grad_accum": 1, "learning_rate": 2e-4,
-                           "lr_scheduler": "cosine", "optim": "paged_adamw_8bit"}}
+                           "lr_scheduler": "cosine", "optim": "paged_adamw_8bit"},
+              "output": {"dir": "runs/x", "license": "apache-2.0"}}
     (run / "recipe.yaml").write_text(yaml.safe_dump(recipe))
     (run / "metrics.json").write_text(json.dumps({"eval": {"base_loss": 3.21, "adapter_loss": 1.23}, "note": "x"}))
     return run
