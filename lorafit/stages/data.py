@@ -239,7 +239,8 @@ def _chat_segments(row, loc, spec, render):
                             fix="convert ShareGPT-style from/value (human/gpt) to role/content (user/assistant)")
     turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
     if not turns:
-        raise DataError("conversation has no assistant turn: nothing to train on", where=loc)
+        raise DataError("conversation has no assistant turn: nothing to train on", where=loc,
+                        fix="add an {\"role\": \"assistant\", \"content\": ...} message with the reply to learn, or drop the row")
     if turns[0] == 0:
         raise DataError("conversation starts with an assistant turn; there is no prompt to render it after",
                         where=loc, fix="start with a system or user message")

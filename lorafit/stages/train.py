@@ -121,6 +121,31 @@ def _progress_callback():
     return Progress()
 
 
+def _nan_guard():
+    from transformers import TrainerCallback
+
+    class NanGuard(TrainerCallback):
+        """Stop at the first NaN/inf loss, before a checkpoint of poisoned weights is written."""
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            loss = (logs or {}).get("loss")
+            if loss is not None and not math.isfinite(loss):
+                control.should_training_stop = True
+                control.should_save = False
+
+    return NanGuard()
+
+
+def _drop_checkpoints_after(checkpoints: Path, step: int) -> None:
+    """Checkpoints past the last finite loss may hold NaN weights: --resume must not pick them up."""
+    import shutil
+
+    for ckpt in checkpoints.glob("checkpoint-*"):
+        suffix = ckpt.name.rsplit("-", 1)[-1]
+        if suffix.isdigit() and int(suffix) > step:
+            shutil.rmtree(ckpt, ignore_errors=True)
+
+
 def build_trainer(model, args, collator, *, train_dataset=None, eval_dataset=None):
     from transformers import Trainer
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
@@ -140,6 +165,7 @@ def train_model(model, bundle, args, *, resume_from: str | None = None):
     """Run the Trainer. Returns (trainer, summary dict)."""
     trainer = build_trainer(model, args, bundle.collator, train_dataset=bundle.train, eval_dataset=bundle.eval)
     trainer.add_callback(_progress_callback())
+    trainer.add_callback(_nan_guard())
     start = time.perf_counter()
     output = trainer.train(resume_from_checkpoint=resume_from)
     seconds = time.perf_counter() - start
@@ -150,6 +176,8 @@ def train_model(model, bundle, args, *, resume_from: str | None = None):
     losses = [h["loss"] for h in history]
     if any(not math.isfinite(x) for x in losses) or not math.isfinite(output.training_loss):
         step = next((h["step"] for h in history if not math.isfinite(h["loss"])), trainer.state.global_step)
+        last_good = max((h["step"] for h in history if math.isfinite(h["loss"]) and h["step"] < step), default=0)
+        _drop_checkpoints_after(Path(args.output_dir), last_good)
         raise RunFailed(f"the training loss became NaN/inf at step {step}; no adapter was saved",
                         where="training.learning_rate",
                         fix="lower the learning rate, use precision fp32/bf16 instead of fp16, or check the data")

@@ -147,10 +147,7 @@ def cases(w: World) -> dict:
 
 
 # Known gaps in code this suite does not own: the test runs and must fail until the gap is fixed.
-XFAIL = {
-    "chat rows without an assistant turn": "lorafit/stages/data.py: the error says what is wrong but no fix "
-                                           "(e.g. 'add an assistant message to each conversation')",
-}
+XFAIL: dict[str, str] = {}  # case name → reason, for a known gap (strict)
 
 
 @pytest.fixture(scope="module")

@@ -49,9 +49,9 @@ STAND_INS = {
 
 
 @pytest.fixture(autouse=True)
-def _repo_cwd(monkeypatch):
-    # Shipped recipes name examples/... relative to the repo root, where users run them.
-    monkeypatch.chdir(REPO)
+def _elsewhere(monkeypatch, tmp_path):
+    # Shipped recipes name ../examples/... relative to themselves: they work from any directory.
+    monkeypatch.chdir(tmp_path)
 
 
 def test_there_are_shipped_recipes():
