@@ -178,8 +178,79 @@ def count_lora_params(chosen: list[LinearModule], r: int, layers_to_transform: l
 
 
 def layer_index(name: str) -> int | None:
-    found = re.search(r"\.(\d+)\.", name)
+    """peft's rule for layers_to_transform: the first number that follows a named segment (layers.3.)."""
+    found = re.match(r".*?\.[^.]*\.(\d+)\.", name)
     return int(found.group(1)) if found else None
+
+
+@dataclass(frozen=True)
+class TrainableCount:
+    """What get_peft_model would make trainable, counted from shapes; ``all_params`` is peft's denominator."""
+
+    lora: int             # A and B matrices
+    dora: int             # DoRA magnitude vectors (out_features per adapted module)
+    bias: int             # biases made trainable by lora.bias
+    modules_to_save: int  # full copies of modules_to_save (and the seq_cls / token_cls head)
+    base_params: int      # the base model, tied weights once
+    adapted_modules: int  # matrices that get an A and a B
+    saved_modules: tuple[str, ...] = ()
+
+    @property
+    def trainable(self) -> int:
+        return self.lora + self.dora + self.bias + self.modules_to_save
+
+    @property
+    def all_params(self) -> int:
+        # peft's get_nb_trainable_parameters counts the adapter and the modules_to_save copies too.
+        return self.base_params + self.lora + self.dora + self.modules_to_save
+
+    @property
+    def percent(self) -> float:
+        return 100.0 * self.trainable / max(self.all_params, 1)
+
+
+# peft adds these heads to modules_to_save for SEQ_CLS and TOKEN_CLS.
+TASK_HEADS = {"seq_cls": ("classifier", "score"), "token_cls": ("classifier", "score")}
+
+
+def count_params(model) -> int:
+    """Parameters of *model*, tied weights counted once (as peft and transformers count them)."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def saved_module_names(model, modules_to_save: list[str] | None, task: str = "causal_lm") -> list[str]:
+    """peft's rule for modules_to_save: a module path that ends with the key (plain string suffix)."""
+    keys = list(modules_to_save or []) + list(TASK_HEADS.get(task, ()))
+    if not keys:
+        return []
+    found: list[str] = []
+    for name, _ in model.named_modules(remove_duplicate=False):
+        if name and any(name.endswith(k) for k in keys) and not any(name.startswith(f + ".") for f in found):
+            found.append(name)
+    return found
+
+
+def count_trainable(model, chosen: list[LinearModule], *, r: int, bias: str = "none", use_dora: bool = False,
+                    layers_to_transform: list[int] | None = None, modules_to_save: list[str] | None = None,
+                    task: str = "causal_lm") -> TrainableCount:
+    """Exact trainable parameters of LoRA on *chosen* (from resolve_targets), as peft would report them."""
+    adapted = [m for m in chosen if layers_to_transform is None or layer_index(m.name) in layers_to_transform]
+    lora = count_lora_params(adapted, r)
+    dora = sum(m.out_features for m in adapted) if use_dora else 0
+    modules = dict(model.named_modules())
+    saved = saved_module_names(model, modules_to_save, task)
+    saved_params = sum(p.numel() for n in saved for p in modules[n].parameters())
+    bias_params = 0
+    if bias == "all":
+        # A saved module's original stays frozen (its copy is counted in full above).
+        bias_params = sum(p.numel() for n, p in model.named_parameters()
+                          if (n == "bias" or n.endswith(".bias")) and not any(n.startswith(s + ".") for s in saved))
+    elif bias == "lora_only":
+        for m in adapted:
+            b = getattr(modules[m.name], "bias", None)
+            bias_params += b.numel() if b is not None else 0
+    return TrainableCount(lora, dora, bias_params, saved_params, count_params(model), len(adapted),
+                          tuple(saved))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -209,7 +280,10 @@ def load_config(name: str, *, revision: str | None = None, trust_remote_code: bo
         raise ModelError(str(e).splitlines()[0], where="model.name",
                          fix="upgrade transformers, or set model.trust_remote_code: true if you trust the checkpoint")
     except OSError:
-        raise ModelError(f"'{name}' is neither a local model directory nor a model in the hub cache",
+        from huggingface_hub import constants
+
+        raise ModelError(f"'{name}' is neither a local model directory nor a model in the hub cache "
+                         f"({constants.HF_HUB_CACHE})",
                          where="model.name",
                          fix="download it first (huggingface-cli download NAME) or pass a local directory") from None
 
