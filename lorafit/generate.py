@@ -7,22 +7,23 @@ from pathlib import Path
 from lorafit.errors import ModelError
 
 
-def find_adapter(path: str | Path) -> Path | None:
-    """A run dir's adapter/, an adapter dir itself, or None for a plain model."""
+def find_source(path: str | Path):
+    """The AdapterSource when *path* is an adapter or run directory; None for a plain model."""
+    from lorafit.adapters import find_adapter
+
     p = Path(path)
-    if (p / "adapter" / "adapter_config.json").is_file():
-        return p / "adapter"
-    if (p / "adapter_config.json").is_file():
-        return p
+    if (p / "adapter_config.json").is_file() or (p / "adapter" / "adapter_config.json").is_file():
+        return find_adapter(p)
     return None
 
 
-def run_recipe(adapter_dir: Path):
+def run_recipe(source):
     """The resolved recipe of the run that made this adapter, when it sits in a run directory."""
     from lorafit.recipe import load_recipe
 
-    recipe_file = adapter_dir.parent / "recipe.yaml"
-    return load_recipe(recipe_file) if recipe_file.is_file() else None
+    if source is None or source.run_dir is None or not (source.run_dir / "recipe.yaml").is_file():
+        return None
+    return load_recipe(source.run_dir / "recipe.yaml")
 
 
 def format_prompt(prompt: str, tokenizer, recipe) -> tuple[str, bool]:
@@ -44,16 +45,12 @@ def load_for_inference(model_or_adapter: str | Path, *, dtype=None):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    adapter = find_adapter(model_or_adapter)
-    recipe = run_recipe(adapter) if adapter else None
-    if adapter is None:
-        base = str(model_or_adapter)
-        if not Path(base).is_dir() and str(base).startswith((".", "/")):
-            raise ModelError(f"directory not found: {base}", where=str(base))
-    else:
-        import json
-
-        base = json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"]
+    source = find_source(model_or_adapter)
+    recipe = run_recipe(source)
+    adapter = source.adapter_dir if source else None
+    base = source.base if source else str(model_or_adapter)
+    if source is None and not Path(base).is_dir() and base.startswith((".", "/")):
+        raise ModelError(f"directory not found: {base}", where=base)
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(adapter or base))
         model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype or torch.float32)

@@ -17,85 +17,22 @@ merge and the quantized model the adapter was trained on.
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 import shutil
-import struct
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 
 from lorafit import log
+from lorafit.adapters import AdapterSource, find_adapter
 from lorafit.errors import ModelError
+from lorafit.merge_streaming import checkpoint_index, checkpoint_key, merge_streaming, read_header
 
 DTYPES = ("bfloat16", "float16", "float32")
-# Max |logit difference| merged vs base+adapter allowed, relative to the largest |logit| (at least 1).
-# fp32 merges are exact up to summation order. 16-bit merges round W + ΔW where base+adapter rounds W·x and
-# ΔW·x apart: on the tiny test model that alone moves bf16 logits by ~6 % of the largest (fp16: ~0.4 %).
-TOLERANCE = {"float32": 1e-5, "float16": 3e-2, "bfloat16": 1.5e-1}
-PPL_TOLERANCE = {"float32": 1e-4, "float16": 2e-2, "bfloat16": 5e-2}  # relative perplexity difference
 REPORT_FILE = "merge_report.json"
-BUILTIN_PROMPTS = [
-    "The quick brown fox jumps over the lazy dog while the farmer watches from the porch.",
-    "Question: What is the capital of France?\nAnswer: The capital of France is Paris.",
-    "def add(a, b):\n    return a + b\n\nprint(add(2, 3))",
-    "Once upon a time, a small model learned to answer questions about the weather and colours.",
-]
-MAX_PROMPTS, MAX_PROMPT_TOKENS = 4, 64
-TASK_CLASSES = {"CAUSAL_LM": "AutoModelForCausalLM", "SEQ_CLS": "AutoModelForSequenceClassification",
-                "TOKEN_CLS": "AutoModelForTokenClassification", "SEQ_2_SEQ_LM": "AutoModelForSeq2SeqLM"}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "vocab.json", "merges.txt", "vocab.txt", "added_tokens.json", "chat_template.jinja",
                    "chat_template.json")
-
-
-@dataclass
-class AdapterSource:
-    """An adapter directory, the run directory around it (when lorafit made it), and its config."""
-
-    adapter_dir: Path
-    run_dir: Path | None
-    config: dict
-    base: str
-
-    @property
-    def recipe(self) -> dict | None:
-        if self.run_dir is None or not (self.run_dir / "recipe.yaml").is_file():
-            return None
-        import yaml
-
-        return yaml.safe_load((self.run_dir / "recipe.yaml").read_text(encoding="utf-8")) or {}
-
-    @property
-    def auto_class(self) -> str:
-        return TASK_CLASSES.get(self.config.get("task_type") or "CAUSAL_LM", "AutoModelForCausalLM")
-
-
-def find_adapter(path: str | Path, base: str | None = None) -> AdapterSource:
-    """An adapter dir or a run dir (its adapter/) → AdapterSource. Raises ModelError."""
-    path = Path(path)
-    if (path / "adapter_config.json").is_file():
-        adapter_dir = path
-        run_dir = path.parent if (path.parent / "recipe.yaml").is_file() else None
-    elif (path / "adapter" / "adapter_config.json").is_file():
-        adapter_dir, run_dir = path / "adapter", path
-    else:
-        what = "does not exist" if not path.exists() else "has no adapter_config.json (nor adapter/adapter_config.json)"
-        raise ModelError(f"{what}", where=str(path),
-                         fix="pass an adapter directory saved by peft/lorafit, or a lorafit run directory")
-    try:
-        config = json.loads((adapter_dir / "adapter_config.json").read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ModelError(f"not valid JSON ({e})", where=str(adapter_dir / "adapter_config.json")) from None
-    if config.get("peft_type", "LORA") != "LORA":
-        raise ModelError(f"a {config.get('peft_type')} adapter, not LoRA", where=str(adapter_dir / "adapter_config.json"),
-                         fix="lorafit merges LoRA adapters only")
-    name = base or config.get("base_model_name_or_path")
-    if not name:
-        raise ModelError("adapter_config.json names no base model", where=str(adapter_dir),
-                         fix="pass the base model with --base")
-    return AdapterSource(adapter_dir, run_dir, config, str(name))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -132,6 +69,8 @@ def merge(adapter_dir: str | Path, output: str | Path, *, base: str | None = Non
                   "bytes": sum(p.stat().st_size for p in tmp.iterdir() if p.is_file()),
                   "lora_modules": len(_lora_modules(source))}
         if verify:
+            from lorafit.verify import verify_merged  # verify loads models through this module
+
             report["verify"] = verify_merged(tmp, source, dtype=dtype)
             (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
             report["files"] = sorted(p.name for p in tmp.iterdir())
@@ -240,7 +179,7 @@ def _check_shapes(source: AdapterSource, base_dir: Path) -> None:
         return  # .bin-only checkpoint: peft's own load reports mismatches
     fan_in_fan_out = bool(source.config.get("fan_in_fan_out"))
     modules = _lora_modules(source)
-    missing = [m for m in modules if _checkpoint_key(m, index) is None]
+    missing = [m for m in modules if checkpoint_key(m, index) is None]
     leaves = {m.rsplit(".", 1)[-1] for m in modules}
     # Only when even the leaf names are absent: transformers may rename checkpoint prefixes on load.
     if modules and len(missing) == len(modules) and not any(f".{leaf}." in f".{k}" for k in index for leaf in leaves):
@@ -248,7 +187,7 @@ def _check_shapes(source: AdapterSource, base_dir: Path) -> None:
                          f"model", where=f"base model {source.base}",
                          fix="pass the base model the adapter was trained on with --base")
     for module, ab in modules.items():
-        key = _checkpoint_key(module, index)
+        key = checkpoint_key(module, index)
         if key is None or "A" not in ab or "B" not in ab:
             continue
         shape = tuple(index[key][1]["shape"])
@@ -326,193 +265,6 @@ def _save_model(model, out: Path, max_shard_size: int) -> None:
 
 
 # ----------------------------------------------------------------------------------------------
-# Low-memory merge: tensor by tensor, shard by shard
-
-_ST_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
-              "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool",
-              "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
-
-
-def read_header(path: Path) -> dict:
-    """A safetensors file's tensor table (name → dtype, shape, data_offsets), without reading the data."""
-    with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(n))
-    header.pop("__metadata__", None)
-    for info in header.values():
-        info["start"] = 8 + n + info["data_offsets"][0]
-    return header
-
-
-def checkpoint_index(model_dir: Path) -> dict[str, tuple[Path, dict]]:
-    """Tensor name → (file, header entry) over all safetensors files of a model directory."""
-    index: dict[str, tuple[Path, dict]] = {}
-    for path in sorted(Path(model_dir).glob("*.safetensors")):
-        for name, info in read_header(path).items():
-            index[name] = (path, info)
-    return index
-
-
-def _read_tensor(f, info: dict):
-    import torch
-
-    f.seek(info["start"])
-    begin, end = info["data_offsets"]
-    data = bytearray(f.read(end - begin))
-    dtype = getattr(torch, _ST_DTYPES[info["dtype"]])
-    if not data:
-        return torch.empty(info["shape"], dtype=dtype)
-    return torch.frombuffer(data, dtype=dtype).reshape(info["shape"])
-
-
-def _checkpoint_key(module: str, index: dict, suffix: str = "weight") -> str | None:
-    # Checkpoints sometimes omit the base-model prefix (gpt2's "h.0..." vs the module path "transformer.h.0...").
-    candidates = [module, module.split(".", 1)[1] if "." in module else module]
-    for cand in candidates:
-        if f"{cand}.{suffix}" in index:
-            return f"{cand}.{suffix}"
-    return None
-
-
-def _scaling(config: dict, module: str, r: int) -> float:
-    from peft.utils.other import get_pattern_key
-
-    alpha = config.get("lora_alpha", 8)
-    pattern = config.get("alpha_pattern") or {}
-    if pattern:
-        alpha = pattern.get(get_pattern_key(list(pattern), module), alpha)
-    return alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
-
-
-def merge_streaming(source: AdapterSource, base_dir: Path, out: Path, *, dtype: str, max_shard_size: int) -> None:
-    """Read the base tensor by tensor, add ΔW = scale·B·A where the adapter has one, write shards."""
-    import torch
-    from safetensors import safe_open
-
-    cfg = source.config
-    if cfg.get("use_dora") or cfg.get("lora_bias"):
-        raise ModelError("--low-memory does not handle DoRA or lora_bias adapters", where=str(source.adapter_dir),
-                         fix="merge without --low-memory")
-    index = checkpoint_index(base_dir)
-    if not index:
-        raise ModelError("--low-memory needs a safetensors checkpoint", where=source.base,
-                         fix="merge without --low-memory")
-    target = getattr(torch, dtype)
-    adapter_path = source.adapter_dir / "adapter_model.safetensors"
-    deltas: dict[str, tuple[str, float]] = {}  # checkpoint key → (module, scale)
-    replace: dict[str, str] = {}  # checkpoint key → adapter key (modules_to_save, trained biases)
-    for key in read_header(adapter_path):
-        m = re.match(r"^base_model\.model\.(.+)\.lora_(A|B)\.weight$", key)
-        if m:
-            if m.group(2) == "A":
-                ck = _checkpoint_key(m.group(1), index)
-                if ck is None:
-                    raise ModelError(f"adapted module {m.group(1)} has no weight in the base checkpoint",
-                                     where=source.base, fix="pass the base model the adapter was trained on with --base")
-                deltas[ck] = (m.group(1), 0.0)
-            continue
-        if "lora_" in key or not key.startswith("base_model.model."):
-            raise ModelError(f"--low-memory does not know adapter tensor {key}", where=str(source.adapter_dir),
-                             fix="merge without --low-memory")
-        module, _, suffix = key.removeprefix("base_model.model.").rpartition(".")
-        ck = _checkpoint_key(module, index, suffix)
-        if ck is None:
-            raise ModelError(f"adapter tensor {key} has no counterpart in the base checkpoint", where=source.base,
-                             fix="merge without --low-memory")
-        replace[ck] = key
-
-    fan_in_fan_out = bool(cfg.get("fan_in_fan_out"))
-    names = list(index)
-    weight_map: dict[str, str] = {}
-    shards: list[list[str]] = [[]]
-    size = 0
-    for name in names:  # plan shards from the header sizes, in checkpoint order
-        info = index[name][1]
-        nbytes = math.prod(info["shape"]) * (target.itemsize if _is_float(info["dtype"]) else
-                                             getattr(torch, _ST_DTYPES[info["dtype"]]).itemsize)
-        if shards[-1] and size + nbytes > max_shard_size:
-            shards.append([])
-            size = 0
-        shards[-1].append(name)
-        size += nbytes
-    total = 0
-    with safe_open(str(adapter_path), "pt") as adapter:
-        for i, shard in enumerate(shards):
-            fname = "model.safetensors" if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-            handles: dict[Path, object] = {}
-
-            def produce(name, handles=handles):
-                path, info = index[name]
-                f = handles.get(path) or handles.setdefault(path, open(path, "rb"))
-                t = adapter.get_tensor(replace[name]) if name in replace else _read_tensor(f, info)
-                if list(t.shape) != list(info["shape"]):
-                    raise ModelError(f"adapter tensor {replace[name]} is {list(t.shape)}, the base's {name} is "
-                                     f"{list(info['shape'])}", where=str(source.adapter_dir),
-                                     fix="pass the base model the adapter was trained on with --base")
-                if name in deltas:
-                    module = deltas[name][0]
-                    a = adapter.get_tensor(f"base_model.model.{module}.lora_A.weight").float()
-                    b = adapter.get_tensor(f"base_model.model.{module}.lora_B.weight").float()
-                    delta = (b @ a) * _scaling(cfg, module, a.shape[0])
-                    t = t.float() + (delta.T if fan_in_fan_out else delta)
-                return t.to(target) if t.is_floating_point() else t
-
-            try:
-                total += _write_safetensors(out / fname, shard, produce,
-                                            {n: (index[n][1], target) for n in shard})
-            finally:
-                for f in handles.values():
-                    f.close()
-            weight_map.update(dict.fromkeys(shard, fname))
-    if len(shards) > 1:
-        (out / "model.safetensors.index.json").write_text(json.dumps(
-            {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n", encoding="utf-8")
-    _write_config(base_dir, out, dtype)
-
-
-def _write_safetensors(path: Path, names: list[str], produce, plan: dict) -> int:
-    """Write one safetensors file tensor by tensor: the header comes from the plan, so at most one
-    tensor is in memory (safetensors' save_file would first build the whole file in RAM)."""
-    import torch
-
-    codes = {v: k for k, v in _ST_DTYPES.items()}
-    header, offset = {}, 0
-    for name in names:
-        info, target = plan[name]
-        dtype = _ST_DTYPES[info["dtype"]]
-        if _is_float(info["dtype"]):
-            dtype = str(target).removeprefix("torch.")
-        nbytes = math.prod(info["shape"]) * getattr(torch, dtype).itemsize
-        header[name] = {"dtype": codes[dtype], "shape": info["shape"], "data_offsets": [offset, offset + nbytes]}
-        offset += nbytes
-    raw = json.dumps({"__metadata__": {"format": "pt"}, **header}, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)  # 8-byte aligned data, as safetensors writes it
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(raw)) + raw)
-        for name in names:
-            t = produce(name).contiguous()
-            if t.numel():
-                f.write(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-            del t
-    return offset
-
-
-def _is_float(st_dtype: str) -> bool:
-    return st_dtype.startswith(("F", "BF"))
-
-
-def _write_config(base_dir: Path, out: Path, dtype: str) -> None:
-    config = json.loads((base_dir / "config.json").read_text(encoding="utf-8"))
-    config.pop("quantization_config", None)
-    config["dtype"] = dtype
-    if "torch_dtype" in config:
-        config["torch_dtype"] = dtype
-    (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    if (base_dir / "generation_config.json").is_file():
-        shutil.copy2(base_dir / "generation_config.json", out / "generation_config.json")
-
-
-# ----------------------------------------------------------------------------------------------
 # Finishing the output directory
 
 
@@ -540,143 +292,3 @@ def _move_into_place(tmp: Path, output: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, output)
-
-
-# ----------------------------------------------------------------------------------------------
-# Verification
-
-
-def verify_merged(merged_dir: str | Path, source: AdapterSource, *, dtype: str) -> dict:
-    """Logits and perplexity of the merged model vs base+adapter (and vs the quantized model for QLoRA).
-
-    Models are loaded one at a time, so RAM stays at about one copy of the base.
-    """
-    import gc
-
-    import torch
-    import transformers
-
-    prompts, prompt_source = eval_prompts(source)
-    tokenizer = transformers.AutoTokenizer.from_pretrained(str(merged_dir))
-    batch = [tokenizer(p, return_tensors="pt", truncation=True, max_length=MAX_PROMPT_TOKENS)["input_ids"]
-             for p in prompts]
-    causal = source.auto_class == "AutoModelForCausalLM"
-
-    log.info(f"verifying on {len(prompts)} prompts ({prompt_source})")
-    ref = _score(load_adapted(source, dtype), batch, causal)
-    gc.collect()
-    merged_model = getattr(transformers, source.auto_class).from_pretrained(str(merged_dir), dtype=getattr(torch, dtype))
-    merged = _score(merged_model.eval(), batch, causal)
-    del merged_model
-    gc.collect()
-
-    diff = max(float((a - b).abs().max()) for a, b in zip(ref["logits"], merged["logits"]))
-    scale = max(1.0, max(float(a.abs().max()) for a in ref["logits"]))
-    tol = TOLERANCE[dtype] * scale
-    passed = math.isfinite(diff) and diff <= tol
-    result = {"prompts": len(prompts), "prompt_source": prompt_source, "tokens": sum(int(b.numel()) for b in batch),
-              "max_abs_logit_diff": diff, "tolerance": tol, "max_abs_logit": scale,
-              "perplexity_adapter": ref["ppl"], "perplexity_merged": merged["ppl"], "quantized": None}
-    if causal and ref["ppl"] is not None:
-        rel = abs(merged["ppl"] - ref["ppl"]) / ref["ppl"]
-        result["perplexity_rel_diff"] = rel
-        passed = passed and math.isfinite(rel) and rel <= PPL_TOLERANCE[dtype]
-    result["passed"] = bool(passed)
-
-    quant = _training_quantization(source)
-    if quant is not None:
-        q = _score(_load_quantized_adapted(source, quant), batch, causal)
-        gc.collect()
-        result["quantized"] = {
-            "bits": quant.bits, "quant_type": quant.quant_type if quant.bits == 4 else None,
-            "max_abs_logit_diff": max(float((a - b).abs().max()) for a, b in zip(q["logits"], merged["logits"])),
-            "perplexity_quantized": q["ppl"]}
-    return result
-
-
-def _score(model, batch, causal: bool) -> dict:
-    import torch
-
-    logits, nll, count = [], 0.0, 0
-    with torch.no_grad():
-        for ids in batch:
-            out = model(input_ids=ids).logits.float()
-            logits.append(out[0])
-            if causal and ids.shape[1] > 1:
-                loss = torch.nn.functional.cross_entropy(out[0, :-1], ids[0, 1:], reduction="sum")
-                nll += float(loss)
-                count += ids.shape[1] - 1
-    del model
-    return {"logits": logits, "ppl": math.exp(nll / count) if count else None}
-
-
-def _training_quantization(source: AdapterSource):
-    """The recipe's quantization section when the adapter was trained on a quantized base, else None."""
-    recipe = source.recipe
-    if not recipe or not (recipe.get("quantization") or {}).get("bits"):
-        return None
-    from lorafit.recipe import QuantizationSpec
-
-    return QuantizationSpec.model_validate(recipe["quantization"])
-
-
-def _load_quantized_adapted(source: AdapterSource, spec):
-    from lorafit.stages.quantize import bnb_config, silence_bitsandbytes
-
-    import torch
-
-    silence_bitsandbytes()
-    # As training loaded it (stages/load.py): unquantized parts in fp32 on CPU, compute dtype on GPU.
-    dtype = spec.compute_dtype if torch.cuda.is_available() else "float32"
-    return load_adapted(source, dtype, quantization_config=bnb_config(spec))
-
-
-def eval_prompts(source: AdapterSource) -> tuple[list[str], str]:
-    """A few texts from the run's eval data (else its train data), or built-in text when unknown."""
-    recipe = source.recipe or {}
-    data = recipe.get("data") or {}
-    for key in ("eval", "train"):
-        path = _find_data_file(data.get(key), source.run_dir)
-        if path is None:
-            continue
-        rows = _read_rows(path, MAX_PROMPTS if key == "eval" else None)
-        if key == "train":
-            rows = rows[-MAX_PROMPTS:]  # the held-out split is drawn at random; the tail is the nearest guess
-        texts = [t for t in (_row_text(r, data) for r in rows) if t.strip()]
-        if texts:
-            return texts[:MAX_PROMPTS], f"{'eval' if key == 'eval' else 'train'} data {path.name}"
-    return list(BUILTIN_PROMPTS), "built-in text"
-
-
-def _find_data_file(name: str | None, run_dir: Path | None) -> Path | None:
-    if not name:
-        return None
-    for cand in (Path(name), *((run_dir / name, run_dir.parent / name) if run_dir else ())):
-        if cand.is_file() and cand.suffix in (".jsonl", ".json"):
-            return cand
-    return None
-
-
-def _read_rows(path: Path, limit: int | None) -> list[dict]:
-    text = path.read_text(encoding="utf-8")
-    if path.suffix == ".json":
-        rows = json.loads(text)
-        rows = rows if isinstance(rows, list) else []
-    else:
-        rows = [json.loads(line) for line in text.splitlines() if line.strip()]
-    rows = [r for r in rows if isinstance(r, dict)]
-    return rows[:limit] if limit else rows
-
-
-def _row_text(row: dict, data: dict) -> str:
-    cols = {"text": "text", "instruction": "instruction", "input": "input", "output": "output",
-            "messages": "messages", "prompt": "prompt", "completion": "completion", **(data.get("columns") or {})}
-    fmt = data.get("format", "text")
-    if fmt == "alpaca":
-        return " ".join(str(row.get(cols[k]) or "") for k in ("instruction", "input", "output"))
-    if fmt == "completion":
-        return f"{row.get(cols['prompt']) or ''}{row.get(cols['completion']) or ''}"
-    if fmt == "chat":
-        msgs = row.get(cols["messages"]) or []
-        return "\n".join(str(m.get("content", "")) for m in msgs if isinstance(m, dict))
-    return str(row.get(cols["text"]) or "")

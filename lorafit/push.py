@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lorafit import log
+from lorafit.adapters import find_adapter
 from lorafit.errors import LorafitError, ModelError
 
 _WHAT = {"adapter": "adapter", "merged": "merged model"}
@@ -60,7 +61,7 @@ def plan_upload(path: Path, repo_id: str, *, merged: bool, tmp: Path) -> Upload:
         adapter = (report or {}).get("adapter")
         if adapter and Path(adapter).exists():  # the adapter's run is still here: describe its training
             try:
-                src = merge_mod.find_adapter(adapter)
+                src = find_adapter(adapter)
                 recipe, metrics = src.recipe, _read_json(src.run_dir / "metrics.json") if src.run_dir else None
             except ModelError:
                 pass
@@ -69,7 +70,7 @@ def plan_upload(path: Path, repo_id: str, *, merged: bool, tmp: Path) -> Upload:
         return Upload("merged", _files(path), card)
 
 
-    source = merge_mod.find_adapter(path)
+    source = find_adapter(path)
     recipe = source.recipe
     metrics = _read_json(source.run_dir / "metrics.json") if source.run_dir else None
     if not merged:

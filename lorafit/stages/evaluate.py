@@ -47,19 +47,16 @@ def evaluate_adapter(path: Path, data: Path | None) -> dict:
 
     from lorafit.stages.train import build_trainer
 
+    from lorafit.adapters import find_adapter
     from lorafit.pipeline import class_count
     from lorafit.recipe import load_recipe
     from lorafit.stages.data import build_datasets
     from lorafit.stages.load import load_model, load_tokenizer, resolve_precision
 
-    path = Path(path)
-    run_dir = path if (path / "adapter").is_dir() else path.parent
-    adapter_dir = path / "adapter" if (path / "adapter").is_dir() else path
-    if not (adapter_dir / "adapter_config.json").is_file():
-        raise LorafitError(f"{path} holds no adapter (no adapter_config.json)", where=str(path),
-                           fix="pass a run directory or an adapter directory")
-    recipe_file = run_dir / "recipe.yaml"
-    if not recipe_file.is_file():
+    source = find_adapter(path)
+    adapter_dir = source.adapter_dir
+    recipe_file = source.run_dir / "recipe.yaml" if source.run_dir else None
+    if recipe_file is None or not recipe_file.is_file():
         raise LorafitError(f"no recipe.yaml next to {adapter_dir}", where=str(path),
                            fix="pass the run directory that `lorafit train` wrote")
     overrides = [f"data.train={data}", "data.eval=null", "data.eval_fraction=0"] if data else []

@@ -1,0 +1,64 @@
+"""An adapter on disk: its directory, the lorafit run around it (when there is one), its config.
+
+merge, push, evaluate and generate all accept an adapter directory or a run directory; this is the one
+place that tells them apart.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from lorafit.errors import ModelError
+
+TASK_CLASSES = {"CAUSAL_LM": "AutoModelForCausalLM", "SEQ_CLS": "AutoModelForSequenceClassification",
+                "TOKEN_CLS": "AutoModelForTokenClassification", "SEQ_2_SEQ_LM": "AutoModelForSeq2SeqLM"}
+
+
+@dataclass
+class AdapterSource:
+    """An adapter directory, the run directory around it (when lorafit made it), and its config."""
+
+    adapter_dir: Path
+    run_dir: Path | None
+    config: dict
+    base: str
+
+    @property
+    def recipe(self) -> dict | None:
+        if self.run_dir is None or not (self.run_dir / "recipe.yaml").is_file():
+            return None
+        import yaml
+
+        return yaml.safe_load((self.run_dir / "recipe.yaml").read_text(encoding="utf-8")) or {}
+
+    @property
+    def auto_class(self) -> str:
+        return TASK_CLASSES.get(self.config.get("task_type") or "CAUSAL_LM", "AutoModelForCausalLM")
+
+
+def find_adapter(path: str | Path, base: str | None = None) -> AdapterSource:
+    """An adapter dir or a run dir (its adapter/) → AdapterSource. Raises ModelError."""
+    path = Path(path)
+    if (path / "adapter_config.json").is_file():
+        adapter_dir = path
+        run_dir = path.parent if (path.parent / "recipe.yaml").is_file() else None
+    elif (path / "adapter" / "adapter_config.json").is_file():
+        adapter_dir, run_dir = path / "adapter", path
+    else:
+        what = "does not exist" if not path.exists() else "has no adapter_config.json (nor adapter/adapter_config.json)"
+        raise ModelError(f"{what}", where=str(path),
+                         fix="pass an adapter directory saved by peft/lorafit, or a lorafit run directory")
+    try:
+        config = json.loads((adapter_dir / "adapter_config.json").read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ModelError(f"not valid JSON ({e})", where=str(adapter_dir / "adapter_config.json")) from None
+    if config.get("peft_type", "LORA") != "LORA":
+        raise ModelError(f"a {config.get('peft_type')} adapter, not LoRA", where=str(adapter_dir / "adapter_config.json"),
+                         fix="lorafit merges LoRA adapters only")
+    name = base or config.get("base_model_name_or_path")
+    if not name:
+        raise ModelError("adapter_config.json names no base model", where=str(adapter_dir),
+                         fix="pass the base model with --base")
+    return AdapterSource(adapter_dir, run_dir, config, str(name))

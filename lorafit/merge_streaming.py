@@ -1,0 +1,202 @@
+"""Low-memory merge: stream the base checkpoint tensor by tensor, add each LoRA delta, write shard by shard.
+
+RAM stays near one tensor plus the adapter (safetensors' own save_file would build a whole shard in RAM).
+Same result as peft's merge_and_unload: W + scale·B·A, with rsLoRA, alpha_pattern, GPT-2's transposed
+Conv1D weights and modules_to_save handled.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import shutil
+import struct
+from pathlib import Path
+
+from lorafit.adapters import AdapterSource
+from lorafit.errors import ModelError
+
+
+_ST_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
+              "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool",
+              "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
+
+
+def read_header(path: Path) -> dict:
+    """A safetensors file's tensor table (name → dtype, shape, data_offsets), without reading the data."""
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+    header.pop("__metadata__", None)
+    for info in header.values():
+        info["start"] = 8 + n + info["data_offsets"][0]
+    return header
+
+
+def checkpoint_index(model_dir: Path) -> dict[str, tuple[Path, dict]]:
+    """Tensor name → (file, header entry) over all safetensors files of a model directory."""
+    index: dict[str, tuple[Path, dict]] = {}
+    for path in sorted(Path(model_dir).glob("*.safetensors")):
+        for name, info in read_header(path).items():
+            index[name] = (path, info)
+    return index
+
+
+def _read_tensor(f, info: dict):
+    import torch
+
+    f.seek(info["start"])
+    begin, end = info["data_offsets"]
+    data = bytearray(f.read(end - begin))
+    dtype = getattr(torch, _ST_DTYPES[info["dtype"]])
+    if not data:
+        return torch.empty(info["shape"], dtype=dtype)
+    return torch.frombuffer(data, dtype=dtype).reshape(info["shape"])
+
+
+def checkpoint_key(module: str, index: dict, suffix: str = "weight") -> str | None:
+    # Checkpoints sometimes omit the base-model prefix (gpt2's "h.0..." vs the module path "transformer.h.0...").
+    candidates = [module, module.split(".", 1)[1] if "." in module else module]
+    for cand in candidates:
+        if f"{cand}.{suffix}" in index:
+            return f"{cand}.{suffix}"
+    return None
+
+
+def _scaling(config: dict, module: str, r: int) -> float:
+    from peft.utils.other import get_pattern_key
+
+    alpha = config.get("lora_alpha", 8)
+    pattern = config.get("alpha_pattern") or {}
+    if pattern:
+        alpha = pattern.get(get_pattern_key(list(pattern), module), alpha)
+    return alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
+
+
+def merge_streaming(source: AdapterSource, base_dir: Path, out: Path, *, dtype: str, max_shard_size: int) -> None:
+    """Read the base tensor by tensor, add ΔW = scale·B·A where the adapter has one, write shards."""
+    import torch
+    from safetensors import safe_open
+
+    cfg = source.config
+    if cfg.get("use_dora") or cfg.get("lora_bias"):
+        raise ModelError("--low-memory does not handle DoRA or lora_bias adapters", where=str(source.adapter_dir),
+                         fix="merge without --low-memory")
+    index = checkpoint_index(base_dir)
+    if not index:
+        raise ModelError("--low-memory needs a safetensors checkpoint", where=source.base,
+                         fix="merge without --low-memory")
+    target = getattr(torch, dtype)
+    adapter_path = source.adapter_dir / "adapter_model.safetensors"
+    deltas: dict[str, tuple[str, float]] = {}  # checkpoint key → (module, scale)
+    replace: dict[str, str] = {}  # checkpoint key → adapter key (modules_to_save, trained biases)
+    for key in read_header(adapter_path):
+        m = re.match(r"^base_model\.model\.(.+)\.lora_(A|B)\.weight$", key)
+        if m:
+            if m.group(2) == "A":
+                ck = checkpoint_key(m.group(1), index)
+                if ck is None:
+                    raise ModelError(f"adapted module {m.group(1)} has no weight in the base checkpoint",
+                                     where=source.base, fix="pass the base model the adapter was trained on with --base")
+                deltas[ck] = (m.group(1), 0.0)
+            continue
+        if "lora_" in key or not key.startswith("base_model.model."):
+            raise ModelError(f"--low-memory does not know adapter tensor {key}", where=str(source.adapter_dir),
+                             fix="merge without --low-memory")
+        module, _, suffix = key.removeprefix("base_model.model.").rpartition(".")
+        ck = checkpoint_key(module, index, suffix)
+        if ck is None:
+            raise ModelError(f"adapter tensor {key} has no counterpart in the base checkpoint", where=source.base,
+                             fix="merge without --low-memory")
+        replace[ck] = key
+
+    fan_in_fan_out = bool(cfg.get("fan_in_fan_out"))
+    names = list(index)
+    weight_map: dict[str, str] = {}
+    shards: list[list[str]] = [[]]
+    size = 0
+    for name in names:  # plan shards from the header sizes, in checkpoint order
+        info = index[name][1]
+        nbytes = math.prod(info["shape"]) * (target.itemsize if _is_float(info["dtype"]) else
+                                             getattr(torch, _ST_DTYPES[info["dtype"]]).itemsize)
+        if shards[-1] and size + nbytes > max_shard_size:
+            shards.append([])
+            size = 0
+        shards[-1].append(name)
+        size += nbytes
+    total = 0
+    with safe_open(str(adapter_path), "pt") as adapter:
+        for i, shard in enumerate(shards):
+            fname = "model.safetensors" if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            handles: dict[Path, object] = {}
+
+            def produce(name, handles=handles):
+                path, info = index[name]
+                f = handles.get(path) or handles.setdefault(path, open(path, "rb"))
+                t = adapter.get_tensor(replace[name]) if name in replace else _read_tensor(f, info)
+                if list(t.shape) != list(info["shape"]):
+                    raise ModelError(f"adapter tensor {replace[name]} is {list(t.shape)}, the base's {name} is "
+                                     f"{list(info['shape'])}", where=str(source.adapter_dir),
+                                     fix="pass the base model the adapter was trained on with --base")
+                if name in deltas:
+                    module = deltas[name][0]
+                    a = adapter.get_tensor(f"base_model.model.{module}.lora_A.weight").float()
+                    b = adapter.get_tensor(f"base_model.model.{module}.lora_B.weight").float()
+                    delta = (b @ a) * _scaling(cfg, module, a.shape[0])
+                    t = t.float() + (delta.T if fan_in_fan_out else delta)
+                return t.to(target) if t.is_floating_point() else t
+
+            try:
+                total += _write_safetensors(out / fname, shard, produce,
+                                            {n: (index[n][1], target) for n in shard})
+            finally:
+                for f in handles.values():
+                    f.close()
+            weight_map.update(dict.fromkeys(shard, fname))
+    if len(shards) > 1:
+        (out / "model.safetensors.index.json").write_text(json.dumps(
+            {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n", encoding="utf-8")
+    _write_config(base_dir, out, dtype)
+
+
+def _write_safetensors(path: Path, names: list[str], produce, plan: dict) -> int:
+    """Write one safetensors file tensor by tensor: the header comes from the plan, so at most one
+    tensor is in memory (safetensors' save_file would first build the whole file in RAM)."""
+    import torch
+
+    codes = {v: k for k, v in _ST_DTYPES.items()}
+    header, offset = {}, 0
+    for name in names:
+        info, target = plan[name]
+        dtype = _ST_DTYPES[info["dtype"]]
+        if _is_float(info["dtype"]):
+            dtype = str(target).removeprefix("torch.")
+        nbytes = math.prod(info["shape"]) * getattr(torch, dtype).itemsize
+        header[name] = {"dtype": codes[dtype], "shape": info["shape"], "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    raw = json.dumps({"__metadata__": {"format": "pt"}, **header}, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # 8-byte aligned data, as safetensors writes it
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)) + raw)
+        for name in names:
+            t = produce(name).contiguous()
+            if t.numel():
+                f.write(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+            del t
+    return offset
+
+
+def _is_float(st_dtype: str) -> bool:
+    return st_dtype.startswith(("F", "BF"))
+
+
+def _write_config(base_dir: Path, out: Path, dtype: str) -> None:
+    config = json.loads((base_dir / "config.json").read_text(encoding="utf-8"))
+    config.pop("quantization_config", None)
+    config["dtype"] = dtype
+    if "torch_dtype" in config:
+        config["torch_dtype"] = dtype
+    (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    if (base_dir / "generation_config.json").is_file():
+        shutil.copy2(base_dir / "generation_config.json", out / "generation_config.json")
