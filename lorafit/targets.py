@@ -285,7 +285,7 @@ def load_config(name: str, *, revision: str | None = None, trust_remote_code: bo
         raise ModelError(f"'{name}' is neither a local model directory nor a model in the hub cache "
                          f"({constants.HF_HUB_CACHE})",
                          where="model.name",
-                         fix="download it first (huggingface-cli download NAME) or pass a local directory") from None
+                         fix="download it first (hf download NAME) or pass a local directory") from None
 
 
 def auto_class(task: str):
