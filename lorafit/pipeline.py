@@ -47,7 +47,7 @@ def train(recipe: Recipe, *, recipe_path: Path | None = None, resume: str | None
     from lorafit.stages.data import build_datasets
     from lorafit.stages.evaluate import evaluate_model
     from lorafit.stages.inject import inject_lora
-    from lorafit.stages.load import load_model, load_tokenizer, resolve_precision
+    from lorafit.stages.load import load_model, load_tokenizer, materialize_gguf, resolve_precision
     from lorafit.stages.save import prepare_run_dir, save_adapter, write_json, write_recipe
     from lorafit.stages.train import (find_checkpoint, peak_memory, train_model, training_arguments,
                                       warn_if_untrained)
@@ -58,13 +58,14 @@ def train(recipe: Recipe, *, recipe_path: Path | None = None, resume: str | None
     precision = resolve_precision(recipe.training)
 
     # Data first: a bad row should fail in seconds, before gigabytes of weights load.
-    tokenizer = load_tokenizer(recipe.model)
+    model_spec = materialize_gguf(recipe.model)  # the recipe keeps naming the GGUF file
+    tokenizer = load_tokenizer(model_spec)
     data = build_datasets(recipe.data, tokenizer, recipe.model.task, recipe.model.num_labels)
     num_labels = class_count(recipe.model.num_labels, data.label_names)
     write_recipe(run_dir, recipe)
 
     # load → quantize → inject
-    model = load_model(recipe.model, recipe.quantization, precision, num_labels=num_labels,
+    model = load_model(model_spec, recipe.quantization, precision, num_labels=num_labels,
                        label_names=data.label_names, pad_token_id=tokenizer.pad_token_id)
     use_gc = gradient_checkpointing(recipe)
     if recipe.quantization.bits is not None:

@@ -51,7 +51,7 @@ def evaluate_adapter(path: Path, data: Path | None) -> dict:
     from lorafit.pipeline import class_count
     from lorafit.recipe import load_recipe
     from lorafit.stages.data import build_datasets
-    from lorafit.stages.load import load_model, load_tokenizer, resolve_precision
+    from lorafit.stages.load import load_model, load_tokenizer, materialize_gguf, resolve_precision
 
     source = find_adapter(path)
     adapter_dir = source.adapter_dir
@@ -61,13 +61,14 @@ def evaluate_adapter(path: Path, data: Path | None) -> dict:
                            fix="pass the run directory that `lorafit train` wrote")
     overrides = [f"data.train={data}", "data.eval=null", "data.eval_fraction=0"] if data else []
     recipe = load_recipe(recipe_file, overrides)
-    tokenizer = load_tokenizer(recipe.model)
+    model_spec = materialize_gguf(recipe.model)
+    tokenizer = load_tokenizer(model_spec)
     bundle = build_datasets(recipe.data, tokenizer, recipe.model.task, recipe.model.num_labels)
     dataset = bundle.train if data else bundle.eval
     if dataset is None:
         raise LorafitError("the run has no held-out split", where="--data", fix="pass --data FILE")
     precision = resolve_precision(recipe.training)
-    model = load_model(recipe.model, recipe.quantization, precision,
+    model = load_model(model_spec, recipe.quantization, precision,
                        num_labels=class_count(recipe.model.num_labels, bundle.label_names),
                        label_names=bundle.label_names, pad_token_id=tokenizer.pad_token_id)
     if recipe.quantization.bits == 4:

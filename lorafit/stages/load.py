@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
+import os
+import shutil
 from pathlib import Path
 
 from lorafit import log
@@ -75,6 +78,61 @@ def _source(spec: ModelSpec) -> tuple[str, dict]:
     if spec.gguf_file:
         kwargs["gguf_file"] = spec.gguf_file
     return (str(path) if path else spec.name), kwargs
+
+
+def gguf_cache_root() -> Path:
+    home = os.environ.get("HF_HOME") or str(Path.home() / ".cache" / "huggingface")
+    return Path(os.environ.get("LORAFIT_CACHE", str(Path(home) / "lorafit")))
+
+
+def materialize_gguf(spec: ModelSpec) -> ModelSpec:
+    """A GGUF checkpoint, dequantized once into a cached safetensors model directory.
+
+    transformers refuses to train a model loaded from GGUF, and merge/peft need a plain base to reload:
+    so training runs on the converted directory, which the adapter's config then names as its base.
+    Returns *spec* unchanged when there is no gguf_file.
+    """
+    if not spec.gguf_file:
+        return spec
+    import torch
+
+    from lorafit.targets import auto_class
+
+    check_model_files(spec)
+    name, kwargs = _source(spec)
+    gguf = Path(spec.gguf_file) if Path(spec.gguf_file).is_file() else Path(name) / spec.gguf_file
+    stat = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}:{spec.task}".encode()).hexdigest()[:16]
+    out = gguf_cache_root() / "gguf" / f"{gguf.stem}-{key}"
+    if not (out / "config.json").is_file():
+        log.info(f"model: dequantizing {gguf.name} once into {out}")
+        tmp = out.with_name(out.name + f".partial-{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        previous = os.environ.get("TQDM_DISABLE")
+        os.environ["TQDM_DISABLE"] = "1"  # transformers' raw dequantization bar
+        try:
+            from transformers import AutoTokenizer
+
+            loaded = auto_class(spec.task).from_pretrained(name, dtype=torch.float32, **kwargs)
+            tokenizer = AutoTokenizer.from_pretrained(name, **kwargs)
+            config = loaded.config
+            for attr in ("quantization_config",):
+                if hasattr(config, attr):
+                    delattr(config, attr)
+            # A fresh model from the config: no GGUF quantizer attached, ties re-made after loading.
+            plain = auto_class(spec.task).from_config(config, dtype=torch.float32)
+            plain.load_state_dict(loaded.state_dict(), strict=False)
+            plain.tie_weights()
+            plain.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            os.replace(tmp, out)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if previous is None:
+                os.environ.pop("TQDM_DISABLE", None)
+            else:
+                os.environ["TQDM_DISABLE"] = previous
+    return spec.model_copy(update={"name": str(out), "gguf_file": None})
 
 
 def load_tokenizer(spec: ModelSpec):

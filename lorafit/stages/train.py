@@ -228,5 +228,6 @@ def peak_memory() -> dict:
 
 def warn_if_untrained(summary: dict) -> None:
     first, final = summary.get("first_loss"), summary.get("final_loss")
-    if first is not None and final is not None and summary["steps"] > 1 and final >= first:
+    # Fewer steps than this are mostly warmup: no verdict.
+    if first is not None and final is not None and summary["steps"] >= 10 and final >= first:
         log.warn(f"loss did not fall ({first:.4f} → {final:.4f}); check the learning rate and the data")
