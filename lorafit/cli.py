@@ -210,7 +210,9 @@ def _optional_resume_value(argv: list[str]) -> list[str]:
     out = []
     for i, arg in enumerate(argv):
         out.append(arg)
-        if arg == "--resume" and (i + 1 == len(argv) or argv[i + 1].startswith("-")):
+        # Alone when nothing, an option or the recipe follows (a checkpoint is a directory, never .yaml).
+        if arg == "--resume" and (i + 1 == len(argv) or argv[i + 1].startswith("-")
+                                  or argv[i + 1].endswith((".yaml", ".yml"))):
             out.append("latest")
     return out
 

@@ -5,7 +5,6 @@ Offline, a few seconds on CPU: ``python -m lorafit.demo [RUN_DIR]`` (default run
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -41,7 +40,8 @@ def main(argv: list[str] | None = None) -> int:
     for prompt, base, tuned in rows:
         print(f"  prompt : {prompt}\n  base   : {base!r}\n  adapter: {tuned!r}\n")
     ev = result.metrics.get("eval", {})
-    print(json.dumps({k: ev.get(k) for k in ("base_eval_loss", "eval_loss")}, indent=None))
+    print(f"held-out loss: base {ev['base_eval_loss']:.4f} → adapter {ev['eval_loss']:.4f} "
+          f"(perplexity {ev['base_eval_perplexity']:,.1f} → {ev['eval_perplexity']:,.1f}) on {ev['eval_rows']} rows")
     return 0
 
 

@@ -50,7 +50,8 @@ def load_for_inference(model_or_adapter: str | Path, *, dtype=None):
     adapter = source.adapter_dir if source else None
     base = source.base if source else str(model_or_adapter)
     if source is None and not Path(base).is_dir() and base.startswith((".", "/")):
-        raise ModelError(f"directory not found: {base}", where=base)
+        raise ModelError("directory not found", where=base,
+                         fix="pass a run dir, an adapter dir, a local model dir or a cached hub id")
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(adapter or base))
         model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype or torch.float32)

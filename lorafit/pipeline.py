@@ -48,12 +48,12 @@ def train(recipe: Recipe, *, recipe_path: Path | None = None, resume: str | None
     from lorafit.stages.evaluate import evaluate_model
     from lorafit.stages.inject import inject_lora
     from lorafit.stages.load import load_model, load_tokenizer, materialize_gguf, resolve_precision
-    from lorafit.stages.save import prepare_run_dir, save_adapter, write_json, write_recipe
-    from lorafit.stages.train import (find_checkpoint, peak_memory, train_model, training_arguments,
-                                      warn_if_untrained)
+    from lorafit.stages.save import check_run_dir, save_adapter, start_run_dir, write_json
+    from lorafit.stages.train import (check_checkpoint, find_checkpoint, peak_memory, train_model,
+                                      training_arguments, warn_if_untrained)
 
     log.quiet_libraries()
-    run_dir = prepare_run_dir(recipe.output, resume=resume)
+    run_dir = check_run_dir(recipe.output, resume=resume)
     checkpoint = find_checkpoint(run_dir / "checkpoints", resume)
     precision = resolve_precision(recipe.training)
 
@@ -62,7 +62,7 @@ def train(recipe: Recipe, *, recipe_path: Path | None = None, resume: str | None
     tokenizer = load_tokenizer(model_spec)
     data = build_datasets(recipe.data, tokenizer, recipe.model.task, recipe.model.num_labels)
     num_labels = class_count(recipe.model.num_labels, data.label_names)
-    write_recipe(run_dir, recipe)
+    start_run_dir(run_dir, recipe, resume=resume)
 
     # load → quantize → inject
     model = load_model(model_spec, recipe.quantization, precision, num_labels=num_labels,
@@ -76,6 +76,8 @@ def train(recipe: Recipe, *, recipe_path: Path | None = None, resume: str | None
 
     set_seed(recipe.training.seed)  # before LoRA init: resume and reruns must draw the same A
     model, injection = inject_lora(model, recipe.lora, recipe.model.task, model_name=recipe.model.name)
+    if checkpoint:
+        check_checkpoint(checkpoint, model)
     log.info(f"lora: {injection.adapted_modules} modules ({', '.join(injection.target_keys)}), "
              f"{injection.trainable_params:,} trainable params ({injection.trainable_percent:.4f} %)")
 
@@ -151,20 +153,12 @@ def validate(recipe: Recipe, *, recipe_path: Path | None = None) -> ValidationRe
     lora_params = count_lora_params(chosen, recipe.lora.r, recipe.lora.layers_to_transform, recipe.lora.use_dora)
     report.add("targets", f"{', '.join(keys)} → {len(chosen)} modules, {lora_params:,} LoRA params at r={recipe.lora.r}")
 
-    try:
-        from lorafit import estimate as est
-    except ImportError:  # estimate lands with find-targets
-        est = None
-    if est is not None:
-        plan = est.estimate(recipe)
-        for line in est.headline(plan):
-            report.add("estimate", line)
-        kind, available = est.device_memory()
-        total = plan.get("memory", {}).get("total_bytes")
-        if total and available and total > available:
-            report.warnings.append(f"the memory plan ({total / 2**30:.1f} GiB) exceeds this {kind}'s "
-                                   f"{available / 2**30:.1f} GiB; lower training.batch_size or data.max_length, "
-                                   "turn on gradient checkpointing, or quantize (quantization.bits: 4)")
+    from lorafit import estimate as est
+
+    headline = est.headline(est.estimate(recipe))
+    for line in headline[:2]:
+        report.add("estimate", line)
+    report.warnings += headline[2:]  # the plan exceeds this machine's memory
     out = Path(recipe.output.dir)
     if (out / "adapter").exists() and not recipe.output.overwrite:
         report.warnings.append(f"output.dir {out} already holds an adapter: `train` will refuse "

@@ -105,8 +105,10 @@ class LoraSpec(Section):
     @field_validator("target_modules")
     @classmethod
     def _targets(cls, v):
-        if isinstance(v, list) and not v:
-            raise ValueError("is empty; name modules or use a preset: all-linear, attention, mlp")
+        if isinstance(v, list):
+            if not v:
+                raise ValueError("is empty; name modules or use a preset: all-linear, attention, mlp")
+            v = list(dict.fromkeys(v))  # a name given twice adapts its modules once
         return v
 
 
@@ -372,6 +374,10 @@ def _describe(err: dict) -> str:
         if not loc and ": " in msg:
             return msg
         return f"{path}: {msg}"
+    if kind in ("model_type", "model_attributes_type", "dict_type"):
+        model = _model_at(loc)
+        keys = f" with keys: {', '.join(model.model_fields)}" if model else ""
+        return f"{path}: must be a section (a mapping{keys}), got {err.get('input')!r}"
     if kind in ("literal_error", "enum"):
         expected = [x.strip(" '") for x in err.get("ctx", {}).get("expected", "").replace(" or ", ", ").split(",")]
         close = difflib.get_close_matches(str(err.get("input")), expected, n=1, cutoff=0.6)

@@ -257,34 +257,37 @@ def count_trainable(model, chosen: list[LinearModule], *, r: int, bias: str = "n
 # Building a model without its weights
 
 
-def load_config(name: str, *, revision: str | None = None, trust_remote_code: bool = False, gguf_file: str | None = None):
-    """AutoConfig for a hub id (cached) or a local dir; ModelError naming what was looked for."""
+def load_config(name: str, *, revision: str | None = None, trust_remote_code: bool = False, gguf_file: str | None = None,
+                where: str = "model.name"):
+    """AutoConfig for a hub id (cached) or a local dir; ModelError naming what was looked for.
+
+    *where* names the input in errors: the recipe's model.name, or find-targets' MODEL argument."""
     from transformers import AutoConfig
 
     path = Path(name).expanduser()
     if path.exists() and not path.is_dir():
-        raise ModelError(f"'{name}' is a file, not a model directory", where="model.name",
+        raise ModelError(f"'{name}' is a file, not a model directory", where=where,
                          fix="pass the directory that holds config.json")
     if path.is_dir() and not (path / "config.json").is_file() and gguf_file is None:
-        raise ModelError(f"'{name}' has no config.json", where="model.name",
+        raise ModelError(f"'{name}' has no config.json", where=where,
                          fix="pass a Hugging Face model directory (config.json + weights + tokenizer)")
     looks_local = path.is_dir() or name.startswith((".", "/", "~")) or name.count("/") > 1
     if looks_local and not path.is_dir():
-        raise ModelError(f"directory not found: {name}", where="model.name", fix="check the path")
+        raise ModelError(f"directory not found: {name}", where=where, fix="check the path")
     try:
         kwargs = {"revision": revision, "trust_remote_code": trust_remote_code}
         if gguf_file:
             kwargs["gguf_file"] = gguf_file
         return AutoConfig.from_pretrained(str(path) if path.is_dir() else name, **kwargs)
     except ValueError as e:  # unknown model_type, remote code refused, ...
-        raise ModelError(str(e).splitlines()[0], where="model.name",
+        raise ModelError(str(e).splitlines()[0], where=where,
                          fix="upgrade transformers, or set model.trust_remote_code: true if you trust the checkpoint")
     except OSError:
         from huggingface_hub import constants
 
         raise ModelError(f"'{name}' is neither a local model directory nor a model in the hub cache "
                          f"({constants.HF_HUB_CACHE})",
-                         where="model.name",
+                         where=where,
                          fix="download it first (hf download NAME) or pass a local directory") from None
 
 

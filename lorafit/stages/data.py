@@ -263,6 +263,22 @@ FORMATS = {"text": _text_segments, "alpaca": _alpaca_segments, "completion": _co
            "chat": _chat_segments}
 
 
+def infer_format(row: dict) -> str | None:
+    """The format a row's default column names show, for data that comes without a recipe."""
+    keys = set(row)
+    if "messages" in keys:
+        return "chat"
+    if {"instruction", "output"} <= keys:
+        return "alpaca"
+    if {"prompt", "completion"} <= keys:
+        return "completion"
+    if {"text", "label"} <= keys:
+        return "classification"
+    if "text" in keys:
+        return "text"
+    return None
+
+
 def _chat_renderer(spec: DataSpec, tokenizer):
     if spec.chat_template:
         from lorafit.tiny import CHATML

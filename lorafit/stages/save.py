@@ -11,15 +11,26 @@ from lorafit.errors import LorafitError, RecipeError
 from lorafit.recipe import OutputSpec, Recipe, dump_recipe
 
 
-def prepare_run_dir(spec: OutputSpec, *, resume: str | None) -> Path:
+def check_run_dir(spec: OutputSpec, *, resume: str | None) -> Path:
+    """Refuse a run directory we must not write into. Creates nothing: a run that fails its checks
+    leaves no trace."""
     run_dir = Path(spec.dir)
     if run_dir.exists() and not run_dir.is_dir():
         raise RecipeError(f"{run_dir} exists and is a file", where="output.dir", fix="choose a directory path")
     if (run_dir / "adapter").exists() and not spec.overwrite and resume is None:
         raise RecipeError(f"{run_dir} already holds a trained adapter", where="output.dir",
                           fix="choose another output.dir (--output-dir DIR), set output.overwrite: true, or --resume")
-    run_dir.mkdir(parents=True, exist_ok=True)
     return run_dir
+
+
+def start_run_dir(run_dir: Path, recipe: Recipe, *, resume: str | None) -> None:
+    """Create the run directory and write the resolved recipe. A fresh run over an old one (overwrite)
+    drops the old checkpoints: --resume must never pick up another recipe's state."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if resume is None:
+        shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+        (run_dir / "metrics.json").unlink(missing_ok=True)
+    write_recipe(run_dir, recipe)
 
 
 def write_text_atomic(path: Path, text: str) -> None:

@@ -9,6 +9,7 @@ a loss history, and NaN losses that are reported rather than filtered.
 from __future__ import annotations
 
 import math
+import sys
 import time
 from pathlib import Path
 
@@ -82,16 +83,30 @@ def _progress_callback():
     class Progress(TrainerCallback):
         """One bar on stderr: step/total, loss, tokens/s, ETA."""
 
+        """On a terminal, one bar on stderr: step/total, loss, tokens/s, ETA. Elsewhere (CI logs, files),
+        one plain line per logging step instead of a bar redrawn thousands of times on one line."""
+
         def __init__(self):
             self.bar = None
+            self.main = False
             self.start = None
+            self.start_step = 0
             self.start_tokens = 0
 
         def on_train_begin(self, args, state, control, **kw):
-            if state.is_world_process_zero:
+            self.main = state.is_world_process_zero
+            self.start, self.start_step = time.perf_counter(), state.global_step
+            self.start_tokens = state.num_input_tokens_seen
+            if self.main and sys.stderr.isatty():
                 self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc="train", unit="step",
                                 dynamic_ncols=True, leave=True)
-                self.start, self.start_tokens = time.perf_counter(), state.num_input_tokens_seen
+
+        def _rate(self, state) -> tuple[float, float]:
+            elapsed = max(time.perf_counter() - self.start, 1e-9)
+            tps = (state.num_input_tokens_seen - self.start_tokens) / elapsed
+            done = state.global_step - self.start_step
+            eta = elapsed / done * (state.max_steps - state.global_step) if done else float("nan")
+            return tps, eta
 
         def on_step_end(self, args, state, control, **kw):
             # Log the last step too, between logging_steps: final_loss must be the final step's loss.
@@ -99,13 +114,20 @@ def _progress_callback():
                 control.should_log = True
             if self.bar is not None:
                 self.bar.update(state.global_step - self.bar.n)
-                elapsed = time.perf_counter() - self.start
-                tps = (state.num_input_tokens_seen - self.start_tokens) / max(elapsed, 1e-9)
+                tps, _ = self._rate(state)
                 self.bar.set_postfix_str(f"loss={self._last_loss(state)} tok/s={tps:,.0f}", refresh=False)
 
+        def on_log(self, args, state, control, logs=None, **kw):
+            if self.main and self.bar is None and logs and "loss" in logs:
+                tps, eta = self._rate(state)
+                eta_text = time.strftime("%H:%M:%S", time.gmtime(eta)) if math.isfinite(eta) else "-"
+                log.info(f"step {state.global_step}/{state.max_steps}  loss {logs['loss']:.4f}  "
+                         f"tok/s {tps:,.0f}  eta {eta_text}")
+
         def on_evaluate(self, args, state, control, metrics=None, **kw):
-            if self.bar is not None and metrics and "eval_loss" in metrics:
-                self.bar.write(f"step {state.global_step}: eval_loss={metrics['eval_loss']:.4f}")
+            if self.main and metrics and "eval_loss" in metrics:
+                line = f"step {state.global_step}: eval_loss={metrics['eval_loss']:.4f}"
+                self.bar.write(line) if self.bar is not None else log.info(line)
 
         def on_train_end(self, args, state, control, **kw):
             if self.bar is not None:
@@ -209,10 +231,36 @@ def find_checkpoint(checkpoints_dir: Path, resume: str | None) -> str | None:
                                fix="train without --resume, or pass a checkpoint directory")
         return last
     path = Path(resume)
+    if not path.exists():
+        raise LorafitError(f"checkpoint not found: {path}", where="--resume",
+                           fix=f"pass one of {checkpoints_dir}/checkpoint-*, or --resume alone for the latest")
     if not (path / "trainer_state.json").is_file():
         raise LorafitError(f"{path} is not a checkpoint (no trainer_state.json)", where="--resume",
                            fix=f"pass one of {checkpoints_dir}/checkpoint-*")
     return str(path)
+
+
+_RESUME_KEYS = ("r", "lora_alpha", "target_modules", "use_dora", "use_rslora", "modules_to_save", "layers_to_transform")
+
+
+def check_checkpoint(checkpoint: str, peft_model) -> None:
+    """The checkpoint's adapter must have the shape the recipe now asks for, or loading it fails deep."""
+    import json
+
+    saved_file = Path(checkpoint) / "adapter_config.json"
+    if not saved_file.is_file():
+        return
+    saved = json.loads(saved_file.read_text(encoding="utf-8"))
+    current = peft_model.peft_config["default"].to_dict()
+
+    def norm(value):
+        return sorted(value) if isinstance(value, (list, set, tuple)) else value
+
+    for key in _RESUME_KEYS:
+        if key in saved and norm(saved[key]) != norm(current.get(key)):
+            raise LorafitError(f"{Path(checkpoint).name} was trained with {key}={norm(saved[key])}, the recipe now "
+                               f"gives {norm(current.get(key))}", where="--resume",
+                               fix="resume with the recipe that made the checkpoint, or train afresh without --resume")
 
 
 def peak_memory() -> dict:
@@ -227,6 +275,11 @@ def peak_memory() -> dict:
 
 
 def warn_if_untrained(summary: dict) -> None:
+    """A run that 'succeeded' without learning: say so instead of saving a silent no-op adapter."""
+    frozen = [h["step"] for h in summary.get("loss_history", []) if h.get("grad_norm") == 0.0]
+    if frozen:
+        log.warn(f"gradient norm was 0 at step {frozen[0]}: the LoRA weights stopped moving "
+                 "(learning rate far too high or too low, or every label masked)")
     first, final = summary.get("first_loss"), summary.get("final_loss")
     # Fewer steps than this are mostly warmup: no verdict.
     if first is not None and final is not None and summary["steps"] >= 10 and final >= first:

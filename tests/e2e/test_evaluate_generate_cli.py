@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -58,6 +59,8 @@ def test_demo_prints_before_and_after(tmp_path):
                           text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
     assert "before / after" in proc.stdout and "base   :" in proc.stdout and "adapter:" in proc.stdout
-    losses = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert losses["eval_loss"] < losses["base_eval_loss"]
+    last = proc.stdout.strip().splitlines()[-1]
+    match = re.match(r"held-out loss: base ([\d.]+) → adapter ([\d.]+)", last)
+    assert match, last
+    assert float(match.group(2)) < float(match.group(1))
     assert (tmp_path / "demo" / "adapter" / "adapter_model.safetensors").is_file()

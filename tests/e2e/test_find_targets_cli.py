@@ -29,7 +29,7 @@ def test_find_targets_table_and_rank(tiny_gpt2):
 def test_find_targets_unknown_model_exits_2():
     res = run_cli("find-targets", "./no/such/model")
     assert res.returncode == 2
-    assert res.stderr.startswith("error: model.name: directory not found: ./no/such/model")
+    assert res.stderr.startswith("error: MODEL: directory not found: ./no/such/model")
     assert "Traceback" not in res.stderr
 
 
