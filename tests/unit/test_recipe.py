@@ -275,3 +275,22 @@ def test_schema_has_every_section_and_field_docs():
                     "OutputSpec"):
         for name, field in defs[section]["properties"].items():
             assert field.get("description"), f"{section}.{name} has no description"
+
+
+def test_a_target_named_twice_is_adapted_once():
+    from lorafit.recipe import validate_recipe
+
+    recipe = validate_recipe({"model": {"name": "m"}, "data": {"train": "t.jsonl"},
+                              "lora": {"target_modules": ["q_proj", "v_proj", "q_proj"]}})
+    assert recipe.lora.target_modules == ["q_proj", "v_proj"]
+
+
+def test_a_scalar_where_a_section_belongs_says_so():
+    import pytest
+
+    from lorafit.errors import RecipeError
+    from lorafit.recipe import validate_recipe
+
+    with pytest.raises(RecipeError) as err:
+        validate_recipe({"model": {"name": "m"}, "data": {"train": "t.jsonl"}, "lora": 1})
+    assert "lora: must be a section (a mapping with keys: r, alpha" in str(err.value)
