@@ -79,7 +79,7 @@ def train(
     overrides = list(set_ or [])
     if output_dir is not None:
         overrides.append(f"output.dir={output_dir}")
-    result = run_train(_recipe(recipe, overrides), recipe_path=recipe, resume=resume)
+    result = run_train(_recipe(recipe, overrides), resume=resume)
     _out(result.summary())
 
 

@@ -23,7 +23,7 @@ def main(argv: list[str] | None = None) -> int:
     run_dir = Path(args[0]) if args else Path("runs/demo")
     try:
         recipe = load_recipe(RECIPE, [f"output.dir={run_dir}", "output.overwrite=true"])
-        result = train(recipe, recipe_path=RECIPE)
+        result = train(recipe)
     except LorafitError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -43,7 +43,7 @@ def gradient_checkpointing(recipe: Recipe) -> bool:
     return flag if flag is not None else recipe.quantization.bits is not None
 
 
-def train(recipe: Recipe, *, recipe_path: Path | None = None, resume: str | None = None) -> TrainResult:
+def train(recipe: Recipe, *, resume: str | None = None) -> TrainResult:
     from lorafit.stages.data import build_datasets
     from lorafit.stages.evaluate import evaluate_model
     from lorafit.stages.inject import inject_lora
