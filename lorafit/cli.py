@@ -80,7 +80,10 @@ def train(
     if output_dir is not None:
         overrides.append(f"output.dir={output_dir}")
     result = run_train(_recipe(recipe, overrides), resume=resume)
-    _out(result.summary())
+    from lorafit.log import is_main_process
+
+    if is_main_process():
+        _out(result.summary())
 
 
 @app.command()

@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 
+def is_main_process() -> bool:
+    """Under torchrun every process runs the CLI; only rank 0 speaks."""
+    return os.environ.get("RANK", "0") == "0"
+
+
 def info(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
+    if is_main_process():
+        print(message, file=sys.stderr, flush=True)
 
 
 def warn(message: str) -> None:

@@ -1,0 +1,31 @@
+"""Two processes under torchrun (gloo on CPU): one adapter, one summary, tokens counted over both ranks."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+from tests.conftest import REPO, run_cli
+
+
+def test_torchrun_two_processes_write_one_adapter(tmp_path):
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+           "-m", "lorafit", "train", str(REPO / "recipes" / "tiny-smoke.yaml"), "--output-dir", str(run),
+           "--set", "training.max_steps=4", "--set", "training.logging_steps=1"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("adapter: ") == 1, proc.stdout  # rank 0 only
+    assert (run / "adapter" / "adapter_model.safetensors").is_file()
+    assert not list(run.glob(".adapter.partial-*"))
+    ddp = json.loads((run / "metrics.json").read_text())["train"]
+    assert ddp["steps"] == 4
+
+    # The same steps in one process: each step then sees half the rows, so about half the tokens.
+    single = run_cli("train", REPO / "recipes" / "tiny-smoke.yaml", "--output-dir", tmp_path / "one",
+                     "--set", "training.max_steps=4", "--set", "training.logging_steps=1")
+    assert single.returncode == 0, single.stderr
+    one = json.loads((tmp_path / "one" / "metrics.json").read_text())["train"]
+    assert ddp["tokens_seen"] > 1.3 * one["tokens_seen"], (ddp["tokens_seen"], one["tokens_seen"])
