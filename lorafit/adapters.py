@@ -38,6 +38,12 @@ class AdapterSource:
         return TASK_CLASSES.get(self.config.get("task_type") or "CAUSAL_LM", "AutoModelForCausalLM")
 
 
+def holds_adapter(path: str | Path) -> bool:
+    """An adapter directory, or a run directory with adapter/ inside."""
+    p = Path(path)
+    return (p / "adapter_config.json").is_file() or (p / "adapter" / "adapter_config.json").is_file()
+
+
 def find_adapter(path: str | Path, base: str | None = None) -> AdapterSource:
     """An adapter dir or a run dir (its adapter/) → AdapterSource. Raises ModelError."""
     path = Path(path)

@@ -9,12 +9,9 @@ from lorafit.errors import ModelError
 
 def find_source(path: str | Path):
     """The AdapterSource when *path* is an adapter or run directory; None for a plain model."""
-    from lorafit.adapters import find_adapter
+    from lorafit.adapters import find_adapter, holds_adapter
 
-    p = Path(path)
-    if (p / "adapter_config.json").is_file() or (p / "adapter" / "adapter_config.json").is_file():
-        return find_adapter(p)
-    return None
+    return find_adapter(path) if holds_adapter(path) else None
 
 
 def run_recipe(source):

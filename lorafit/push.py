@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lorafit import log
-from lorafit.adapters import find_adapter
+from lorafit.adapters import find_adapter, holds_adapter
 from lorafit.errors import LorafitError, ModelError
 
 _WHAT = {"adapter": "adapter", "merged": "merged model"}
@@ -69,7 +69,6 @@ def plan_upload(path: Path, repo_id: str, *, merged: bool, tmp: Path) -> Upload:
         card = build_card(repo_id=repo_id, kind="merged", base=base, recipe=recipe, metrics=metrics, merge_report=report)
         return Upload("merged", _files(path), card)
 
-
     source = find_adapter(path)
     recipe = source.recipe
     metrics = _read_json(source.run_dir / "metrics.json") if source.run_dir else None
@@ -91,7 +90,7 @@ def plan_upload(path: Path, repo_id: str, *, merged: bool, tmp: Path) -> Upload:
 
 
 def _kind(path: Path) -> str:
-    if (path / "adapter_config.json").is_file() or (path / "adapter" / "adapter_config.json").is_file():
+    if holds_adapter(path):
         return "adapter"
     if (path / "config.json").is_file() and (any(path.glob("*.safetensors")) or any(path.glob("*.bin"))):
         return "merged"
