@@ -128,7 +128,7 @@ def validate(recipe: Recipe, *, recipe_path: Path | None = None) -> ValidationRe
     """Every check of a training run that needs no weights and no training. Writes nothing."""
     from lorafit.stages.data import build_datasets
     from lorafit.stages.load import check_model_files, load_tokenizer, resolve_precision
-    from lorafit.targets import build_meta_model, count_lora_params, load_config, resolve_targets
+    from lorafit.targets import load_config
 
     log.quiet_libraries()
     report = ValidationReport()
@@ -147,15 +147,15 @@ def validate(recipe: Recipe, *, recipe_path: Path | None = None) -> ValidationRe
                        f"({s['trainable_tokens']:,} trained), {s['truncated']} truncated, "
                        f"{s['dropped_fully_masked']} dropped")
 
-    num_labels = class_count(spec.num_labels, data.label_names)
-    meta = build_meta_model(config, spec.task, trust_remote_code=spec.trust_remote_code, num_labels=num_labels)
-    keys, chosen = resolve_targets(meta, recipe.lora.target_modules, model_name=spec.name)
-    lora_params = count_lora_params(chosen, recipe.lora.r, recipe.lora.layers_to_transform, recipe.lora.use_dora)
-    report.add("targets", f"{', '.join(keys)} → {len(chosen)} modules, {lora_params:,} LoRA params at r={recipe.lora.r}")
-
+    # The estimate builds the meta model and resolves the targets (raising on a name that matches
+    # nothing): one pass serves the targets line and the memory headline.
     from lorafit import estimate as est
 
-    headline = est.headline(est.estimate(recipe))
+    plan = est.estimate(recipe)
+    t = plan["trainable"]
+    report.add("targets", f"{', '.join(t['target_modules'])} → {t['adapted_modules']} modules, "
+                          f"{t['lora_params'] + t['dora_params']:,} LoRA params at r={t['r']}")
+    headline = est.headline(plan)
     for line in headline[:2]:
         report.add("estimate", line)
     report.warnings += headline[2:]  # the plan exceeds this machine's memory

@@ -14,12 +14,6 @@ from lorafit.recipe import ModelSpec, QuantizationSpec, TrainingSpec
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model", "tiktoken.model")
 
 
-def cuda_available() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
-
-
 def resolve_precision(training: TrainingSpec) -> str:
     """auto → bf16 on a GPU that supports it, else fp32 (CPU bf16 autocast is slower than fp32 on most CPUs)."""
     import torch
