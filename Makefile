@@ -28,10 +28,10 @@ test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow"
 
 demo: install
-	$(BIN)/python -m lorafit.demo
+	$(BIN)/python -m lorafit.tools.demo
 
 docs: install
-	$(BIN)/python -m lorafit.docs docs/recipe.md
+	$(BIN)/python -m lorafit.tools.docs docs/recipe.md
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

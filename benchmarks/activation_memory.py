@@ -39,7 +39,7 @@ CASES = [
 
 
 def _config(model: str):
-    from lorafit.tiny import tiny_config
+    from lorafit.tools.tiny import tiny_config
 
     family, vocab, overrides = MODELS[model]
     return tiny_config(family, vocab, **overrides)
@@ -52,8 +52,8 @@ def _rss() -> dict:
 
 def predict(model: str, batch: int, seq: int, gc: bool, targets: str, r: int = 16, dropout: float = 0.05) -> dict:
     """What the estimate says: activations + gradients in the CPU (fp32) plan."""
-    from lorafit import estimate as E
-    from lorafit import targets as T
+    from lorafit.commands import estimate as E
+    from lorafit.core import targets as T
     from lorafit.recipe import LoraSpec
 
     cfg = _config(model)
@@ -74,7 +74,7 @@ def measure_here(model: str, batch: int, seq: int, gc: bool, targets: str, r: in
     import transformers as tf
     from peft import LoraConfig, get_peft_model
 
-    from lorafit import targets as T
+    from lorafit.core import targets as T
 
     torch.manual_seed(0)
     torch.set_num_threads(min(4, os.cpu_count() or 1))

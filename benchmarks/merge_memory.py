@@ -32,7 +32,7 @@ def build(work: Path, layers: int, hidden: int) -> tuple[Path, Path]:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from lorafit.tiny import build_tiny_model
+    from lorafit.tools.tiny import build_tiny_model
 
     base = build_tiny_model(work / "base", "llama", hidden_size=hidden, intermediate_size=int(hidden * 2.75),
                             num_hidden_layers=layers, num_attention_heads=hidden // 64, num_key_value_heads=hidden // 128,

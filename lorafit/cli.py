@@ -1,7 +1,8 @@
-"""The command line. The only place that prints results, catches LorafitError and sets exit codes.
+"""The command line. The only place that prints results (through render.py), catches LorafitError and
+sets exit codes.
 
-Heavy libraries (torch, transformers, peft) are imported inside the commands so that
-``lorafit --help`` stays fast.
+The pipeline and the commands are imported when a command runs: they bring pydantic and their own
+modules, and torch/transformers/peft load inside them, so ``lorafit --help`` stays fast.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import List, Optional
 
 import typer
 
-from lorafit import __version__
+from lorafit import __version__, render
 from lorafit.errors import LorafitError, RecipeError
 
 app = typer.Typer(
@@ -44,8 +45,9 @@ def _root(
         os.environ["LORAFIT_DEBUG"] = "1"
 
 
-def _out(text: str = "") -> None:
-    typer.echo(text)
+def _out(lines: list[str]) -> None:
+    for line in lines:
+        typer.echo(line)
 
 
 def _print_json(doc) -> None:
@@ -83,20 +85,25 @@ def train(
     from lorafit.log import is_main_process
 
     if is_main_process():
-        _out(result.summary())
+        _out(render.train_lines(result))
 
 
 @app.command()
 def validate(
     recipe: Path = typer.Argument(..., help="Recipe YAML."),
     set_: Optional[List[str]] = typer.Option(None, "--set", help=SET_HELP),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON document."),
 ) -> None:
     """Run every check that needs no training (schema, files, data rows, model, targets). Writes nothing."""
+    import dataclasses
+
     from lorafit.pipeline import validate as run_validate
 
     report = run_validate(_recipe(recipe, set_), recipe_path=recipe)
-    for line in report.lines():
-        _out(line)
+    if as_json:
+        _print_json(dataclasses.asdict(report))
+    else:
+        _out(render.validate_lines(report))
 
 
 @app.command("find-targets")
@@ -107,13 +114,13 @@ def find_targets(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON document."),
 ) -> None:
     """List the modules that can take LoRA, with exact parameter counts per preset."""
-    from lorafit import targets_report
+    from lorafit.commands.find_targets import find_targets as run_find_targets
 
-    report = targets_report.find_targets(model, r=r, task=task)
+    report = run_find_targets(model, r=r, task=task)
     if as_json:
         _print_json(report)
     else:
-        _console().print(targets_report.render(report))
+        _console().print(render.find_targets_table(report))
 
 
 @app.command()
@@ -123,13 +130,13 @@ def estimate(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON document."),
 ) -> None:
     """Exact trainable parameters and a memory plan for the recipe, without loading weights."""
-    from lorafit import estimate as est
+    from lorafit.commands.estimate import estimate as run_estimate
 
-    report = est.estimate(_recipe(recipe, set_))
+    report = run_estimate(_recipe(recipe, set_))
     if as_json:
         _print_json(report)
     else:
-        _console().print(est.render(report))
+        _console().print(render.estimate_table(report))
 
 
 @app.command()
@@ -139,14 +146,13 @@ def evaluate(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON document."),
 ) -> None:
     """Eval loss and perplexity of the base model and of base + adapter on the same data."""
-    from lorafit.stages.evaluate import evaluate_adapter
+    from lorafit.commands.evaluate import evaluate_adapter
 
     report = evaluate_adapter(run_or_adapter, data)
     if as_json:
         _print_json(report)
     else:
-        for key, value in report.items():
-            _out(f"{key:>22}: {value}")
+        _out(render.evaluate_lines(report))
 
 
 @app.command()
@@ -159,14 +165,17 @@ def merge(
     low_memory: bool = typer.Option(False, "--low-memory", help="Merge shard by shard (RAM ≈ one shard)."),
     max_shard_size: str = typer.Option("2GB", "--max-shard-size", help="Largest safetensors shard."),
     force: bool = typer.Option(False, "--force", help="Write into a non-empty output directory."),
+    as_json: bool = typer.Option(False, "--json", help="Print the merge report as one JSON document."),
 ) -> None:
     """Fold the adapter into a base reloaded in 16/32-bit (never 4-bit) and save a plain model."""
-    from lorafit import merge as merge_mod
+    from lorafit.commands.merge import merge as run_merge
 
-    report = merge_mod.merge(adapter_dir, output, base=base, dtype=dtype, verify=verify,
-                             low_memory=low_memory, max_shard_size=max_shard_size, force=force)
-    for line in merge_mod.summary_lines(report):
-        _out(line)
+    report = run_merge(adapter_dir, output, base=base, dtype=dtype, verify=verify,
+                       low_memory=low_memory, max_shard_size=max_shard_size, force=force)
+    if as_json:
+        _print_json(report)
+    else:
+        _out(render.merge_lines(report))
     if verify and not report.get("verify", {}).get("passed", True):
         raise typer.Exit(1)
 
@@ -179,13 +188,16 @@ def push(
     revision: Optional[str] = typer.Option(None, "--revision", help="Branch to push to."),
     merged: bool = typer.Option(False, "--merged", help="Merge (bf16 base) and push the full model instead."),
     dry_run: bool = typer.Option(False, "--dry-run", help="List what would be uploaded and the card; no network."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON document."),
 ) -> None:
     """Upload an adapter (or merged model) with a model card."""
-    from lorafit import push as push_mod
+    from lorafit.commands.push import push as run_push
 
-    for line in push_mod.push(path, repo_id=repo_id, private=private, revision=revision, merged=merged,
-                              dry_run=dry_run):
-        _out(line)
+    result = run_push(path, repo_id=repo_id, private=private, revision=revision, merged=merged, dry_run=dry_run)
+    if as_json:
+        _print_json(result)
+    else:
+        _out(render.push_lines(result))
 
 
 @app.command()
@@ -195,9 +207,9 @@ def generate(
     max_new_tokens: int = typer.Option(64, "--max-new-tokens", min=1),
 ) -> None:
     """Greedy generation from base + adapter (or a plain model)."""
-    from lorafit.generate import generate as gen
+    from lorafit.commands.generate import generate as run_generate
 
-    _out(gen(model, prompt, max_new_tokens=max_new_tokens))
+    _out([run_generate(model, prompt, max_new_tokens=max_new_tokens)])
 
 
 @app.command()

@@ -39,3 +39,11 @@ class DataError(LorafitError):
 
 class ModelError(LorafitError):
     """The model (or adapter) cannot be found or does not fit the recipe."""
+
+
+class RunFailed(LorafitError):
+    """Training produced a NaN/inf loss: the adapter is not saved."""
+
+
+class PushError(LorafitError):
+    """The push cannot be done as asked (repo id, token, rights)."""

@@ -29,7 +29,7 @@ def _hf_home(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory):
     """Factory: tiny_models('llama'|'gpt2'|'qwen2'|'gpt_neox'|'bert', task) → model dir, built once."""
-    from lorafit.tiny import build_tiny_model
+    from lorafit.tools.tiny import build_tiny_model
 
     root = tmp_path_factory.mktemp("tiny_models")
     cache: dict = {}

@@ -12,7 +12,6 @@ reported as ``file:line``. ``datasets``/``torch`` are imported inside functions:
 from __future__ import annotations
 
 import csv
-import difflib
 import hashlib
 import io
 import json
@@ -22,13 +21,12 @@ from pathlib import Path
 from typing import Any, Callable
 
 from lorafit import log
+from lorafit.core.models import is_hub_id
+from lorafit.core.prompts import FORMATS, IGNORE, bos_id, chat_renderer, column, kind
 from lorafit.errors import DataError
 from lorafit.recipe import DataSpec
 
-IGNORE = -100
-ROLES = ("system", "user", "assistant")
 SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
-_HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 _READ_FIX = "give a .jsonl, .json, .csv or .parquet file, or a hub dataset id (owner/name)"
 
 
@@ -43,9 +41,9 @@ class DataBundle:
 
 @dataclass
 class _Source:
-    rows: list[dict]
+    rows: Any                           # list[dict] of a local file; a datasets.Dataset for a hub dataset
     locs: list[str]                     # "file:line" of each row, for error messages
-    digest: bytes                       # sha256 of the file bytes (of the rows for a hub dataset)
+    digest: bytes                       # sha256 of the file bytes (the dataset's fingerprint for a hub dataset)
     name: str
 
 
@@ -54,14 +52,15 @@ class _Source:
 
 
 def read_rows(path: str, *, where: str = "data.train", split: str = "train") -> list[dict]:
-    """The rows of a local .jsonl/.json/.csv/.parquet file or of a cached hub dataset."""
-    return _read(path, where, split).rows
+    """The rows of a local .jsonl/.json/.csv/.parquet file or of a cached hub dataset (as dicts)."""
+    rows = _read(path, where, split).rows
+    return rows if isinstance(rows, list) else rows.to_list()
 
 
 def _read(path: str, where: str, split: str) -> _Source:
     p = Path(path)
     if not p.exists():
-        if not p.suffix and _HUB_ID.match(path):
+        if not p.suffix and is_hub_id(path):
             return _read_hub(path, where, split)
         raise DataError(f"file not found: {path}", where=where, fix=_READ_FIX)
     if p.is_dir():
@@ -109,7 +108,7 @@ def _read_json_lines(text: str, path: str) -> tuple[list[dict], list[str]]:
             raise DataError(f"invalid JSON: {e.msg} (column {e.colno})", where=f"{path}:{n}",
                             fix="each line must be one complete JSON object") from None
         if not isinstance(row, dict):
-            raise DataError(f"expected a JSON object ({{...}}), got {_kind(row)}", where=f"{path}:{n}",
+            raise DataError(f"expected a JSON object ({{...}}), got {kind(row)}", where=f"{path}:{n}",
                             fix="each line must be one JSON object with the data.columns as keys")
         rows.append(row)
         locs.append(f"{path}:{n}")
@@ -131,7 +130,7 @@ def _read_json_array(text: str, path: str) -> tuple[list[dict], list[str]]:
         line += text.count("\n", prev, i)
         prev = i
         if not isinstance(item, dict):
-            raise DataError(f"expected a JSON object ({{...}}), got {_kind(item)}", where=f"{path}:{line}",
+            raise DataError(f"expected a JSON object ({{...}}), got {kind(item)}", where=f"{path}:{line}",
                             fix="the array must hold one object per example")
         locs.append(f"{path}:{line}")
         _, i = decoder.raw_decode(text, i)
@@ -169,133 +168,11 @@ def _read_hub(name: str, where: str, split: str) -> _Source:
     except Exception as e:  # offline misses, unknown split, bad script: all mean "not usable here"
         raise DataError(f"dataset '{name}' not found locally or in the hub cache ({type(e).__name__})",
                         where=where, fix="download it once with network access, or give a local file") from None
-    rows = ds.to_list()
-    if not rows:
+    if len(ds) == 0:
         raise DataError(f"no rows in split '{split}' of dataset '{name}'", where=where)
-    digest = hashlib.sha256(json.dumps(rows, sort_keys=True, default=str).encode()).digest()
-    return _Source(rows, [f"{name}[{split}] row {n}" for n in range(1, len(rows) + 1)], digest, name)
-
-
-def _kind(value: Any) -> str:
-    return {dict: "an object", list: "a list", str: "a string", bool: "a boolean",
-            type(None): "null"}.get(type(value), f"a number ({value!r})")
-
-
-# ----------------------------------------------------------------------------------------------
-# Checking rows: each format turns a row into (text, is_response) segments
-
-
-def _column(row: dict, loc: str, spec: DataSpec, key: str, what: str, optional: bool = False) -> str | None:
-    name = getattr(spec.columns, key)
-    if name not in row:
-        if optional:
-            return None
-        close = difflib.get_close_matches(name, list(row), n=1, cutoff=0.5)
-        hint = f" (did you mean '{close[0]}'?)" if close else ""
-        raise DataError(f"missing column '{name}' ({what}); the row has: {', '.join(map(str, row)) or 'nothing'}",
-                        where=loc, fix=f"set data.columns.{key} to the column that holds the {what}{hint}")
-    value = row[name]
-    if optional and value is None:
-        return None
-    if not isinstance(value, str):
-        raise DataError(f"column '{name}' must be a string, got {_kind(value)}", where=loc,
-                        fix=f"check data.format ({spec.format}) and data.columns.{key}")
-    return value
-
-
-def _text_segments(row, loc, spec, render):
-    return [(_column(row, loc, spec, "text", "text to train on"), True)]
-
-
-def _alpaca_segments(row, loc, spec, render):
-    instruction = _column(row, loc, spec, "instruction", "instruction")
-    extra = _column(row, loc, spec, "input", "optional input", optional=True)
-    output = _column(row, loc, spec, "output", "response")
-    if extra and extra.strip():
-        prompt = spec.prompt_template.format(instruction=instruction, input=extra)
-    else:
-        prompt = spec.prompt_template_no_input.format(instruction=instruction)
-    return [(prompt, False), (output, True)]
-
-
-def _completion_segments(row, loc, spec, render):
-    return [(_column(row, loc, spec, "prompt", "prompt"), False),
-            (_column(row, loc, spec, "completion", "completion"), True)]
-
-
-def _chat_segments(row, loc, spec, render):
-    key = spec.columns.messages
-    if key not in row:
-        _column(row, loc, spec, "messages", "list of {role, content} messages")
-    messages = row[key]
-    if not isinstance(messages, list) or not messages:
-        raise DataError(f"column '{key}' must be a non-empty list of {{role, content}} messages, "
-                        f"got {_kind(messages)}", where=loc)
-    for n, m in enumerate(messages, 1):
-        if not (isinstance(m, dict) and m.get("role") in ROLES and isinstance(m.get("content"), str)):
-            got = json.dumps(m)[:80] if isinstance(m, dict) else _kind(m)
-            raise DataError(f"message {n} must be {{role, content}} with role system/user/assistant and "
-                            f"string content, got {got}", where=loc,
-                            fix="convert ShareGPT-style from/value (human/gpt) to role/content (user/assistant)")
-    turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
-    if not turns:
-        raise DataError("conversation has no assistant turn: nothing to train on", where=loc,
-                        fix="add an {\"role\": \"assistant\", \"content\": ...} message with the reply to learn, or drop the row")
-    if turns[0] == 0:
-        raise DataError("conversation starts with an assistant turn; there is no prompt to render it after",
-                        where=loc, fix="start with a system or user message")
-    # Render incrementally: what each assistant turn adds after the generation prompt is exactly
-    # what the model must produce at inference. Messages after the last assistant turn train nothing.
-    segments, done = [], ""
-    for i in turns:
-        prefix = render(messages[:i], True)
-        full = render(messages[: i + 1], False)
-        if not (prefix.startswith(done) and full.startswith(prefix)):
-            raise DataError(f"the chat template is not prefix-stable at message {i + 1}: rendering more messages "
-                            "changes the text of earlier ones, so the assistant turn cannot be isolated",
-                            where=loc, fix="set data.chat_template: chatml or a template that only appends")
-        segments += [(prefix[len(done):], False), (full[len(prefix):], True)]
-        done = full
-    return segments
-
-
-FORMATS = {"text": _text_segments, "alpaca": _alpaca_segments, "completion": _completion_segments,
-           "chat": _chat_segments}
-
-
-def infer_format(row: dict) -> str | None:
-    """The format a row's default column names show, for data that comes without a recipe."""
-    keys = set(row)
-    if "messages" in keys:
-        return "chat"
-    if {"instruction", "output"} <= keys:
-        return "alpaca"
-    if {"prompt", "completion"} <= keys:
-        return "completion"
-    if {"text", "label"} <= keys:
-        return "classification"
-    if "text" in keys:
-        return "text"
-    return None
-
-
-def _chat_renderer(spec: DataSpec, tokenizer):
-    if spec.chat_template:
-        from lorafit.tiny import CHATML
-
-        # Set on the tokenizer (which is saved with the adapter) so inference uses the template trained on.
-        tokenizer.chat_template = CHATML if spec.chat_template == "chatml" else spec.chat_template
-    if not tokenizer.chat_template:
-        raise DataError("the tokenizer has no chat template", where="data.chat_template",
-                        fix="set data.chat_template: chatml or a Jinja template")
-
-    def render(messages: list[dict], generation_prompt: bool) -> str:
-        try:
-            return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
-        except Exception as e:  # jinja errors, raise_exception() inside templates
-            raise DataError(f"the chat template failed: {e}", where="data.chat_template",
-                            fix="check the template, or set data.chat_template: chatml") from None
-    return render
+    # The Dataset itself travels on (memory-mapped Arrow, fingerprinted cache, map(num_proc=...)).
+    digest = hashlib.sha256(ds._fingerprint.encode()).digest()
+    return _Source(ds, [f"{name}[{split}] row {n}" for n in range(1, len(ds) + 1)], digest, name)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -334,14 +211,16 @@ def _tokenize_causal(batch: dict, tokenizer, spec: DataSpec, bos: int | None, eo
 def _causal_dataset(src: _Source, spec: DataSpec, tokenizer, bos, eos):
     import datasets
 
-    render = _chat_renderer(spec, tokenizer) if spec.format == "chat" else None
-    to_segments = FORMATS[spec.format]
-    records = {"texts": [], "is_response": [], "loc": src.locs}
-    for row, loc in zip(src.rows, src.locs):
-        segments = to_segments(row, loc, spec, render)
-        records["texts"].append([t for t, _ in segments])
-        records["is_response"].append([r for _, r in segments])
-    ds = datasets.Dataset.from_dict(records).map(
+    render = chat_renderer(spec, tokenizer) if spec.format == "chat" else None
+    if isinstance(src.rows, list):
+        records = datasets.Dataset.from_dict(_segment_rows(src.rows, src.locs, spec, render))
+    else:  # a hub dataset: segmented by datasets itself, in parallel when it is large
+        records = src.rows.map(
+            lambda batch, idx: _segment_rows([dict(zip(batch, v)) for v in zip(*batch.values())],
+                                             [src.locs[i] for i in idx], spec, render),
+            batched=True, with_indices=True, remove_columns=src.rows.column_names,
+            num_proc=_num_proc(len(src.rows)), desc="format")
+    ds = records.map(
         _tokenize_causal, batched=True, remove_columns=["texts", "is_response"],
         fn_kwargs=dict(tokenizer=tokenizer, spec=spec, bos=bos, eos=eos, chat=spec.format == "chat"),
         new_fingerprint=_fingerprint(src, spec), desc="tokenize")
@@ -357,10 +236,28 @@ def _causal_dataset(src: _Source, spec: DataSpec, tokenizer, bos, eos):
     return ds, truncated, dropped
 
 
+def _segment_rows(rows: list[dict], locs: list[str], spec: DataSpec, render) -> dict:
+    """Rows → columns texts / is_response / loc, through the format's segment function (core.prompts)."""
+    to_segments = FORMATS[spec.format]
+    out = {"texts": [], "is_response": [], "loc": list(locs)}
+    for row, loc in zip(rows, locs):
+        segments = to_segments(row, loc, spec, render)
+        out["texts"].append([t for t, _ in segments])
+        out["is_response"].append([r for _, r in segments])
+    return out
+
+
+def _num_proc(rows: int) -> int | None:
+    """Worker processes for datasets.map: worth their start-up only on large data."""
+    import os
+
+    return min(8, os.cpu_count() or 1) if rows >= 50_000 and (os.cpu_count() or 1) > 1 else None
+
+
 def _classification_dataset(src: _Source, spec: DataSpec, tokenizer, label_ids: dict) -> tuple[Any, int]:
     import datasets
 
-    texts = [_column(r, loc, spec, "text", "text to classify") for r, loc in zip(src.rows, src.locs)]
+    texts = [column(r, loc, spec, "text", "text to classify") for r, loc in zip(src.rows, src.locs)]
     labels = [label_ids[_label(r, loc, spec)] for r, loc in zip(src.rows, src.locs)]
 
     def encode(batch):
@@ -377,12 +274,12 @@ def _classification_dataset(src: _Source, spec: DataSpec, tokenizer, label_ids: 
 def _label(row: dict, loc: str, spec: DataSpec) -> int | str:
     name = spec.columns.label
     if name not in row:
-        _column(row, loc, spec, "label", "label (class id or name)")
+        column(row, loc, spec, "label", "label (class id or name)")
     value = row[name]
     if isinstance(value, str) and value.strip().isdigit():
         return int(value)  # CSV gives every field as text: "1" is the class id 1
     if isinstance(value, bool) or not isinstance(value, (int, str)):
-        raise DataError(f"label must be an integer class id or a class name, got {_kind(value)}", where=loc,
+        raise DataError(f"label must be an integer class id or a class name, got {kind(value)}", where=loc,
                         fix=f"check data.columns.label (now '{name}')")
     return value
 
@@ -450,9 +347,7 @@ def build_datasets(spec: DataSpec, tokenizer, task: str = "causal_lm", num_label
         parts = [ds for ds, _ in built]
     else:
         eos = tokenizer.eos_token_id
-        bos = tokenizer.bos_token_id
-        if bos is not None and tokenizer("a").input_ids[:1] != [bos]:
-            bos = None  # this tokenizer does not add BOS (GPT-2 style): neither do we
+        bos = bos_id(tokenizer)  # None when this tokenizer adds no BOS (GPT-2 style): neither do we
         parts = []
         for src in sources:
             ds, t, d = _causal_dataset(src, spec, tokenizer, bos, eos)
@@ -490,28 +385,20 @@ def build_datasets(spec: DataSpec, tokenizer, task: str = "causal_lm", num_label
 
 
 def make_collator(tokenizer, task: str) -> Callable:
-    """Right-pad each batch to its own longest row; labels pad with -100 (causal) or stack (seq_cls)."""
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    pad = 0 if pad is None else pad  # attention_mask hides it; any valid id will do
+    """Right-pad each batch to its own longest row (to a multiple of 8 on GPU, for tensor cores):
+    transformers' DataCollatorWithPadding for classification, DataCollatorForSeq2Seq for token labels
+    (labels padded with -100, never trained on)."""
+    import copy
 
-    def collate(features: list[dict]) -> dict:
-        import torch
+    import torch
+    from transformers import DataCollatorForSeq2Seq, DataCollatorWithPadding
 
-        width = max(len(f["input_ids"]) for f in features)
-        ids = torch.full((len(features), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(features), width), dtype=torch.long)
-        for i, f in enumerate(features):
-            n = len(f["input_ids"])
-            ids[i, :n] = torch.as_tensor(f["input_ids"], dtype=torch.long)
-            mask[i, :n] = 1
-        batch = {"input_ids": ids, "attention_mask": mask}
-        if task == "seq_cls":
-            batch["labels"] = torch.tensor([int(f["labels"]) for f in features], dtype=torch.long)
-        else:
-            labels = torch.full((len(features), width), IGNORE, dtype=torch.long)
-            for i, f in enumerate(features):
-                labels[i, : len(f["labels"])] = torch.as_tensor(f["labels"], dtype=torch.long)
-            batch["labels"] = labels
-        return batch
-
-    return collate
+    tokenizer = copy.copy(tokenizer)  # the padding side is the collator's choice, not the saved tokenizer's
+    tokenizer.padding_side = "right"
+    if tokenizer.pad_token_id is None:  # attention_mask hides pad positions: any valid id will do
+        tokenizer.pad_token_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
+    multiple = 8 if torch.cuda.is_available() else None
+    if task == "seq_cls":
+        return DataCollatorWithPadding(tokenizer, pad_to_multiple_of=multiple, return_tensors="pt")
+    return DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=IGNORE, pad_to_multiple_of=multiple,
+                                  return_tensors="pt")

@@ -1,72 +1,14 @@
-"""Quantize stage: load the base through bitsandbytes (4-bit NF4/FP4 or 8-bit) and make it trainable.
+"""Quantize stage: make a base loaded through bitsandbytes (core.quantization) trainable.
 
-Order in the pipeline: ``from_pretrained(quantization_config=bnb_config(spec))`` → ``prepare_quantized``
-→ LoRA injection. Everything here also works on CPU, where bitsandbytes has two traps handled below:
-  * Linear4bit repacks its weights for a fast AVX512-BF16 inference kernel the first time it runs in
-    eval mode without grad; training after that (an eval between steps) gets silently wrong
-    gradients. ``cpu_safe`` turns the repack off.
-  * paged optimizers need CUDA; ``resolve_optim`` names what is used instead.
+Order in the pipeline: ``load_model`` (with ``bnb_config``) → ``prepare_quantized`` → LoRA injection.
 """
 
 from __future__ import annotations
 
-import logging
-import re
 import warnings
 
-from lorafit import log
-
-# Messages bitsandbytes emits on every import / forward that tell the user nothing actionable.
-_NOISE = [
-    r".*inputs will be cast from .* to float16 during quantization",  # MatMul8bitLt, once per forward
-    r".*Input type into Linear4bit is torch\.float16, but bnb_4bit_compute_dtype=torch\.float32.*",
-    r".*compiled without GPU support.*",
-    r".*XPU/CPU can run without native library.*",
-    r".*No supported devices found for bitsandbytes.*",
-    r".*bitsandbytes library load error.*",
-    r".*8-bit optimizers.*(GPU|CUDA) (support|not available).*",
-]
-_NOISE_RE = re.compile("|".join(f"(?:{p})" for p in _NOISE), re.DOTALL)
-_silenced = False
-
-# Trainer optimizers that run on CPU in place of the CUDA-only paged ones (same update rule, not paged).
-CPU_OPTIM = {"paged_adamw_8bit": "adamw_torch", "paged_adamw_32bit": "adamw_torch"}
-
-
-class _NoiseFilter(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not _NOISE_RE.match(record.getMessage())
-
-
-def silence_bitsandbytes() -> None:
-    """Drop bitsandbytes' import chatter and per-forward cast notices; real warnings still show. Idempotent."""
-    global _silenced
-    if _silenced:
-        return
-    _silenced = True
-    noise = _NoiseFilter()
-    for name in ("bitsandbytes", "bitsandbytes.cextension", "bitsandbytes.autograd._functions",
-                 "bitsandbytes.nn.modules", "bitsandbytes.optim.optimizer", "transformers.integrations.bitsandbytes",
-                 "transformers.quantizers.quantizer_bnb_4bit", "transformers.quantizers.quantizer_bnb_8bit"):
-        # A filter on the logger itself: records of child loggers skip their parents' filters.
-        logging.getLogger(name).addFilter(noise)
-    for pattern in _NOISE:
-        warnings.filterwarnings("ignore", message=pattern)
-
-
-def bnb_config(spec):
-    """transformers.BitsAndBytesConfig for the recipe's quantization section, or None when bits is null."""
-    if spec.bits is None:
-        return None
-    silence_bitsandbytes()
-    import torch
-    from transformers import BitsAndBytesConfig
-
-    if spec.bits == 8:
-        return BitsAndBytesConfig(load_in_8bit=True)
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=spec.quant_type,
-                              bnb_4bit_use_double_quant=spec.double_quant,
-                              bnb_4bit_compute_dtype=getattr(torch, spec.compute_dtype))
+from lorafit.core.policies import GRADIENT_CHECKPOINTING_KWARGS
+from lorafit.core.quantization import cpu_safe
 
 
 def prepare_quantized(model, spec, *, gradient_checkpointing: bool):
@@ -80,40 +22,8 @@ def prepare_quantized(model, spec, *, gradient_checkpointing: bool):
         # checkpointed blocks over a frozen base still carry gradients back to the LoRA weights.
         model = prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=gradient_checkpointing,
-            gradient_checkpointing_kwargs={"use_reentrant": True} if gradient_checkpointing else None)
+            gradient_checkpointing_kwargs=GRADIENT_CHECKPOINTING_KWARGS if gradient_checkpointing else None)
     if gradient_checkpointing and hasattr(model, "enable_input_require_grads"):
         model.enable_input_require_grads()
     cpu_safe(model)
     return model
-
-
-def cpu_safe(model) -> None:
-    """Stop every bnb Linear4bit from repacking its weights for the AVX512-BF16 CPU inference kernel.
-
-    The repack happens on the first eval-mode, no-grad forward on such CPUs and is not undone for the
-    training forwards that follow, whose gradients then come out wrong without any error. Call this
-    after loading any 4-bit model (training, evaluation, merge gap); a no-op without 4-bit layers.
-    """
-    try:
-        import bitsandbytes as bnb
-        from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
-    except ImportError:  # no bitsandbytes, so no Linear4bit
-        return
-    for module in model.modules():
-        if isinstance(module, bnb.nn.Linear4bit):
-            module.support_avx512bf16_for_cpu = False
-            weight = module.weight
-            state = getattr(weight, "quant_state", None)
-            if state is not None and getattr(state, "packing_format_for_cpu", False):  # already repacked: undo
-                weight.data, weight.quant_state = _convert_weight_packed_for_cpu_inverse(weight.data, state)
-                module.quant_state = weight.quant_state
-
-
-def resolve_optim(name: str) -> str:
-    """The Trainer optimizer to use: paged ones need CUDA, so on CPU say which one replaces them."""
-    import torch
-
-    if name in CPU_OPTIM and not torch.cuda.is_available():
-        log.warn(f"training.optim: {name} needs CUDA; using {CPU_OPTIM[name]} on this CPU")
-        return CPU_OPTIM[name]
-    return name

@@ -14,7 +14,8 @@ import time
 from pathlib import Path
 
 from lorafit import log
-from lorafit.errors import LorafitError
+from lorafit.core import policies
+from lorafit.errors import LorafitError, RunFailed
 from lorafit.recipe import EvaluationSpec, TrainingSpec
 
 _NEVER = 10**9  # "only at the end": Trainer saves/evaluates at the last step for step strategies
@@ -25,11 +26,6 @@ def training_arguments(spec: TrainingSpec, evaluation: EvaluationSpec, *, output
     import torch
     from transformers import TrainingArguments
 
-    optim = spec.optim
-    if optim.startswith("paged_") and not torch.cuda.is_available():
-        from lorafit.stages.quantize import resolve_optim
-
-        optim = resolve_optim(optim)
     return TrainingArguments(
         output_dir=str(output_dir),
         run_name=run_name,
@@ -43,7 +39,7 @@ def training_arguments(spec: TrainingSpec, evaluation: EvaluationSpec, *, output
         warmup_steps=spec.warmup_ratio,  # transformers 5: a float < 1 is a ratio of the total steps
         weight_decay=spec.weight_decay,
         max_grad_norm=spec.max_grad_norm,
-        optim=optim,
+        optim=policies.optimizer(spec.optim),
         **_checkpointing_args(TrainingArguments, gradient_checkpointing),
         bf16=precision == "bf16",
         fp16=precision == "fp16",
@@ -73,7 +69,7 @@ def _checkpointing_args(args_class, enabled: bool) -> dict:
 
     names = {f.name for f in dataclasses.fields(args_class)}
     prefix = "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"
-    return {prefix: enabled, f"{prefix}_kwargs": {"use_reentrant": False} if enabled else None}
+    return {prefix: enabled, f"{prefix}_kwargs": policies.GRADIENT_CHECKPOINTING_KWARGS if enabled else None}
 
 
 def _progress_callback():
@@ -81,8 +77,6 @@ def _progress_callback():
     from transformers import TrainerCallback
 
     class Progress(TrainerCallback):
-        """One bar on stderr: step/total, loss, tokens/s, ETA."""
-
         """On a terminal, one bar on stderr: step/total, loss, tokens/s, ETA. Elsewhere (CI logs, files),
         one plain line per logging step instead of a bar redrawn thousands of times on one line."""
 
@@ -177,10 +171,6 @@ def build_trainer(model, args, collator, *, train_dataset=None, eval_dataset=Non
     for cb in (PrinterCallback, ProgressCallback):
         trainer.remove_callback(cb)  # they print raw dicts to stdout, which --json keeps clean
     return trainer
-
-
-class RunFailed(LorafitError):
-    """Training produced a NaN/inf loss: the adapter is not saved."""
 
 
 def train_model(model, bundle, args, *, resume_from: str | None = None):

@@ -55,7 +55,7 @@ def test_generate_uses_the_adapter(smoke_run):
 
 
 def test_demo_prints_before_and_after(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "lorafit.demo", str(tmp_path / "demo")], capture_output=True,
+    proc = subprocess.run([sys.executable, "-m", "lorafit.tools.demo", str(tmp_path / "demo")], capture_output=True,
                           text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
     assert "before / after" in proc.stdout and "base   :" in proc.stdout and "adapter:" in proc.stdout

@@ -23,13 +23,14 @@ def adapter(tiny_llama, tmp_path_factory):
 
 CORRUPT = textwrap.dedent("""
     import sys, torch
-    from lorafit import merge, cli
-    save = merge._save_model
-    def corrupt(model, out, size):  # one weight corrupted between merge and save
+    from transformers import PreTrainedModel
+    from lorafit import cli
+    save = PreTrainedModel.save_pretrained
+    def corrupt(model, out, **kw):  # one weight corrupted between merge and save
         with torch.no_grad():
             model.model.layers[0].self_attn.q_proj.weight.mul_(3)
-        save(model, out, size)
-    merge._save_model = corrupt
+        save(model, out, **kw)
+    PreTrainedModel.save_pretrained = corrupt
     sys.argv = ["lorafit", *sys.argv[1:]]
     cli.main()
 """)

@@ -10,7 +10,7 @@ import pytest
 from lorafit.errors import DataError
 from lorafit.recipe import DataSpec
 from lorafit.stages.data import build_datasets, make_collator, read_rows
-from lorafit.tiny import build_tokenizer
+from lorafit.tools.tiny import build_tokenizer
 from tests.conftest import write_jsonl
 
 IGNORE = -100

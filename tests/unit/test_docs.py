@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from lorafit.docs import render
+from lorafit.tools.docs import render
 from lorafit.recipe import Recipe
 
 REPO = Path(__file__).resolve().parents[2]

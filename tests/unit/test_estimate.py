@@ -8,10 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from lorafit import estimate as E
-from lorafit import targets as T
+from lorafit import render
+from lorafit.commands import estimate as E
+from lorafit.core import targets as T
 from lorafit.recipe import LoraSpec, validate_recipe
-from lorafit.tiny import tiny_config
+from lorafit.tools.tiny import tiny_config
 
 REPO = Path(__file__).resolve().parent.parent.parent
 CONFIGS = REPO / "tests" / "data" / "configs"
@@ -117,11 +118,11 @@ def test_json_document_and_headline(tiny_dir, monkeypatch):
     assert set(report["plans"]) == {"cuda", "cpu"}
     assert set(report["plans"]["cpu"]["components"]) == {"base_weights", "lora_weights", "gradients",
                                                          "optimizer_states", "activations", "runtime_overhead"}
-    lines = E.headline(report)
+    lines = render.estimate_headline(report)
     assert len(lines) == 2 and "trainable params" in lines[0]
     monkeypatch.setattr(E, "device_memory", lambda: ("cpu", 1024))
     small = E.estimate(recipe(tiny_dir))
-    assert not small["device"]["fits"] and len(E.headline(small)) == 3
+    assert not small["device"]["fits"] and len(render.estimate_headline(small)) == 3
 
 
 def test_device_memory():
@@ -133,7 +134,7 @@ def test_render(tiny_dir):
     from rich.console import Console
 
     console = Console(record=True, width=140)
-    console.print(E.render(E.estimate(recipe(tiny_dir))))
+    console.print(render.estimate_table(E.estimate(recipe(tiny_dir))))
     text = console.export_text()
     assert "activations" in text and "total" in text and "assumptions" in text
 

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from lorafit import merge
+from lorafit import render
+from lorafit.commands import merge
 from lorafit.errors import ModelError
 
 
@@ -73,7 +74,7 @@ def test_fp32_merge_equals_base_plus_adapter(family, low_memory, tiny_models, ll
     assert json.loads((out / "config.json").read_text())["dtype"] == "float32"
     assert {"generation_config.json", "tokenizer.json", "tokenizer_config.json"} <= set(report["files"])
     for shard in out.glob("*.safetensors"):
-        assert not [k for k in merge.read_header(shard) if "lora" in k]
+        assert not [k for k in merge.tensor_shapes(shard) if "lora" in k]
     assert not list(tmp_path.glob(".merged.*")), "temporary directory left behind"
 
 
@@ -106,26 +107,28 @@ def test_verify_passes_and_writes_report(tiny_llama, llama_adapter, tmp_path):
     assert v["perplexity_adapter"] > 1 and v["perplexity_merged"] > 1
     saved = json.loads((tmp_path / "out" / merge.REPORT_FILE).read_text())
     assert saved["verify"]["passed"] is True and saved["verify"]["max_abs_logit_diff"] == v["max_abs_logit_diff"]
-    lines = "\n".join(merge.summary_lines(report))
+    lines = "\n".join(render.merge_lines(report))
     assert "max |logit diff|" in lines and "perplexity" in lines and "passed" in lines
 
 
 def test_verify_fails_on_a_corrupted_weight(tiny_llama, llama_adapter, tmp_path, monkeypatch):
     import torch
 
-    real_save = merge._save_model
+    from transformers import PreTrainedModel
 
-    def corrupt_then_save(model, out, max_shard_size):
+    real_save = PreTrainedModel.save_pretrained
+
+    def corrupt_then_save(model, out, **kw):  # one weight corrupted between merge and save
         with torch.no_grad():
             model.model.layers[1].mlp.down_proj.weight.add_(0.5)
-        real_save(model, out, max_shard_size)
+        real_save(model, out, **kw)
 
-    monkeypatch.setattr(merge, "_save_model", corrupt_then_save)
+    monkeypatch.setattr(PreTrainedModel, "save_pretrained", corrupt_then_save)
     report = merge.merge(llama_adapter, tmp_path / "out", dtype="float32", verify=True)
     v = report["verify"]
     assert not v["passed"] and v["max_abs_logit_diff"] > v["tolerance"]
     assert json.loads((tmp_path / "out" / merge.REPORT_FILE).read_text())["verify"]["passed"] is False
-    assert "FAILED" in "\n".join(merge.summary_lines(report))
+    assert "FAILED" in "\n".join(render.merge_lines(report))
 
 
 def test_verify_uses_the_runs_eval_data(tiny_llama, llama_adapter, tmp_path):
@@ -158,7 +161,7 @@ def test_refusals(tiny_llama, tiny_gpt2, llama_adapter, tmp_path):
     with pytest.raises(ModelError, match="base model"):
         merge.merge(llama_adapter, tmp_path / "o4", base=str(tiny_gpt2))
     # same architecture, other widths: caught from the checkpoint header, before loading
-    from lorafit.tiny import build_tiny_model
+    from lorafit.tools.tiny import build_tiny_model
 
     wide = build_tiny_model(tmp_path / "wide", "llama", hidden_size=128, head_dim=32)
     with pytest.raises(ModelError, match=r"64×64.*128×128|128×128.*64×64|expects"):
@@ -173,7 +176,9 @@ def test_failed_merge_leaves_nothing(tiny_llama, llama_adapter, tmp_path, monkey
     def boom(*a, **k):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(merge, "_save_model", boom)
+    from transformers import PreTrainedModel
+
+    monkeypatch.setattr(PreTrainedModel, "save_pretrained", boom)
     with pytest.raises(RuntimeError):
         merge.merge(llama_adapter, tmp_path / "out")
     assert list(tmp_path.iterdir()) == []

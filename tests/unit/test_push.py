@@ -8,7 +8,8 @@ import shutil
 import pytest
 import yaml
 
-from lorafit import push
+from lorafit import render
+from lorafit.commands import push
 from lorafit.errors import LorafitError
 
 TOKEN = "hf_secretTOKEN1234567890"
@@ -53,7 +54,7 @@ def _front_matter(card: str) -> dict:
 def test_dry_run_lists_files_and_card_without_network(hub_run_dir, monkeypatch):
     monkeypatch.setenv("HF_TOKEN", TOKEN)
     monkeypatch.setattr("huggingface_hub.HfApi", None)  # any hub use would fail
-    lines = push.push(hub_run_dir, repo_id="alice/tiny-qlora", private=True, dry_run=True)
+    lines = render.push_lines(push.push(hub_run_dir, repo_id="alice/tiny-qlora", private=True, dry_run=True))
     text = "\n".join(lines)
     assert "private repo alice/tiny-qlora" in text and "token: found" in text
     listed = [ln.split()[0] for ln in lines if ln.startswith("  ")]
@@ -89,7 +90,7 @@ def test_push_makes_one_commit_with_the_card(run_dir, monkeypatch, capsys):
 
     monkeypatch.setenv("HF_TOKEN", TOKEN)
     monkeypatch.setattr("huggingface_hub.HfApi", FakeApi)
-    lines = push.push(run_dir / "adapter", repo_id="alice/tiny-qlora", private=True, revision="v1")
+    lines = render.push_lines(push.push(run_dir / "adapter", repo_id="alice/tiny-qlora", private=True, revision="v1"))
     assert calls[0] == ("init", TOKEN)
     assert calls[1] == ("create_repo", "alice/tiny-qlora", {"private": True, "exist_ok": True, "repo_type": "model"})
     assert calls[2][0] == "create_branch" and calls[2][2]["branch"] == "v1"
@@ -103,14 +104,14 @@ def test_push_makes_one_commit_with_the_card(run_dir, monkeypatch, capsys):
 
 
 def test_push_merged_model_dir_card(tiny_llama, run_dir, tmp_path, monkeypatch):
-    from lorafit import merge
+    from lorafit.commands import merge
 
     monkeypatch.delenv("HF_TOKEN", raising=False)
     monkeypatch.setenv("HF_HUB_DISABLE_IMPLICIT_TOKEN", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     out = tmp_path / "merged"
     merge.merge(run_dir, out, dtype="float32", verify=True)
-    lines = push.push(out, repo_id="alice/tiny-merged", dry_run=True)
+    lines = render.push_lines(push.push(out, repo_id="alice/tiny-merged", dry_run=True))
     text = "\n".join(lines)
     assert "token: none found" in text
     assert "merge_report.json" in text and "local paths removed" in text
@@ -119,7 +120,7 @@ def test_push_merged_model_dir_card(tiny_llama, run_dir, tmp_path, monkeypatch):
     assert "base_model" not in meta  # the base is a local directory here: no fake hub id
     assert "## Merge check" in text and "gap" not in text.lower() or "quantized" in text
     # --merged on an adapter merges in a temporary dir first (and says so)
-    lines = push.push(run_dir, repo_id="alice/tiny-merged", merged=True, dry_run=True)
+    lines = render.push_lines(push.push(run_dir, repo_id="alice/tiny-merged", merged=True, dry_run=True))
     assert "merged (bfloat16) into a temporary directory and verified" in lines[0]
     assert any(ln.strip().startswith("model.safetensors") for ln in lines)
 

@@ -8,6 +8,7 @@ import warnings
 import pytest
 
 from lorafit.recipe import QuantizationSpec
+from lorafit.core import policies, quantization
 from lorafit.stages import quantize
 
 
@@ -16,7 +17,7 @@ def _load(base, spec, *, gradient_checkpointing=True, safe=True):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(base, quantization_config=quantize.bnb_config(spec), dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(base, quantization_config=quantization.bnb_config(spec), dtype=torch.float32)
     if safe:
         model = quantize.prepare_quantized(model, spec, gradient_checkpointing=gradient_checkpointing)
     else:  # what training did before the work-around: peft's preparation alone
@@ -49,11 +50,11 @@ def _grads(model, ids, *, eval_first: bool):
 def test_bnb_config():
     import torch
 
-    assert quantize.bnb_config(QuantizationSpec()) is None
-    cfg = quantize.bnb_config(QuantizationSpec(bits=4, quant_type="fp4", double_quant=False, compute_dtype="float16"))
+    assert quantization.bnb_config(QuantizationSpec()) is None
+    cfg = quantization.bnb_config(QuantizationSpec(bits=4, quant_type="fp4", double_quant=False, compute_dtype="float16"))
     assert cfg.load_in_4bit and cfg.bnb_4bit_quant_type == "fp4" and not cfg.bnb_4bit_use_double_quant
     assert cfg.bnb_4bit_compute_dtype == torch.float16
-    assert quantize.bnb_config(QuantizationSpec(bits=8)).load_in_8bit
+    assert quantization.bnb_config(QuantizationSpec(bits=8)).load_in_8bit
 
 
 def test_4bit_prepare_sets_up_training(tiny_llama):
@@ -105,7 +106,7 @@ def test_without_the_work_around_gradients_go_wrong(tiny_llama):
     assert broken > 1e-2
     # cpu_safe also undoes a repack that already happened: bitsandbytes' inverse re-quantizes the
     # double-quant constants, so the weights come back close to, not bit-equal with, the originals
-    quantize.cpu_safe(model)
+    quantization.cpu_safe(model)
     _, repaired = _grads(model, ids, eval_first=True)
     _, again = _grads(model, ids, eval_first=True)
     assert all(torch.equal(repaired[n], again[n]) for n in plain)
@@ -126,8 +127,8 @@ def test_8bit_trains(tiny_llama, caplog):
 
 
 def test_silence_keeps_real_warnings():
-    quantize.silence_bitsandbytes()
-    quantize.silence_bitsandbytes()  # idempotent
+    quantization.silence_bitsandbytes()
+    quantization.silence_bitsandbytes()  # idempotent
     logger = logging.getLogger("bitsandbytes.autograd._functions")
     records = []
     handler = logging.Handler()
@@ -145,12 +146,12 @@ def test_resolve_optim_on_cpu(capsys):
     import torch
 
     if torch.cuda.is_available():
-        assert quantize.resolve_optim("paged_adamw_8bit") == "paged_adamw_8bit"
+        assert policies.optimizer("paged_adamw_8bit") == "paged_adamw_8bit"
         return
-    assert quantize.resolve_optim("paged_adamw_8bit") == "adamw_torch"
+    assert policies.optimizer("paged_adamw_8bit") == "adamw_torch"
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "paged_adamw_8bit" in err and "adamw_torch" in err
-    assert quantize.resolve_optim("adamw_torch") == "adamw_torch" and capsys.readouterr().err == ""
+    assert policies.optimizer("adamw_torch") == "adamw_torch" and capsys.readouterr().err == ""
 
 
 @pytest.mark.gpu

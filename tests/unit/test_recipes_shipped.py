@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from lorafit.recipe import load_recipe
-from lorafit.targets import build_meta_model, count_lora_params, load_config, resolve_targets
+from lorafit.core.targets import build_meta_model, count_lora_params, load_config, resolve_targets
 from tests.conftest import REPO, run_cli
 
 RECIPES = sorted((REPO / "recipes").glob("*.yaml"))

@@ -9,10 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from lorafit import targets as T
-from lorafit import targets_report
+from lorafit.core import targets as T
+from lorafit import render
+from lorafit.commands import find_targets as targets_report
 from lorafit.errors import ModelError
-from lorafit.tiny import tiny_config
+from lorafit.tools.tiny import tiny_config
 
 CONFIGS = Path(__file__).resolve().parent.parent / "data" / "configs"
 QKVO = ["q_proj", "k_proj", "v_proj", "o_proj"]
@@ -143,7 +144,7 @@ def test_render_is_a_table():
     from rich.console import Console
 
     console = Console(record=True, width=140)
-    console.print(targets_report.render(targets_report.find_targets(str(CONFIGS / "llama-3.2-1b"))))
+    console.print(render.find_targets_table(targets_report.find_targets(str(CONFIGS / "llama-3.2-1b"))))
     text = console.export_text()
     for expected in ("q_proj", "attention", "mlp", "modules_to_save candidates", "3,407,872", "lora:"):
         assert expected in text

@@ -8,21 +8,15 @@ and is only ever handed to HfApi: never printed, never written.
 from __future__ import annotations
 
 import json
-import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from lorafit import log
-from lorafit.adapters import find_adapter, holds_adapter
-from lorafit.errors import LorafitError, ModelError
-
-_WHAT = {"adapter": "adapter", "merged": "merged model"}
-_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}$")
-
-
-class PushError(LorafitError):
-    """The push cannot be done as asked (repo id, token, rights)."""
+from lorafit.commands import merge as merge_mod
+from lorafit.commands.card import build_card
+from lorafit.core.adapters import find_adapter, holds_adapter
+from lorafit.errors import ModelError, PushError
 
 
 @dataclass
@@ -36,22 +30,32 @@ class Upload:
 
 
 def push(path: str | Path, *, repo_id: str, private: bool = False, revision: str | None = None,
-         merged: bool = False, dry_run: bool = False) -> list[str]:
-    """Push *path* (adapter dir, run dir or merged model dir) to *repo_id*. Returns lines to print."""
-    if not _REPO_ID.match(repo_id):
-        raise PushError(f"{repo_id!r} is not a hub repo id", where="--repo-id", fix="use OWNER/NAME, e.g. alice/my-adapter")
+         merged: bool = False, dry_run: bool = False) -> dict:
+    """Push *path* (adapter dir, run dir or merged model dir) to *repo_id*. Returns what was (or, with
+    *dry_run*, would be) uploaded: render.push_lines turns it into lines."""
+    check_repo_id(repo_id)
     path = Path(path)
     with tempfile.TemporaryDirectory(prefix="lorafit-push-") as tmp:
         upload = plan_upload(path, repo_id, merged=merged, tmp=Path(tmp))
         if dry_run:
-            return _dry_run_lines(upload, repo_id, private, revision)
+            return _dry_run(upload, repo_id, private, revision)
         return _send(upload, repo_id, private, revision)
 
 
-def plan_upload(path: Path, repo_id: str, *, merged: bool, tmp: Path) -> Upload:
-    from lorafit import merge as merge_mod
-    from lorafit.card import build_card
+def check_repo_id(repo_id: str) -> None:
+    """OWNER/NAME, valid by huggingface_hub's own rules."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
 
+    try:
+        validate_repo_id(repo_id)
+        valid = repo_id.count("/") == 1
+    except HFValidationError:
+        valid = False
+    if not valid:
+        raise PushError(f"{repo_id!r} is not a hub repo id", where="--repo-id", fix="use OWNER/NAME, e.g. alice/my-adapter")
+
+
+def plan_upload(path: Path, repo_id: str, *, merged: bool, tmp: Path) -> Upload:
     kind = _kind(path)
     if kind == "merged":
         if merged:
@@ -100,8 +104,7 @@ def _kind(path: Path) -> str:
 
 def _files(directory: Path) -> dict[str, Path | bytes]:
     """Every file to upload, by path in the repo. README.md is replaced by the generated card."""
-    from lorafit.merge import REPORT_FILE
-
+    REPORT_FILE = merge_mod.REPORT_FILE
     files: dict[str, Path | bytes] = {}
     for p in sorted(directory.rglob("*")):
         rel = p.relative_to(directory).as_posix()
@@ -127,20 +130,12 @@ def _read_json(path: Path) -> dict:
         return {}
 
 
-def _dry_run_lines(upload: Upload, repo_id: str, private: bool, revision: str | None) -> list[str]:
+def _dry_run(upload: Upload, repo_id: str, private: bool, revision: str | None) -> dict:
     from huggingface_hub import get_token
 
-    total = sum(_size(p) for p in upload.files.values()) + len(upload.card.encode())
-    lines = [f"dry run: nothing uploaded{f' ({upload.note})' if upload.note else ''}",
-             f"would create {'private' if private else 'public'} repo {repo_id} (if missing) and commit "
-             f"{len(upload.files) + 1} files ({total / 1e6:.2f} MB) of the {_WHAT[upload.kind]} "
-             f"to {revision or 'main'}:"]
-    for rel, p in upload.files.items():
-        lines.append(f"  {rel}  ({_size(p):,} bytes{', local paths removed' if isinstance(p, bytes) else ''})")
-    lines.append(f"  README.md  ({len(upload.card.encode()):,} bytes, generated model card)")
-    lines.append("token: " + ("found" if get_token() else "none found; set HF_TOKEN or run `hf auth login` before pushing"))
-    lines += ["", "--- README.md ---", *upload.card.rstrip("\n").split("\n")]
-    return lines
+    return {"dry_run": True, "repo_id": repo_id, "private": private, "revision": revision, "kind": upload.kind,
+            "note": upload.note, "card": upload.card, "token_found": bool(get_token()),
+            "files": [{"path": rel, "bytes": _size(p), "scrubbed": isinstance(p, bytes)} for rel, p in upload.files.items()]}
 
 
 def _send(upload: Upload, repo_id: str, private: bool, revision: str | None) -> list[str]:
@@ -170,7 +165,8 @@ def _send(upload: Upload, repo_id: str, private: bool, revision: str | None) -> 
                             fix="use a token with write access to this namespace (HF_TOKEN or `hf auth login`)") from None
         raise PushError(f"the hub answered {status}: {message}", where=repo_id, fix="check the repo id and retry") from None
     url = getattr(info, "commit_url", None) or f"https://huggingface.co/{repo_id}"
-    return [f"pushed {len(ops)} files ({upload.kind}) to {repo_id}{f'@{revision}' if revision else ''}", url]
+    return {"dry_run": False, "repo_id": repo_id, "revision": revision, "kind": upload.kind, "files": len(ops),
+            "url": url}
 
 
 def _scrub(text: str, token: str) -> str:

@@ -10,10 +10,11 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from lorafit.errors import ModelError
+import yaml
 
-TASK_CLASSES = {"CAUSAL_LM": "AutoModelForCausalLM", "SEQ_CLS": "AutoModelForSequenceClassification",
-                "TOKEN_CLS": "AutoModelForTokenClassification", "SEQ_2_SEQ_LM": "AutoModelForSeq2SeqLM"}
+from lorafit.core import tasks
+from lorafit.errors import ModelError
+from lorafit.recipe import Recipe, load_recipe
 
 
 @dataclass
@@ -26,16 +27,25 @@ class AdapterSource:
     base: str
 
     @property
-    def recipe(self) -> dict | None:
+    def recipe_file(self) -> Path | None:
         if self.run_dir is None or not (self.run_dir / "recipe.yaml").is_file():
             return None
-        import yaml
-
-        return yaml.safe_load((self.run_dir / "recipe.yaml").read_text(encoding="utf-8")) or {}
+        return self.run_dir / "recipe.yaml"
 
     @property
-    def auto_class(self) -> str:
-        return TASK_CLASSES.get(self.config.get("task_type") or "CAUSAL_LM", "AutoModelForCausalLM")
+    def recipe(self) -> dict | None:
+        """The run's recipe.yaml as written (for the model card: what was recorded, untouched)."""
+        f = self.recipe_file
+        return (yaml.safe_load(f.read_text(encoding="utf-8")) or {}) if f else None
+
+    def run_recipe(self, overrides: list[str] | None = None) -> Recipe | None:
+        """The run's recipe, validated (None for an adapter outside a lorafit run)."""
+        f = self.recipe_file
+        return load_recipe(f, overrides) if f else None
+
+    @property
+    def task(self) -> tasks.Task:
+        return tasks.from_peft_type(self.config.get("task_type"))
 
 
 def holds_adapter(path: str | Path) -> bool:

@@ -1,6 +1,6 @@
 """`make demo`: fine-tune the shipped tiny model on the shipped data, then show base vs adapter.
 
-Offline, a few seconds on CPU: ``python -m lorafit.demo [RUN_DIR]`` (default runs/demo).
+Offline, a few seconds on CPU: ``python -m lorafit.tools.demo [RUN_DIR]`` (default runs/demo).
 """
 
 from __future__ import annotations
@@ -8,14 +8,15 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 RECIPE = REPO / "recipes" / "tiny-smoke.yaml"
 PROMPTS = ["What is two plus three?", "Translate hello into French."]
 
 
 def main(argv: list[str] | None = None) -> int:
+    from lorafit import render
+    from lorafit.commands.generate import complete, load_for_inference
     from lorafit.errors import LorafitError
-    from lorafit.generate import complete, load_for_inference
     from lorafit.pipeline import train
     from lorafit.recipe import load_recipe
 
@@ -27,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     except LorafitError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(result.summary())
+    print("\n".join(render.train_lines(result)))
 
     model, tokenizer, run_recipe = load_for_inference(run_dir)
     rows = []

@@ -8,10 +8,14 @@ presets are resolved from what is really there, never from a table alone.
 from __future__ import annotations
 
 import re
+import warnings
 from dataclasses import dataclass
-from pathlib import Path
 
+from lorafit.core import tasks
+from lorafit.core.models import local_path
+from lorafit.core.policies import lora_config
 from lorafit.errors import ModelError, RecipeError
+from lorafit.recipe import LoraSpec
 
 PRESETS = ("attention", "mlp", "all-linear")
 
@@ -169,6 +173,7 @@ def leaf_names(modules: list[LinearModule]) -> list[str]:
 
 def count_lora_params(chosen: list[LinearModule], r: int, layers_to_transform: list[int] | None = None,
                       use_dora: bool = False) -> int:
+    """A and B (and DoRA magnitudes) of *chosen*, from their shapes: find-targets' per-module figures."""
     total = 0
     for m in chosen:
         if layers_to_transform is not None and layer_index(m.name) not in layers_to_transform:
@@ -185,7 +190,7 @@ def layer_index(name: str) -> int | None:
 
 @dataclass(frozen=True)
 class TrainableCount:
-    """What get_peft_model would make trainable, counted from shapes; ``all_params`` is peft's denominator."""
+    """What get_peft_model makes trainable, by kind; ``all_params`` is peft's denominator."""
 
     lora: int             # A and B matrices
     dora: int             # DoRA magnitude vectors (out_features per adapted module)
@@ -193,6 +198,7 @@ class TrainableCount:
     modules_to_save: int  # full copies of modules_to_save (and the seq_cls / token_cls head)
     base_params: int      # the base model, tied weights once
     adapted_modules: int  # matrices that get an A and a B
+    all_params: int       # peft's get_nb_trainable_parameters() total
     saved_modules: tuple[str, ...] = ()
 
     @property
@@ -200,17 +206,8 @@ class TrainableCount:
         return self.lora + self.dora + self.bias + self.modules_to_save
 
     @property
-    def all_params(self) -> int:
-        # peft's get_nb_trainable_parameters counts the adapter and the modules_to_save copies too.
-        return self.base_params + self.lora + self.dora + self.modules_to_save
-
-    @property
     def percent(self) -> float:
         return 100.0 * self.trainable / max(self.all_params, 1)
-
-
-# peft adds these heads to modules_to_save for SEQ_CLS and TOKEN_CLS.
-TASK_HEADS = {"seq_cls": ("classifier", "score"), "token_cls": ("classifier", "score")}
 
 
 def count_params(model) -> int:
@@ -218,39 +215,39 @@ def count_params(model) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def saved_module_names(model, modules_to_save: list[str] | None, task: str = "causal_lm") -> list[str]:
-    """peft's rule for modules_to_save: a module path that ends with the key (plain string suffix)."""
-    keys = list(modules_to_save or []) + list(TASK_HEADS.get(task, ()))
-    if not keys:
-        return []
-    found: list[str] = []
-    for name, _ in model.named_modules(remove_duplicate=False):
-        if name and any(name.endswith(k) for k in keys) and not any(name.startswith(f + ".") for f in found):
-            found.append(name)
-    return found
-
-
 def count_trainable(model, chosen: list[LinearModule], *, r: int, bias: str = "none", use_dora: bool = False,
                     layers_to_transform: list[int] | None = None, modules_to_save: list[str] | None = None,
-                    task: str = "causal_lm") -> TrainableCount:
-    """Exact trainable parameters of LoRA on *chosen* (from resolve_targets), as peft would report them."""
-    adapted = [m for m in chosen if layers_to_transform is None or layer_index(m.name) in layers_to_transform]
-    lora = count_lora_params(adapted, r)
-    dora = sum(m.out_features for m in adapted) if use_dora else 0
-    modules = dict(model.named_modules())
-    saved = saved_module_names(model, modules_to_save, task)
-    saved_params = sum(p.numel() for n in saved for p in modules[n].parameters())
-    bias_params = 0
-    if bias == "all":
-        # A saved module's original stays frozen (its copy is counted in full above).
-        bias_params = sum(p.numel() for n, p in model.named_parameters()
-                          if (n == "bias" or n.endswith(".bias")) and not any(n.startswith(s + ".") for s in saved))
-    elif bias == "lora_only":
-        for m in adapted:
-            b = getattr(modules[m.name], "bias", None)
-            bias_params += b.numel() if b is not None else 0
-    return TrainableCount(lora, dora, bias_params, saved_params, count_params(model), len(adapted),
-                          tuple(saved))
+                    task: str = "causal_lm", lora: LoraSpec | None = None) -> TrainableCount:
+    """Exact trainable parameters of LoRA on *chosen* (from resolve_targets) over a meta *model*: peft
+    itself wraps a copy on the meta device (no memory) and its trainable parameters are sorted by kind.
+    *lora* (the recipe's section) wins over the keyword arguments."""
+    import copy
+
+    import torch
+    from peft import get_peft_model
+    from peft.utils.other import ModulesToSaveWrapper
+
+    if lora is None:
+        lora = LoraSpec(r=r, bias=bias, use_dora=use_dora, layers_to_transform=layers_to_transform,
+                        modules_to_save=modules_to_save, dropout=0.0)
+    with torch.device("meta"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        # Suffix keys, as training passes them: peft applies layers_to_transform to those, not to full paths.
+        keys = minimal_keys(chosen, linear_modules(model))
+        peft_model = get_peft_model(copy.deepcopy(model), lora_config(lora, task, keys, model=model))
+    parts = {"lora": 0, "dora": 0, "bias": 0, "modules_to_save": 0}
+    for name, p in peft_model.named_parameters():
+        if not p.requires_grad:
+            continue
+        kind = ("modules_to_save" if ".modules_to_save." in name else "dora" if "lora_magnitude_vector" in name
+                else "lora" if ".lora_" in name else "bias")
+        parts[kind] += p.numel()
+    _, all_params = peft_model.get_nb_trainable_parameters()
+    adapted = sum(1 for n, _ in peft_model.named_modules() if n.endswith(".lora_A"))
+    prefix = "base_model.model."
+    saved = tuple(n.removeprefix(prefix) for n, m in peft_model.named_modules() if isinstance(m, ModulesToSaveWrapper))
+    return TrainableCount(parts["lora"], parts["dora"], parts["bias"], parts["modules_to_save"], count_params(model),
+                          adapted, int(all_params), saved)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -264,21 +261,18 @@ def load_config(name: str, *, revision: str | None = None, trust_remote_code: bo
     *where* names the input in errors: the recipe's model.name, or find-targets' MODEL argument."""
     from transformers import AutoConfig
 
-    path = Path(name).expanduser()
-    if path.exists() and not path.is_dir():
+    path = local_path(name, where=where)
+    if path is not None and not path.is_dir():
         raise ModelError(f"'{name}' is a file, not a model directory", where=where,
                          fix="pass the directory that holds config.json")
-    if path.is_dir() and not (path / "config.json").is_file() and gguf_file is None:
+    if path is not None and not (path / "config.json").is_file() and gguf_file is None:
         raise ModelError(f"'{name}' has no config.json", where=where,
                          fix="pass a Hugging Face model directory (config.json + weights + tokenizer)")
-    looks_local = path.is_dir() or name.startswith((".", "/", "~")) or name.count("/") > 1
-    if looks_local and not path.is_dir():
-        raise ModelError(f"directory not found: {name}", where=where, fix="check the path")
     try:
         kwargs = {"revision": revision, "trust_remote_code": trust_remote_code}
         if gguf_file:
             kwargs["gguf_file"] = gguf_file
-        return AutoConfig.from_pretrained(str(path) if path.is_dir() else name, **kwargs)
+        return AutoConfig.from_pretrained(str(path) if path is not None else name, **kwargs)
     except ValueError as e:  # unknown model_type, remote code refused, ...
         raise ModelError(str(e).splitlines()[0], where=where,
                          fix="upgrade transformers, or set model.trust_remote_code: true if you trust the checkpoint")
@@ -291,17 +285,6 @@ def load_config(name: str, *, revision: str | None = None, trust_remote_code: bo
                          fix="download it first (hf download NAME) or pass a local directory") from None
 
 
-def auto_class(task: str):
-    import transformers as tf
-
-    return {
-        "causal_lm": tf.AutoModelForCausalLM,
-        "seq_cls": tf.AutoModelForSequenceClassification,
-        "token_cls": tf.AutoModelForTokenClassification,
-        "seq2seq_lm": tf.AutoModelForSeq2SeqLM,
-    }[task]
-
-
 def build_meta_model(config, task: str = "causal_lm", *, trust_remote_code: bool = False, num_labels: int | None = None):
     """The model's modules on the meta device: exact shapes, no memory, no weights read."""
     import torch
@@ -310,7 +293,7 @@ def build_meta_model(config, task: str = "causal_lm", *, trust_remote_code: bool
         config.num_labels = num_labels
     with torch.device("meta"):
         try:
-            model = auto_class(task).from_config(config, trust_remote_code=trust_remote_code)
+            model = tasks.auto_model_class(task).from_config(config, trust_remote_code=trust_remote_code)
         except ValueError as e:
             raise ModelError(f"{config.model_type} has no {task} head: {str(e).splitlines()[0]}",
                              where="model.task") from None

@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from collections import OrderedDict
 
-from lorafit import targets as T
+from lorafit.core import targets as T
 
 SCHEMA_VERSION = 1
 BLOCKS = ("attention", "mlp", "other")
@@ -29,6 +29,7 @@ def describe(meta, *, r: int, task: str, model_name: str, model_type: str | None
     total = T.count_params(meta)
     groups = _groups(modules)
     presets = OrderedDict()
+    heads: tuple[str, ...] = ()
     for preset in T.PRESETS:
         chosen = T.select(modules, preset)
         if not chosen:
@@ -36,6 +37,7 @@ def describe(meta, *, r: int, task: str, model_name: str, model_type: str | None
             continue
         keys = T.minimal_keys(chosen, modules)
         count = T.count_trainable(meta, chosen, r=r, task=task)
+        heads = count.saved_modules
         presets[preset] = {
             "target_modules": keys,
             "modules": count.adapted_modules,
@@ -57,7 +59,7 @@ def describe(meta, *, r: int, task: str, model_name: str, model_type: str | None
             {**g, "lora_params": g["count"] * r * (g["in_features"] + g["out_features"])} for g in groups
         ],
         "modules_to_save_candidates": _save_candidates(meta),
-        "task_heads": list(T.saved_module_names(meta, None, task)),
+        "task_heads": list(heads) if any(presets.values()) else [],
         "presets": presets,
     }
 
@@ -131,56 +133,3 @@ def lora_yaml(r: int, preset: str, keys: list[str]) -> str:
     listed = "".join(f"    - {k}\n" for k in keys)
     return (f"lora:\n  r: {r}\n  alpha: {2 * r}\n  dropout: 0.05\n"
             f"  target_modules:   # preset '{preset}' resolves to these for this model\n{listed}")
-
-
-def render(report: dict):
-    """Rich renderable for the human output."""
-    from rich.console import Group
-    from rich.table import Table
-    from rich.text import Text
-
-    r = report["r"]
-    head = Text.assemble((f"{report['model']}", "bold"),
-                         f"  {report['architecture']} ({report['model_type']}), task {report['task']}, "
-                         f"{report['total_params']:,} params; LoRA counts at r={r}")
-    mods = Table(title="Modules that can take LoRA", title_justify="left", show_lines=False)
-    for col, kw in (("block", {}), ("module (layer index = *)", {"overflow": "fold"}),
-                    ("target key", {"style": "cyan"}),
-                    ("count", {"justify": "right"}), ("in", {"justify": "right"}), ("out", {"justify": "right"}),
-                    (f"LoRA params r={r}", {"justify": "right"})):
-        mods.add_column(col, **kw)
-    last = None
-    for g in report["modules"]:
-        key = g["key"] + (" (fused)" if g["kind"] == "fused" else "")
-        if g["also_matches"]:
-            key += f" (+{g['also_matches']} other)"
-        mods.add_row(g["block"] if g["block"] != last else "", g["name"], key, str(g["count"]),
-                     f"{g['in_features']:,}", f"{g['out_features']:,}", f"{g['lora_params']:,}",
-                     end_section=False)
-        last = g["block"]
-
-    save = Table(title="modules_to_save candidates (trained in full, never by a preset)", title_justify="left")
-    for col in ("module", "kind", "params", "tied"):
-        save.add_column(col, justify="right" if col == "params" else "left")
-    for c in report["modules_to_save_candidates"]:
-        save.add_row(c["name"], c["kind"], f"{c['params']:,}", "yes" if c["tied"] else "")
-
-    pre = Table(title=f"Presets at r={r}", title_justify="left")
-    for col, kw in (("preset", {"style": "bold"}), ("target_modules", {"style": "cyan"}),
-                    ("modules", {"justify": "right"}), ("trainable params", {"justify": "right"}),
-                    ("% of model", {"justify": "right"})):
-        pre.add_column(col, **kw)
-    for name, p in report["presets"].items():
-        if p is None:
-            pre.add_row(name, "(selects nothing in this model)", "", "", "")
-        else:
-            pre.add_row(name, ", ".join(p["target_modules"]), str(p["modules"]), f"{p['trainable_params']:,}",
-                        f"{p['percent']:.4f} %")
-    parts = [head, mods, save, pre]
-    if report["task_heads"]:
-        parts.append(Text(f"task {report['task']}: peft trains {', '.join(report['task_heads'])} in full "
-                          "(included in the preset counts)."))
-    best = report["presets"].get("all-linear")
-    if best:
-        parts += [Text("Recipe snippet (all-linear):", style="bold"), Text(best["yaml"].rstrip())]
-    return Group(*parts)

@@ -12,8 +12,9 @@ from __future__ import annotations
 import contextlib
 from collections import OrderedDict
 
-from lorafit import targets as T
-from lorafit.recipe import Recipe
+from lorafit.core import policies
+from lorafit.core import targets as T
+from lorafit.recipe import QuantizationSpec, Recipe
 
 SCHEMA_VERSION = 1
 GiB = 1024 ** 3
@@ -32,7 +33,6 @@ OPTIMIZER_BYTES = {
 # What a process needs before its first tensor: the CUDA context and kernels, or Python + torch on CPU.
 RUNTIME_OVERHEAD = {"cuda": 512 * MiB, "cpu": 512 * MiB}
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
-PRECISION_DTYPE = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 # LORA.md's rule of thumb, GB for a 7B model: 16-bit LoRA and 4-bit QLoRA.
 RULE_OF_THUMB_7B = {"lora": 16e9, "qlora": 6e9}
 
@@ -50,9 +50,7 @@ def estimate(recipe: Recipe) -> dict:
         getattr(config, "num_labels", 2) if spec.task in ("seq_cls", "token_cls") else None)
     meta = T.build_meta_model(config, spec.task, trust_remote_code=spec.trust_remote_code, num_labels=num_labels)
     keys, chosen = T.resolve_targets(meta, lora.target_modules, model_name=spec.name)
-    count = T.count_trainable(meta, chosen, r=lora.r, bias=lora.bias, use_dora=lora.use_dora,
-                              layers_to_transform=lora.layers_to_transform,
-                              modules_to_save=lora.modules_to_save, task=spec.task)
+    count = T.count_trainable(meta, chosen, r=lora.r, task=spec.task, lora=lora)
     parts = _param_parts(meta, chosen, count, lora)
 
     kind, memory = device_memory()
@@ -101,35 +99,33 @@ def plan(recipe: Recipe, config, keys: list[str], parts: dict, count: T.Trainabl
     """Memory on one device (cuda | cpu) for one training process, in bytes, with its assumptions."""
     tr, q = recipe.training, recipe.quantization
     notes: list[str] = []
-    precision = tr.precision
-    if precision == "auto":
-        precision = "bf16" if device == "cuda" else "fp32"
+    precision = policies.precision(tr, device)
+    if tr.precision == "auto":
         notes.append("precision auto → " + ("bf16 (a GPU with bf16 support; fp32 on older GPUs)" if device == "cuda"
                                             else "fp32 (as training does on CPU)"))
-    weights_dtype = recipe.model.dtype if recipe.model.dtype != "auto" else PRECISION_DTYPE[precision]
-    gc = tr.gradient_checkpointing if tr.gradient_checkpointing is not None else q.bits is not None
-    optim = tr.optim
-    if optim.startswith("paged_") and device == "cpu":
-        optim = "adamw_torch"
-        notes.append(f"{tr.optim} needs CUDA; training uses adamw_torch on CPU")
+    weights_dtype = policies.weights_dtype(recipe.model, QuantizationSpec(), precision, device)
+    gc = policies.gradient_checkpointing(recipe)
+    optim = policies.optimizer(tr.optim, device)
+    if optim != tr.optim:
+        notes.append(f"{tr.optim} needs CUDA; training uses {optim} on CPU")
 
     # Base weights. Quantized: bnb replaces every nn.Linear but the output head; the rest (embeddings,
     # norms, head) is cast to fp32 by prepare_model_for_kbit_training.
     if q.bits == 4:
         base = parts["linear_weights"] * NF4_BYTES[q.double_quant] + parts["other"] * 4
-        act_dtype = q.compute_dtype if device == "cuda" else "float32"
+        act_dtype = policies.weights_dtype(recipe.model, q, precision, device)
         wlabel = f"{q.quant_type}{' + double quant' if q.double_quant else ''}"
         notes.append(f"4-bit {wlabel}: {NF4_BYTES[q.double_quant]:.4f} byte/param on the {parts['linear_weights']:,} "
                      f"linear weights; the other {parts['other']:,} params (embeddings, norms, head) in fp32 "
                      "after prepare_model_for_kbit_training")
     elif q.bits == 8:
         base = parts["linear_weights"] * 1 + parts["int8_rows"] * 4 + parts["other"] * 4
-        act_dtype = q.compute_dtype if device == "cuda" else "float32"
+        act_dtype = policies.weights_dtype(recipe.model, q, precision, device)
         wlabel = "int8"
         notes.append("8-bit: 1 byte/param + an fp32 scale per row on linear weights; the rest in fp32")
     else:
         base = count.base_params * DTYPE_BYTES[weights_dtype]
-        act_dtype = PRECISION_DTYPE[precision] if precision != "fp32" else weights_dtype
+        act_dtype = policies.PRECISION_DTYPE[precision] if precision != "fp32" else weights_dtype
         wlabel = weights_dtype
     saved_dtype_bytes = 4 if q.bits is not None else DTYPE_BYTES[weights_dtype]
 
@@ -280,17 +276,12 @@ def _formula(config, batch, seq, dtype, gc, method) -> dict:
 def _meta_peft_model(config, task, lora, keys, *, dtype, num_labels, trust_remote_code):
     import copy
 
-    from peft import LoraConfig, get_peft_model
+    from peft import get_peft_model
 
     model = T.build_meta_model(copy.deepcopy(config), task, trust_remote_code=trust_remote_code,
                                num_labels=num_labels)
-    task_type = {"causal_lm": "CAUSAL_LM", "seq_cls": "SEQ_CLS", "token_cls": "TOKEN_CLS",
-                 "seq2seq_lm": "SEQ_2_SEQ_LM"}[task]
     with _quiet():
-        peft_model = get_peft_model(model, LoraConfig(
-            r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=keys, bias=lora.bias,
-            modules_to_save=lora.modules_to_save, layers_to_transform=lora.layers_to_transform,
-            use_dora=lora.use_dora, task_type=task_type))
+        peft_model = get_peft_model(model, policies.lora_config(lora, task, keys, model=model))
     # Mixed precision runs the matmuls (and keeps their inputs) in the compute dtype.
     return peft_model.to(dtype).train()
 
@@ -417,57 +408,3 @@ def device_memory() -> tuple[str, int]:
     import psutil
 
     return "cpu", int(psutil.virtual_memory().total)
-
-
-def gb(n: float) -> str:
-    return f"{n / GiB:.2f} GiB" if n >= 0.1 * GiB else f"{n / MiB:.1f} MiB"
-
-
-def headline(report: dict) -> list[str]:
-    """Two or three short lines for ``lorafit validate``."""
-    t, dev = report["trainable"], report["device"]
-    p = report["plans"][dev["plan"]]
-    lines = [f"{t['trainable_params']:,} trainable params ({t['percent']:.4f} % of {t['all_params']:,}), "
-             f"{t['adapted_modules']} adapted modules",
-             f"memory plan on {dev['kind']}: {gb(p['total_bytes'])} "
-             f"(weights {gb(p['components']['base_weights'])}, activations {gb(p['components']['activations'])}) "
-             f"of {gb(dev['memory_bytes'])} on this machine"]
-    if not dev["fits"]:
-        lines.append(f"the plan exceeds this {dev['kind']}'s memory by {gb(p['total_bytes'] - dev['memory_bytes'])}: "
-                     "lower training.batch_size or data.max_length, turn on training.gradient_checkpointing, "
-                     "or quantize (quantization.bits: 4)")
-    return lines
-
-
-def render(report: dict):
-    """Rich renderable for the human output."""
-    from rich.console import Group
-    from rich.table import Table
-    from rich.text import Text
-
-    m, t = report["model"], report["trainable"]
-    head = Text.assemble((m["name"], "bold"), f"  {m['architecture']}, task {m['task']}, {m['total_params']:,} params")
-    params = Text(f"trainable: {t['trainable_params']:,} ({t['percent']:.4f} %) = LoRA {t['lora_params']:,}"
-                  + (f" + DoRA {t['dora_params']:,}" if t["dora_params"] else "")
-                  + (f" + biases {t['bias_params']:,}" if t["bias_params"] else "")
-                  + (f" + modules_to_save {t['modules_to_save_params']:,} ({', '.join(t['modules_to_save'])})"
-                     if t["modules_to_save_params"] else "")
-                  + f"; {t['adapted_modules']} modules: {', '.join(t['target_modules'])}")
-    plans = report["plans"]
-    table = Table(title="Memory plan per device (one training process)", title_justify="left")
-    table.add_column("")
-    for dev, p in plans.items():
-        mark = " (this machine)" if dev == report["device"]["plan"] else ""
-        table.add_column(f"{dev}{mark}\n{p['precision']}, {p['weights']}, {p['optimizer']}", justify="right")
-    for comp in next(iter(plans.values()))["components"]:
-        table.add_row(comp.replace("_", " "), *[gb(p["components"][comp]) for p in plans.values()])
-    table.add_row("total", *[gb(p["total_bytes"]) for p in plans.values()], style="bold")
-    dev = report["device"]
-    mine = plans[dev["plan"]]
-    fit = Text(f"this machine: {dev['kind']} with {gb(dev['memory_bytes'])}: "
-               + ("fits" if dev["fits"] else f"does NOT fit (short by {gb(mine['total_bytes'] - dev['memory_bytes'])})"),
-               style="green" if dev["fits"] else "bold red")
-    rot = report["rule_of_thumb"]
-    notes = Text("assumptions (" + dev["plan"] + "):\n" + "\n".join(f"  - {a}" for a in mine["assumptions"])
-                 + f"\nrule of thumb ({rot['kind']}, scaled to this model): {gb(rot['bytes'])}; see docs/estimate.md")
-    return Group(head, params, table, fit, notes)

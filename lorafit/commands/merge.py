@@ -24,15 +24,14 @@ import tempfile
 from pathlib import Path
 
 from lorafit import log
-from lorafit.adapters import AdapterSource, find_adapter
+from lorafit.commands.merge_streaming import checkpoint_index, checkpoint_key, merge_streaming, tensor_shapes
+from lorafit.commands.verify import verify_merged
+from lorafit.core.adapters import AdapterSource, find_adapter
+from lorafit.core.models import TOKENIZER_FILES, has_tokenizer, load_adapted, local_path
 from lorafit.errors import ModelError
-from lorafit.merge_streaming import checkpoint_index, checkpoint_key, merge_streaming, read_header
 
 DTYPES = ("bfloat16", "float16", "float32")
 REPORT_FILE = "merge_report.json"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-                   "vocab.json", "merges.txt", "vocab.txt", "added_tokens.json", "chat_template.jinja",
-                   "chat_template.json")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -69,8 +68,6 @@ def merge(adapter_dir: str | Path, output: str | Path, *, base: str | None = Non
                   "bytes": sum(p.stat().st_size for p in tmp.iterdir() if p.is_file()),
                   "lora_modules": len(_lora_modules(source))}
         if verify:
-            from lorafit.verify import verify_merged  # verify loads models through this module
-
             report["verify"] = verify_merged(tmp, source, dtype=dtype)
             (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
             report["files"] = sorted(p.name for p in tmp.iterdir())
@@ -79,29 +76,6 @@ def merge(adapter_dir: str | Path, output: str | Path, *, base: str | None = Non
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return report
-
-
-def summary_lines(report: dict) -> list[str]:
-    """What the CLI prints after a merge."""
-    mb = report["bytes"] / 1e6
-    lines = [f"merged {report['lora_modules']} LoRA modules of {report['adapter']} into {report['base']}",
-             f"wrote {report['output']} ({report['dtype']}, {len(report['files'])} files, {mb:.1f} MB, "
-             f"{report['mode'].replace('_', ' ')} mode)"]
-    v = report.get("verify")
-    if v:
-        lines.append(f"verify on {v['prompts']} prompts ({v['prompt_source']}, {v['tokens']} tokens):")
-        lines.append(f"  max |logit diff| merged vs base+adapter: {v['max_abs_logit_diff']:.3g} "
-                     f"(tolerance {v['tolerance']:.3g})")
-        if v.get("perplexity_adapter") is not None:
-            lines.append(f"  perplexity base+adapter {v['perplexity_adapter']:.4f}, merged {v['perplexity_merged']:.4f}")
-        q = v.get("quantized")
-        if q:
-            lines.append(f"  gap to the {q['bits']}-bit model it was trained on: max |logit diff| "
-                         f"{q['max_abs_logit_diff']:.3g}, perplexity {q['perplexity_quantized']:.4f} (quantized) "
-                         f"vs {v['perplexity_merged']:.4f} (merged)")
-        lines.append(f"  {'passed' if v['passed'] else 'FAILED: merged model differs from base+adapter'}; "
-                     f"details in {REPORT_FILE}")
-    return lines
 
 
 # ----------------------------------------------------------------------------------------------
@@ -124,22 +98,24 @@ def _check_output(output: Path, source: AdapterSource, force: bool) -> None:
 
 
 def _parse_size(size: str | int) -> int:
-    if isinstance(size, int):
-        return size
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B)?\s*", str(size), re.IGNORECASE)
-    if not m:
-        raise ModelError(f"cannot read size {size!r}", where="--max-shard-size", fix="use e.g. 500MB, 2GB or 5GiB")
-    unit = (m.group(2) or "B").upper()
-    scale = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-             "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}[unit]
-    return max(1, int(float(m.group(1)) * scale))
+    """--max-shard-size as save_pretrained reads it (transformers' own parser: 500MB, 2GB, 5GiB)."""
+    from transformers.utils.hub import convert_file_size_to_int
+
+    try:
+        return max(1, int(convert_file_size_to_int(size)))
+    except ValueError:
+        raise ModelError(f"cannot read size {size!r}", where="--max-shard-size", fix="use e.g. 500MB, 2GB or 5GiB") from None
 
 
 def _base_dir(base: str) -> Path:
     """The base model's files on disk: a local directory, or the hub cache (offline mode respected)."""
-    if Path(base).is_dir():
-        return Path(base)
-    if Path(base).exists() or base.startswith((".", "/", "~")) or base.count("/") > 1:
+    try:
+        path = local_path(base, where=base)
+    except ModelError:
+        path = Path(base)
+    if path is not None:
+        if path.is_dir():
+            return path
         raise ModelError("base model directory not found", where=base,
                          fix="pass the base model the adapter was trained on with --base (hub id or directory)")
     from huggingface_hub import snapshot_download
@@ -155,21 +131,21 @@ def _base_dir(base: str) -> Path:
 def _lora_modules(source: AdapterSource) -> dict[str, dict[str, tuple]]:
     """Adapted module path (as in the base model) → {'A': shape, 'B': shape}, read from the file header."""
     modules: dict[str, dict[str, tuple]] = {}
-    for key, info in _adapter_header(source.adapter_dir).items():
+    for key, shape in tensor_shapes(_adapter_weights(source.adapter_dir)).items():
         m = re.match(r"^base_model\.model\.(.+)\.lora_(A|B)\.weight$", key)
         if m:
-            modules.setdefault(m.group(1), {})[m.group(2)] = tuple(info["shape"])
+            modules.setdefault(m.group(1), {})[m.group(2)] = shape
     return modules
 
 
-def _adapter_header(adapter_dir: Path) -> dict:
+def _adapter_weights(adapter_dir: Path) -> Path:
     path = adapter_dir / "adapter_model.safetensors"
     if not path.is_file():
         bins = adapter_dir / "adapter_model.bin"
         fix = "re-save it with safetensors (peft's save_pretrained does by default)" if bins.is_file() else \
             "the directory must hold the adapter weights saved by peft"
         raise ModelError("no adapter_model.safetensors", where=str(adapter_dir), fix=fix)
-    return read_header(path)
+    return path
 
 
 def _check_shapes(source: AdapterSource, base_dir: Path) -> None:
@@ -190,7 +166,7 @@ def _check_shapes(source: AdapterSource, base_dir: Path) -> None:
         key = checkpoint_key(module, index)
         if key is None or "A" not in ab or "B" not in ab:
             continue
-        shape = tuple(index[key][1]["shape"])
+        shape = index[key][1]
         want = (ab["B"][0], ab["A"][1])
         if fan_in_fan_out:
             want = want[::-1]
@@ -205,52 +181,10 @@ def _check_shapes(source: AdapterSource, base_dir: Path) -> None:
 
 
 def _merge_in_memory(source: AdapterSource, out: Path, *, dtype: str, max_shard_size: int) -> None:
-    model = load_adapted(source, dtype)
+    model, _ = load_adapted(source, dtype=dtype, quantized=False, device="cpu")
     model = model.merge_and_unload()
-    _save_model(model, out, max_shard_size)
+    model.save_pretrained(out, max_shard_size=max_shard_size)
     del model
-
-
-def load_adapted(source: AdapterSource, dtype: str, quantization_config=None):
-    """Base (reloaded in *dtype*, quantized only when asked for) + adapter, unmerged, in eval mode."""
-    import warnings
-
-    from peft import PeftModel
-
-    base = load_base(source, dtype, quantization_config)
-    if quantization_config is not None:
-        from lorafit.stages.quantize import cpu_safe
-
-        cpu_safe(base)
-    try:
-        with warnings.catch_warnings():  # peft asks transformers a deprecated question; not the user's concern
-            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
-            model = PeftModel.from_pretrained(base, str(source.adapter_dir), is_trainable=False)
-    except (RuntimeError, ValueError, KeyError) as e:
-        first = str(e).strip().splitlines()
-        raise ModelError(f"the adapter does not fit the base model: {' '.join(first[:3])[:300]}",
-                         where=f"base model {source.base}",
-                         fix="pass the base model the adapter was trained on with --base") from None
-    return model.eval()
-
-
-def load_base(source: AdapterSource, dtype: str, quantization_config=None):
-    import torch
-    import transformers
-
-    auto = getattr(transformers, source.auto_class)
-    kwargs = {"dtype": getattr(torch, dtype)}
-    if quantization_config is not None:
-        kwargs["quantization_config"] = quantization_config
-    try:
-        model = auto.from_pretrained(source.base, **kwargs)
-    except OSError as e:
-        raise ModelError(f"cannot load the base model ({str(e).splitlines()[0][:200]})", where=source.base,
-                         fix="pass a local model directory with --base") from None
-    if quantization_config is None and getattr(model.config, "quantization_config", None):
-        raise ModelError("the base checkpoint is itself quantized; merging into it would lose the adapter's precision",
-                         where=source.base, fix="pass the unquantized original model with --base")
-    return model.eval()
 
 
 def _quiet_transformers() -> None:
@@ -260,24 +194,20 @@ def _quiet_transformers() -> None:
     hf_logging.disable_progress_bar()
 
 
-def _save_model(model, out: Path, max_shard_size: int) -> None:
-    model.save_pretrained(out, max_shard_size=max_shard_size)
-
-
 # ----------------------------------------------------------------------------------------------
 # Finishing the output directory
 
 
 def _copy_tokenizer(source: AdapterSource, base_dir: Path, out: Path) -> None:
     """The adapter's tokenizer (lorafit saves it, it may have added tokens), else the base's."""
-    src = source.adapter_dir if any((source.adapter_dir / f).is_file() for f in TOKENIZER_FILES) else base_dir
+    src = source.adapter_dir if has_tokenizer(source.adapter_dir) else base_dir
     for name in TOKENIZER_FILES:
         if (src / name).is_file() and not (out / name).exists():
             shutil.copy2(src / name, out / name)
 
 
 def _check_no_lora_keys(out: Path) -> None:
-    leaked = [k for p in out.glob("*.safetensors") for k in read_header(p) if "lora_" in k]
+    leaked = [k for p in out.glob("*.safetensors") for k in tensor_shapes(p) if "lora_" in k]
     if leaked:
         raise RuntimeError(f"merged checkpoint still holds LoRA tensors: {leaked[:3]}")
 

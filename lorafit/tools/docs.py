@@ -1,6 +1,6 @@
 """Generate docs/recipe.md from the recipe schema: fields are documented once, in recipe.py.
 
-``python -m lorafit.docs docs/recipe.md`` rewrites it; a test fails when it is stale.
+``python -m lorafit.tools.docs docs/recipe.md`` rewrites it; a test fails when it is stale.
 """
 
 from __future__ import annotations

@@ -1,6 +1,9 @@
 """Low-memory merge: stream the base checkpoint tensor by tensor, add each LoRA delta, write shard by shard.
 
-RAM stays near one tensor plus the adapter (safetensors' own save_file would build a whole shard in RAM).
+Reading goes through safetensors' ``safe_open`` (names, shapes, one tensor at a time; each tensor read
+through its own short-lived handle, so the memory map of a whole shard never stays resident). Writing
+is ours: safetensors' save_file would first build the whole shard in RAM. RAM stays near one tensor
+plus the adapter.
 Same result as peft's merge_and_unload: W + scale·B·A, with rsLoRA, alpha_pattern, GPT-2's transposed
 Conv1D weights and modules_to_save handled.
 """
@@ -14,7 +17,7 @@ import shutil
 import struct
 from pathlib import Path
 
-from lorafit.adapters import AdapterSource
+from lorafit.core.adapters import AdapterSource
 from lorafit.errors import ModelError
 
 
@@ -23,36 +26,32 @@ _ST_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfl
               "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
 
 
-def read_header(path: Path) -> dict:
-    """A safetensors file's tensor table (name → dtype, shape, data_offsets), without reading the data."""
-    with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(n))
-    header.pop("__metadata__", None)
-    for info in header.values():
-        info["start"] = 8 + n + info["data_offsets"][0]
-    return header
+def tensor_shapes(path: Path) -> dict[str, tuple]:
+    """A safetensors file's tensor names and shapes, without reading the data."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
 
 
-def checkpoint_index(model_dir: Path) -> dict[str, tuple[Path, dict]]:
-    """Tensor name → (file, header entry) over all safetensors files of a model directory."""
-    index: dict[str, tuple[Path, dict]] = {}
+def checkpoint_index(model_dir: Path) -> dict[str, tuple[Path, tuple, str]]:
+    """Tensor name → (file, shape, safetensors dtype code) over all safetensors files of a model directory."""
+    from safetensors import safe_open
+
+    index: dict[str, tuple[Path, tuple, str]] = {}
     for path in sorted(Path(model_dir).glob("*.safetensors")):
-        for name, info in read_header(path).items():
-            index[name] = (path, info)
+        with safe_open(str(path), "pt") as f:
+            for name in f.keys():
+                sl = f.get_slice(name)
+                index[name] = (path, tuple(sl.get_shape()), sl.get_dtype())
     return index
 
 
-def _read_tensor(f, info: dict):
-    import torch
+def _read_tensor(path: Path, name: str):
+    from safetensors import safe_open
 
-    f.seek(info["start"])
-    begin, end = info["data_offsets"]
-    data = bytearray(f.read(end - begin))
-    dtype = getattr(torch, _ST_DTYPES[info["dtype"]])
-    if not data:
-        return torch.empty(info["shape"], dtype=dtype)
-    return torch.frombuffer(data, dtype=dtype).reshape(info["shape"])
+    with safe_open(str(path), "pt") as f:  # closed at once: the map of the whole file is dropped
+        return f.get_tensor(name)
 
 
 def checkpoint_key(module: str, index: dict, suffix: str = "weight") -> str | None:
@@ -91,7 +90,7 @@ def merge_streaming(source: AdapterSource, base_dir: Path, out: Path, *, dtype: 
     adapter_path = source.adapter_dir / "adapter_model.safetensors"
     deltas: dict[str, tuple[str, float]] = {}  # checkpoint key → (module, scale)
     replace: dict[str, str] = {}  # checkpoint key → adapter key (modules_to_save, trained biases)
-    for key in read_header(adapter_path):
+    for key in tensor_shapes(adapter_path):
         m = re.match(r"^base_model\.model\.(.+)\.lora_(A|B)\.weight$", key)
         if m:
             if m.group(2) == "A":
@@ -117,9 +116,8 @@ def merge_streaming(source: AdapterSource, base_dir: Path, out: Path, *, dtype: 
     shards: list[list[str]] = [[]]
     size = 0
     for name in names:  # plan shards from the header sizes, in checkpoint order
-        info = index[name][1]
-        nbytes = math.prod(info["shape"]) * (target.itemsize if _is_float(info["dtype"]) else
-                                             getattr(torch, _ST_DTYPES[info["dtype"]]).itemsize)
+        _, shape, code = index[name]
+        nbytes = math.prod(shape) * (target.itemsize if _is_float(code) else getattr(torch, _ST_DTYPES[code]).itemsize)
         if shards[-1] and size + nbytes > max_shard_size:
             shards.append([])
             size = 0
@@ -129,15 +127,13 @@ def merge_streaming(source: AdapterSource, base_dir: Path, out: Path, *, dtype: 
     with safe_open(str(adapter_path), "pt") as adapter:
         for i, shard in enumerate(shards):
             fname = "model.safetensors" if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-            handles: dict[Path, object] = {}
 
-            def produce(name, handles=handles):
-                path, info = index[name]
-                f = handles.get(path) or handles.setdefault(path, open(path, "rb"))
-                t = adapter.get_tensor(replace[name]) if name in replace else _read_tensor(f, info)
-                if list(t.shape) != list(info["shape"]):
+            def produce(name):
+                path, shape, _ = index[name]
+                t = adapter.get_tensor(replace[name]) if name in replace else _read_tensor(path, name)
+                if tuple(t.shape) != shape:
                     raise ModelError(f"adapter tensor {replace[name]} is {list(t.shape)}, the base's {name} is "
-                                     f"{list(info['shape'])}", where=str(source.adapter_dir),
+                                     f"{list(shape)}", where=str(source.adapter_dir),
                                      fix="pass the base model the adapter was trained on with --base")
                 if name in deltas:
                     module = deltas[name][0]
@@ -147,12 +143,7 @@ def merge_streaming(source: AdapterSource, base_dir: Path, out: Path, *, dtype: 
                     t = t.float() + (delta.T if fan_in_fan_out else delta)
                 return t.to(target) if t.is_floating_point() else t
 
-            try:
-                total += _write_safetensors(out / fname, shard, produce,
-                                            {n: (index[n][1], target) for n in shard})
-            finally:
-                for f in handles.values():
-                    f.close()
+            total += _write_safetensors(out / fname, shard, produce, {n: (index[n][1:], target) for n in shard})
             weight_map.update(dict.fromkeys(shard, fname))
     if len(shards) > 1:
         (out / "model.safetensors.index.json").write_text(json.dumps(
@@ -168,12 +159,10 @@ def _write_safetensors(path: Path, names: list[str], produce, plan: dict) -> int
     codes = {v: k for k, v in _ST_DTYPES.items()}
     header, offset = {}, 0
     for name in names:
-        info, target = plan[name]
-        dtype = _ST_DTYPES[info["dtype"]]
-        if _is_float(info["dtype"]):
-            dtype = str(target).removeprefix("torch.")
-        nbytes = math.prod(info["shape"]) * getattr(torch, dtype).itemsize
-        header[name] = {"dtype": codes[dtype], "shape": info["shape"], "data_offsets": [offset, offset + nbytes]}
+        (shape, code), target = plan[name]
+        dtype = str(target).removeprefix("torch.") if _is_float(code) else _ST_DTYPES[code]
+        nbytes = math.prod(shape) * getattr(torch, dtype).itemsize
+        header[name] = {"dtype": codes[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
     raw = json.dumps({"__metadata__": {"format": "pt"}, **header}, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)  # 8-byte aligned data, as safetensors writes it

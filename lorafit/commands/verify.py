@@ -11,8 +11,10 @@ import math
 from pathlib import Path
 
 from lorafit import log
-from lorafit.adapters import AdapterSource
-from lorafit.merge import load_adapted
+from lorafit.core.adapters import AdapterSource
+from lorafit.core.models import load_adapted
+from lorafit.core.prompts import row_text
+from lorafit.errors import LorafitError
 from lorafit.stages.data import SUFFIXES, read_rows
 
 # Max |logit difference| merged vs base+adapter allowed, relative to the largest |logit| (at least 1).
@@ -28,8 +30,6 @@ BUILTIN_PROMPTS = [
 ]
 MAX_PROMPTS, MAX_PROMPT_TOKENS = 4, 64
 
-
-
 def verify_merged(merged_dir: str | Path, source: AdapterSource, *, dtype: str) -> dict:
     """Logits and perplexity of the merged model vs base+adapter (and vs the quantized model for QLoRA).
 
@@ -40,16 +40,16 @@ def verify_merged(merged_dir: str | Path, source: AdapterSource, *, dtype: str) 
     import torch
     import transformers
 
-    prompts, prompt_source = eval_prompts(source)
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(merged_dir))
+    prompts, prompt_source = eval_prompts(source, tokenizer)
     batch = [tokenizer(p, return_tensors="pt", truncation=True, max_length=MAX_PROMPT_TOKENS)["input_ids"]
              for p in prompts]
-    causal = source.auto_class == "AutoModelForCausalLM"
+    causal = source.task.name == "causal_lm"
 
     log.info(f"verifying on {len(prompts)} prompts ({prompt_source})")
-    ref = _score(load_adapted(source, dtype), batch, causal)
+    ref = _score(load_adapted(source, dtype=dtype, quantized=False, device="cpu")[0], batch, causal)
     gc.collect()
-    merged_model = getattr(transformers, source.auto_class).from_pretrained(str(merged_dir), dtype=getattr(torch, dtype))
+    merged_model = getattr(transformers, source.task.auto_model).from_pretrained(str(merged_dir), dtype=getattr(torch, dtype))
     merged = _score(merged_model.eval(), batch, causal)
     del merged_model
     gc.collect()
@@ -69,7 +69,8 @@ def verify_merged(merged_dir: str | Path, source: AdapterSource, *, dtype: str) 
 
     quant = _training_quantization(source)
     if quant is not None:
-        q = _score(_load_quantized_adapted(source, quant), batch, causal)
+        # As training loaded it: quantized, the rest in the dtype policies.weights_dtype gives (fp32 on CPU).
+        q = _score(load_adapted(source, device="cpu")[0], batch, causal)
         gc.collect()
         result["quantized"] = {
             "bits": quant.bits, "quant_type": quant.quant_type if quant.bits == 4 else None,
@@ -104,32 +105,25 @@ def _training_quantization(source: AdapterSource):
     return QuantizationSpec.model_validate(recipe["quantization"])
 
 
-def _load_quantized_adapted(source: AdapterSource, spec):
-    from lorafit.stages.quantize import bnb_config, silence_bitsandbytes
-
-    import torch
-
-    silence_bitsandbytes()
-    # As training loaded it (stages/load.py): unquantized parts in fp32 on CPU, compute dtype on GPU.
-    dtype = spec.compute_dtype if torch.cuda.is_available() else "float32"
-    return load_adapted(source, dtype, quantization_config=bnb_config(spec))
-
-
-def eval_prompts(source: AdapterSource) -> tuple[list[str], str]:
-    """A few texts from the run's eval data (else its train data), or built-in text when unknown."""
-    recipe = source.recipe or {}
-    data = recipe.get("data") or {}
-    for key in ("eval", "train"):
-        path = _find_data_file(data.get(key), source.run_dir)
-        if path is None:
-            continue
-        rows = read_rows(str(path), where=f"data.{key}")
-        rows = rows[:MAX_PROMPTS] if key == "eval" else rows
-        if key == "train":
-            rows = rows[-MAX_PROMPTS:]  # the held-out split is drawn at random; the tail is the nearest guess
-        texts = [t for t in (_row_text(r, data) for r in rows) if t.strip()]
-        if texts:
-            return texts[:MAX_PROMPTS], f"{'eval' if key == 'eval' else 'train'} data {path.name}"
+def eval_prompts(source: AdapterSource, tokenizer) -> tuple[list[str], str]:
+    """A few rows of the run's eval data (else its train data) rendered as training rendered them, or
+    built-in text when the adapter has no run."""
+    recipe = None
+    try:
+        recipe = source.run_recipe()
+    except LorafitError:  # a run dir whose recipe no longer validates: still verifiable on built-in text
+        pass
+    if recipe is not None:
+        for key in ("eval", "train"):
+            path = _find_data_file(getattr(recipe.data, key), source.run_dir)
+            if path is None:
+                continue
+            rows = read_rows(str(path), where=f"data.{key}")
+            # The held-out split is drawn at random; the tail of the train file is the nearest guess.
+            rows = rows[:MAX_PROMPTS] if key == "eval" else rows[-MAX_PROMPTS:]
+            texts = [t for t in (row_text(r, recipe.data, tokenizer) for r in rows) if t.strip()]
+            if texts:
+                return texts[:MAX_PROMPTS], f"{key} data {path.name}"
     return list(BUILTIN_PROMPTS), "built-in text"
 
 
@@ -140,17 +134,3 @@ def _find_data_file(name: str | None, run_dir: Path | None) -> Path | None:
         if cand.is_file() and cand.suffix in SUFFIXES:
             return cand
     return None
-
-
-def _row_text(row: dict, data: dict) -> str:
-    cols = {"text": "text", "instruction": "instruction", "input": "input", "output": "output",
-            "messages": "messages", "prompt": "prompt", "completion": "completion", **(data.get("columns") or {})}
-    fmt = data.get("format", "text")
-    if fmt == "alpaca":
-        return " ".join(str(row.get(cols[k]) or "") for k in ("instruction", "input", "output"))
-    if fmt == "completion":
-        return f"{row.get(cols['prompt']) or ''}{row.get(cols['completion']) or ''}"
-    if fmt == "chat":
-        msgs = row.get(cols["messages"]) or []
-        return "\n".join(str(m.get("content", "")) for m in msgs if isinstance(m, dict))
-    return str(row.get(cols["text"]) or "")

@@ -1,6 +1,6 @@
 """Tiny random models with a real tokenizer, built offline: for tests, CI and the smoke demo.
 
-``python -m lorafit.tiny OUT_DIR [--family llama]`` writes a loadable model directory.
+``python -m lorafit.tools.tiny OUT_DIR [--family llama]`` writes a loadable model directory.
 Weights are drawn with std 0.2 (not 0.02) so that LoRA can visibly fit a few examples.
 """
 
@@ -9,12 +9,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-CHATML = (
-    "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
+from lorafit.core import tasks
+from lorafit.core.prompts import CHATML
 
 # A fixed corpus: the tokenizer must come out the same on every machine.
 _CORPUS = """
@@ -103,13 +99,11 @@ def build_tiny_model(out_dir: str | Path, family: str = "llama", task: str = "ca
                      **config_overrides) -> Path:
     """Write config, safetensors weights and tokenizer of a tiny random model to *out_dir*."""
     import torch
-    import transformers as tf
 
     out = Path(out_dir)
     tokenizer = build_tokenizer("bert" if family == "bert" else ("gpt2" if family == "gpt2" else "llama"))
     cfg = tiny_config(family, len(tokenizer), **config_overrides)
-    auto = {"causal_lm": tf.AutoModelForCausalLM, "seq_cls": tf.AutoModelForSequenceClassification,
-            "token_cls": tf.AutoModelForTokenClassification}[task]
+    auto = tasks.auto_model_class(task)
     if task != "causal_lm":
         cfg.num_labels = config_overrides.get("num_labels", 2)
     torch.manual_seed(seed)

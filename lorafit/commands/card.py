@@ -7,30 +7,22 @@ is named by its basename only.
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
-import yaml
-
-PIPELINE_TAGS = {"causal_lm": "text-generation", "seq_cls": "text-classification",
-                 "token_cls": "token-classification", "seq2seq_lm": "text2text-generation"}
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
-
-
-def hub_id(name: str | None) -> str | None:
-    """*name* when it is a hub id (not a local path), else None."""
-    if not name or Path(name).exists() or name.startswith((".", "/", "~")) or not _HUB_ID.match(name):
-        return None
-    return name
+from lorafit.core import tasks
+from lorafit.core.models import hub_id
 
 
 def build_card(*, repo_id: str, kind: str, base: str | None, recipe: dict | None = None,
                metrics: dict | None = None, merge_report: dict | None = None) -> str:
-    """README.md text. *kind* is 'adapter' or 'merged'."""
+    """README.md text. *kind* is 'adapter' or 'merged'. Metadata goes through huggingface_hub's
+    ModelCardData, which validates it and writes the front matter the hub reads."""
+    from huggingface_hub import ModelCard, ModelCardData
+
     recipe = recipe or {}
     quant = (recipe.get("quantization") or {})
     bits = quant.get("bits")
-    task = (recipe.get("model") or {}).get("task", "causal_lm")
+    task = tasks.task((recipe.get("model") or {}).get("task"))
     base_id = hub_id(base)
     meta: dict = {}
     if base_id:
@@ -47,7 +39,7 @@ def build_card(*, repo_id: str, kind: str, base: str | None, recipe: dict | None
     if base_id and kind == "adapter":
         tags.append(f"base_model:adapter:{base_id}")
     meta["tags"] = tags
-    meta["pipeline_tag"] = PIPELINE_TAGS.get(task, "text-generation")
+    meta["pipeline_tag"] = task.pipeline_tag
     dataset = _dataset(recipe)
     if dataset and dataset[1]:
         meta["datasets"] = [dataset[0]]
@@ -55,7 +47,7 @@ def build_card(*, repo_id: str, kind: str, base: str | None, recipe: dict | None
     name = repo_id.split("/")[-1]
     base_text = f"[{base_id}](https://huggingface.co/{base_id})" if base_id else \
         f"a local model (`{Path(base).name}`)" if base else "an unknown base model"
-    out = ["---", yaml.safe_dump(meta, sort_keys=False, allow_unicode=True).strip(), "---", "", f"# {name}", ""]
+    out = [f"# {name}", ""]
     if kind == "adapter":
         method = f"QLoRA ({bits}-bit {quant.get('quant_type', 'nf4')} base)" if bits == 4 else \
             "LoRA on an 8-bit base" if bits == 8 else "LoRA"
@@ -67,7 +59,9 @@ def build_card(*, repo_id: str, kind: str, base: str | None, recipe: dict | None
     out += _training(recipe, dataset)
     out += _metrics(metrics)
     out += _merge_section(merge_report)
-    return "\n".join(out).rstrip() + "\n"
+    body = "\n".join(out).rstrip() + "\n"
+    card = ModelCard(f"---\n{ModelCardData(**meta).to_yaml()}\n---\n\n{body}")
+    return str(card)
 
 
 def _dataset(recipe: dict) -> tuple[str, bool] | None:
@@ -79,17 +73,14 @@ def _dataset(recipe: dict) -> tuple[str, bool] | None:
     return (Path(train).name, False) if local else (train, hub_id(train) is not None)
 
 
-def _usage(repo_id: str, kind: str, task: str) -> list[str]:
+def _usage(repo_id: str, kind: str, task: tasks.Task) -> list[str]:
     if kind == "adapter":
-        auto = {"seq_cls": "AutoPeftModelForSequenceClassification",
-                "token_cls": "AutoPeftModelForTokenClassification",
-                "seq2seq_lm": "AutoPeftModelForSeq2SeqLM"}.get(task, "AutoPeftModelForCausalLM")
+        auto = task.auto_peft
         code = [f"from peft import {auto}", "from transformers import AutoTokenizer", "",
                 f'model = {auto}.from_pretrained("{repo_id}")',
                 f'tokenizer = AutoTokenizer.from_pretrained("{repo_id}")']
     else:
-        auto = {"seq_cls": "AutoModelForSequenceClassification", "token_cls": "AutoModelForTokenClassification",
-                "seq2seq_lm": "AutoModelForSeq2SeqLM"}.get(task, "AutoModelForCausalLM")
+        auto = task.auto_model
         code = [f"from transformers import {auto}, AutoTokenizer", "",
                 f'model = {auto}.from_pretrained("{repo_id}")',
                 f'tokenizer = AutoTokenizer.from_pretrained("{repo_id}")']

@@ -1,0 +1,66 @@
+"""`lorafit evaluate`: held-out loss of the base and of base + adapter, for a run dir or an adapter dir.
+
+Uses the pipeline's own stages: the data stage builds the rows, the evaluate stage measures them.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+from lorafit import log
+from lorafit.core import models, policies
+from lorafit.core.adapters import find_adapter
+from lorafit.core.prompts import infer_format
+from lorafit.errors import LorafitError
+from lorafit.recipe import Recipe, validate_recipe
+from lorafit.stages.data import build_datasets, read_rows
+from lorafit.stages.evaluate import evaluate_model
+from lorafit.stages.train import build_trainer
+
+
+def _adapter_recipe(source, data: Path | None) -> Recipe:
+    """The recipe to evaluate with: the run's own (its eval split, or --data in the same format), or for a
+    standalone adapter one built from adapter_config.json and the format the --data rows show."""
+    overrides = [f"data.train={data}", "data.eval=null", "data.eval_fraction=0"] if data else []
+    recipe = source.run_recipe(overrides)
+    if recipe is not None:
+        return recipe
+    if data is None:
+        raise LorafitError(f"{source.adapter_dir} is not inside a lorafit run, so it has no held-out split",
+                           where="--data", fix="pass --data FILE with the rows to evaluate on")
+    rows = read_rows(str(data), where="--data")
+    fmt = infer_format(rows[0])
+    if fmt is None:
+        raise LorafitError(f"cannot tell the format of {data} from its columns ({', '.join(rows[0])})",
+                           where="--data", fix="use the columns of a lorafit format: text; instruction/input/output; "
+                                               "messages; prompt/completion; text/label")
+    return validate_recipe({"model": {"name": source.base, "task": source.task.name},
+                            "data": {"train": str(data), "format": fmt, "eval_fraction": 0}}, source="--data")
+
+
+def evaluate_adapter(path: Path, data: Path | None) -> dict:
+    """Eval loss and perplexity of the base (adapter disabled) and of base + adapter on the same rows."""
+    import torch
+    from transformers import TrainingArguments
+
+    source = find_adapter(path)  # before the heavy imports: a wrong path fails at once
+    recipe = _adapter_recipe(source, data)
+    log.quiet_libraries()
+    tokenizer = models.load_adapter_tokenizer(source)
+    bundle = build_datasets(recipe.data, tokenizer, recipe.model.task, recipe.model.num_labels)
+    dataset = bundle.train if data else bundle.eval
+    if dataset is None:
+        raise LorafitError("the run has no held-out split (data.eval_fraction was 0)", where="--data",
+                           fix="pass --data FILE")
+    model, _ = models.load_adapted(source, num_labels=policies.class_count(recipe.model.num_labels, bundle.label_names),
+                                   label_names=bundle.label_names)
+    args = TrainingArguments(output_dir=tempfile.mkdtemp(prefix="lorafit-eval-"),
+                             per_device_eval_batch_size=recipe.evaluation.batch_size or recipe.training.batch_size,
+                             report_to=[], disable_tqdm=True, remove_unused_columns=False,
+                             use_cpu=not torch.cuda.is_available(), save_strategy="no")
+    result = evaluate_model(build_trainer(model, args, bundle.collator), dataset, recipe.evaluation)
+    result["data"] = str(data) if data else "held-out split of the run"
+    result["adapter"] = str(source.adapter_dir)
+    return json.loads(json.dumps(result, default=str))

@@ -1,0 +1,211 @@
+"""Text for people: every command returns data, and only this module turns it into lines.
+
+The CLI prints what these functions return; ``--json`` prints the data itself instead.
+"""
+
+from __future__ import annotations
+
+GiB = 1024 ** 3
+MiB = 1024 ** 2
+
+
+# ----------------------------------------------------------------------------------------------
+# train, validate, evaluate
+
+
+def train_lines(result) -> list[str]:
+    """The closing summary of ``lorafit train`` (a pipeline.TrainResult)."""
+    m = result.metrics
+    lines = [f"run: {result.run_dir}", f"adapter: {result.run_dir / 'adapter'}",
+             f"trainable params: {m['trainable_params']:,} ({m['trainable_percent']:.4f} %)",
+             f"train loss: {m['train']['first_loss']:.4f} → {m['train']['final_loss']:.4f} "
+             f"({m['train']['steps']} steps, {m['train']['train_tokens_per_second'] or 0:,.0f} tokens/s)"]
+    ev = m.get("eval") or {}
+    if "eval_loss" in ev:
+        base = f"base {ev['base_eval_loss']:.4f} → " if "base_eval_loss" in ev else ""
+        lines.append(f"eval loss: {base}adapter {ev['eval_loss']:.4f} on {ev['eval_rows']} held-out rows")
+    return lines
+
+
+def validate_lines(report) -> list[str]:
+    """``lorafit validate``: one ok line per check, then warnings (a pipeline.ValidationReport)."""
+    m, s, plan = report.model, report.data, report.plan
+    t = plan["trainable"]
+    checks = [("recipe", f"{report.recipe}: schema ok"),
+              ("model", f"{m['name']} ({m['model_type']}, task {m['task']}, precision {m['precision']})"),
+              ("data", f"{s['train_rows']} train / {s['eval_rows']} eval rows, {s['train_tokens']:,} train tokens "
+                       f"({s['trainable_tokens']:,} trained), {s['truncated']} truncated, "
+                       f"{s['dropped_fully_masked']} dropped"),
+              ("targets", f"{', '.join(t['target_modules'])} → {t['adapted_modules']} modules, "
+                          f"{t['lora_params'] + t['dora_params']:,} LoRA params at r={t['r']}")]
+    head = estimate_headline(plan)
+    checks += [("estimate", line) for line in head[:2]]
+    return [f"ok  {what:<10} {detail}" for what, detail in checks] + \
+        [f"warning: {w}" for w in head[2:] + report.warnings]
+
+
+def evaluate_lines(report: dict) -> list[str]:
+    return [f"{key:>22}: {value}" for key, value in report.items()]
+
+
+# ----------------------------------------------------------------------------------------------
+# estimate
+
+
+def gb(n: float) -> str:
+    return f"{n / GiB:.2f} GiB" if n >= 0.1 * GiB else f"{n / MiB:.1f} MiB"
+
+
+def estimate_headline(report: dict) -> list[str]:
+    """Two or three short lines for ``lorafit validate``."""
+    t, dev = report["trainable"], report["device"]
+    p = report["plans"][dev["plan"]]
+    lines = [f"{t['trainable_params']:,} trainable params ({t['percent']:.4f} % of {t['all_params']:,}), "
+             f"{t['adapted_modules']} adapted modules",
+             f"memory plan on {dev['kind']}: {gb(p['total_bytes'])} "
+             f"(weights {gb(p['components']['base_weights'])}, activations {gb(p['components']['activations'])}) "
+             f"of {gb(dev['memory_bytes'])} on this machine"]
+    if not dev["fits"]:
+        lines.append(f"the plan exceeds this {dev['kind']}'s memory by {gb(p['total_bytes'] - dev['memory_bytes'])}: "
+                     "lower training.batch_size or data.max_length, turn on training.gradient_checkpointing, "
+                     "or quantize (quantization.bits: 4)")
+    return lines
+
+
+def estimate_table(report: dict):
+    """Rich renderable for the human output."""
+    from rich.console import Group
+    from rich.table import Table
+    from rich.text import Text
+
+    m, t = report["model"], report["trainable"]
+    head = Text.assemble((m["name"], "bold"), f"  {m['architecture']}, task {m['task']}, {m['total_params']:,} params")
+    params = Text(f"trainable: {t['trainable_params']:,} ({t['percent']:.4f} %) = LoRA {t['lora_params']:,}"
+                  + (f" + DoRA {t['dora_params']:,}" if t["dora_params"] else "")
+                  + (f" + biases {t['bias_params']:,}" if t["bias_params"] else "")
+                  + (f" + modules_to_save {t['modules_to_save_params']:,} ({', '.join(t['modules_to_save'])})"
+                     if t["modules_to_save_params"] else "")
+                  + f"; {t['adapted_modules']} modules: {', '.join(t['target_modules'])}")
+    plans = report["plans"]
+    table = Table(title="Memory plan per device (one training process)", title_justify="left")
+    table.add_column("")
+    for dev, p in plans.items():
+        mark = " (this machine)" if dev == report["device"]["plan"] else ""
+        table.add_column(f"{dev}{mark}\n{p['precision']}, {p['weights']}, {p['optimizer']}", justify="right")
+    for comp in next(iter(plans.values()))["components"]:
+        table.add_row(comp.replace("_", " "), *[gb(p["components"][comp]) for p in plans.values()])
+    table.add_row("total", *[gb(p["total_bytes"]) for p in plans.values()], style="bold")
+    dev = report["device"]
+    mine = plans[dev["plan"]]
+    fit = Text(f"this machine: {dev['kind']} with {gb(dev['memory_bytes'])}: "
+               + ("fits" if dev["fits"] else f"does NOT fit (short by {gb(mine['total_bytes'] - dev['memory_bytes'])})"),
+               style="green" if dev["fits"] else "bold red")
+    rot = report["rule_of_thumb"]
+    notes = Text("assumptions (" + dev["plan"] + "):\n" + "\n".join(f"  - {a}" for a in mine["assumptions"])
+                 + f"\nrule of thumb ({rot['kind']}, scaled to this model): {gb(rot['bytes'])}; see docs/estimate.md")
+    return Group(head, params, table, fit, notes)
+
+
+# ----------------------------------------------------------------------------------------------
+# find-targets
+
+
+def find_targets_table(report: dict):
+    """Rich renderable for the human output."""
+    from rich.console import Group
+    from rich.table import Table
+    from rich.text import Text
+
+    r = report["r"]
+    head = Text.assemble((f"{report['model']}", "bold"),
+                         f"  {report['architecture']} ({report['model_type']}), task {report['task']}, "
+                         f"{report['total_params']:,} params; LoRA counts at r={r}")
+    mods = Table(title="Modules that can take LoRA", title_justify="left", show_lines=False)
+    for col, kw in (("block", {}), ("module (layer index = *)", {"overflow": "fold"}),
+                    ("target key", {"style": "cyan"}),
+                    ("count", {"justify": "right"}), ("in", {"justify": "right"}), ("out", {"justify": "right"}),
+                    (f"LoRA params r={r}", {"justify": "right"})):
+        mods.add_column(col, **kw)
+    last = None
+    for g in report["modules"]:
+        key = g["key"] + (" (fused)" if g["kind"] == "fused" else "")
+        if g["also_matches"]:
+            key += f" (+{g['also_matches']} other)"
+        mods.add_row(g["block"] if g["block"] != last else "", g["name"], key, str(g["count"]),
+                     f"{g['in_features']:,}", f"{g['out_features']:,}", f"{g['lora_params']:,}",
+                     end_section=False)
+        last = g["block"]
+
+    save = Table(title="modules_to_save candidates (trained in full, never by a preset)", title_justify="left")
+    for col in ("module", "kind", "params", "tied"):
+        save.add_column(col, justify="right" if col == "params" else "left")
+    for c in report["modules_to_save_candidates"]:
+        save.add_row(c["name"], c["kind"], f"{c['params']:,}", "yes" if c["tied"] else "")
+
+    pre = Table(title=f"Presets at r={r}", title_justify="left")
+    for col, kw in (("preset", {"style": "bold"}), ("target_modules", {"style": "cyan"}),
+                    ("modules", {"justify": "right"}), ("trainable params", {"justify": "right"}),
+                    ("% of model", {"justify": "right"})):
+        pre.add_column(col, **kw)
+    for name, p in report["presets"].items():
+        if p is None:
+            pre.add_row(name, "(selects nothing in this model)", "", "", "")
+        else:
+            pre.add_row(name, ", ".join(p["target_modules"]), str(p["modules"]), f"{p['trainable_params']:,}",
+                        f"{p['percent']:.4f} %")
+    parts = [head, mods, save, pre]
+    if report["task_heads"]:
+        parts.append(Text(f"task {report['task']}: peft trains {', '.join(report['task_heads'])} in full "
+                          "(included in the preset counts)."))
+    best = report["presets"].get("all-linear")
+    if best:
+        parts += [Text("Recipe snippet (all-linear):", style="bold"), Text(best["yaml"].rstrip())]
+    return Group(*parts)
+
+
+# ----------------------------------------------------------------------------------------------
+# merge, push
+
+
+def merge_lines(report: dict) -> list[str]:
+    """What the CLI prints after a merge."""
+    mb = report["bytes"] / 1e6
+    lines = [f"merged {report['lora_modules']} LoRA modules of {report['adapter']} into {report['base']}",
+             f"wrote {report['output']} ({report['dtype']}, {len(report['files'])} files, {mb:.1f} MB, "
+             f"{report['mode'].replace('_', ' ')} mode)"]
+    v = report.get("verify")
+    if v:
+        lines.append(f"verify on {v['prompts']} prompts ({v['prompt_source']}, {v['tokens']} tokens):")
+        lines.append(f"  max |logit diff| merged vs base+adapter: {v['max_abs_logit_diff']:.3g} "
+                     f"(tolerance {v['tolerance']:.3g})")
+        if v.get("perplexity_adapter") is not None:
+            lines.append(f"  perplexity base+adapter {v['perplexity_adapter']:.4f}, merged {v['perplexity_merged']:.4f}")
+        q = v.get("quantized")
+        if q:
+            lines.append(f"  gap to the {q['bits']}-bit model it was trained on: max |logit diff| "
+                         f"{q['max_abs_logit_diff']:.3g}, perplexity {q['perplexity_quantized']:.4f} (quantized) "
+                         f"vs {v['perplexity_merged']:.4f} (merged)")
+        lines.append(f"  {'passed' if v['passed'] else 'FAILED: merged model differs from base+adapter'}; "
+                     f"details in merge_report.json")
+    return lines
+
+
+def push_lines(result: dict) -> list[str]:
+    """``lorafit push``: what was (or, with --dry-run, would be) uploaded (commands.push's result)."""
+    what = {"adapter": "adapter", "merged": "merged model"}[result["kind"]]
+    if not result["dry_run"]:
+        at = f"@{result['revision']}" if result["revision"] else ""
+        return [f"pushed {result['files']} files ({result['kind']}) to {result['repo_id']}{at}", result["url"]]
+    files = result["files"]
+    card_bytes = len(result["card"].encode())
+    total = sum(f["bytes"] for f in files) + card_bytes
+    note = f" ({result['note']})" if result["note"] else ""
+    lines = [f"dry run: nothing uploaded{note}",
+             f"would create {'private' if result['private'] else 'public'} repo {result['repo_id']} (if missing) and "
+             f"commit {len(files) + 1} files ({total / 1e6:.2f} MB) of the {what} to {result['revision'] or 'main'}:"]
+    for f in files:
+        lines.append(f"  {f['path']}  ({f['bytes']:,} bytes{', local paths removed' if f['scrubbed'] else ''})")
+    lines.append(f"  README.md  ({card_bytes:,} bytes, generated model card)")
+    lines.append("token: " + ("found" if result["token_found"]
+                              else "none found; set HF_TOKEN or run `hf auth login` before pushing"))
+    return lines + ["", "--- README.md ---", *result["card"].rstrip("\n").split("\n")]
