@@ -219,7 +219,7 @@ def _causal_dataset(src: _Source, spec: DataSpec, tokenizer, bos, eos):
             lambda batch, idx: _segment_rows([dict(zip(batch, v)) for v in zip(*batch.values())],
                                              [src.locs[i] for i in idx], spec, render),
             batched=True, with_indices=True, remove_columns=src.rows.column_names,
-            num_proc=_num_proc(len(src.rows)), desc="format")
+            num_proc=_num_proc(len(src.rows)), new_fingerprint=_fingerprint(src, spec) + "-format", desc="format")
     ds = records.map(
         _tokenize_causal, batched=True, remove_columns=["texts", "is_response"],
         fn_kwargs=dict(tokenizer=tokenizer, spec=spec, bos=bos, eos=eos, chat=spec.format == "chat"),

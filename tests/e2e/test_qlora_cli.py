@@ -85,3 +85,9 @@ def test_qlora_on_gpu(tiny_llama, tmp_path):
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert "needs CUDA" not in res.stderr  # paged optimizer kept
     print("peak memory:", metrics.get("memory"), "tokens/s:", metrics["train"].get("train_tokens_per_second"))
+    assert metrics["precision"] == "bf16" and metrics["gradient_checkpointing"] is True
+    assert metrics["memory"]["gpu_peak_allocated_mb"] > 0
+    assert metrics["train"]["final_loss"] < metrics["train"]["first_loss"]
+    assert metrics["eval"]["eval_loss"] < metrics["eval"]["base_eval_loss"]  # the adapter learnt something
+    cfg = json.loads((tmp_path / "run" / "adapter" / "adapter_config.json").read_text())
+    assert cfg["peft_type"] == "LORA" and cfg["task_type"] == "CAUSAL_LM"

@@ -353,3 +353,32 @@ def test_collator_for_seq_cls_pads_right(tmp_path):
     batch = make_collator(tok, "seq_cls")([{"input_ids": [6, 9, 7], "labels": 1}, {"input_ids": [6, 7], "labels": 0}])
     assert batch["input_ids"].tolist() == [[6, 9, 7], [6, 7, tok.pad_token_id]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 1, 0]]
+
+
+def test_a_hub_dataset_stays_a_dataset_and_tokenizes_like_a_local_file(tmp_path, llama, monkeypatch):
+    """A hub dataset is never copied into Python lists: datasets maps it (its cache, its num_proc); the
+    tokens are the same as for the same rows in a local file, and a bad row is named by its index."""
+    import datasets
+
+    rows = [{"instruction": f"Say {w}.", "output": w} for w in ("one", "two", "three", "four")]
+    hub = datasets.Dataset.from_list(rows)
+    monkeypatch.setattr(datasets, "load_dataset", lambda name, split: hub)  # the hub, offline
+    from_hub = build_datasets(DataSpec(train="alice/words", format="alpaca", eval_fraction=0), llama)
+    local = build(tmp_path, rows, llama, format="alpaca", eval_fraction=0)
+    assert from_hub.train["input_ids"] == local.train["input_ids"]
+    assert from_hub.train["labels"] == local.train["labels"]
+    assert from_hub.stats["fingerprint"] != local.stats["fingerprint"] and from_hub.stats["rows_read"] == 4
+
+    calls = []
+    real_map = datasets.Dataset.map
+
+    def spy(self, *a, **k):
+        calls.append(k.get("desc"))
+        return real_map(self, *a, **k)
+
+    monkeypatch.setattr(datasets.Dataset, "map", spy)
+    bad = datasets.Dataset.from_list(rows[:2] + [{"instruction": "Say five.", "output": None}])
+    monkeypatch.setattr(datasets, "load_dataset", lambda name, split: bad)
+    with pytest.raises(DataError, match="must be a string") as e:
+        build_datasets(DataSpec(train="alice/words", format="alpaca", eval_fraction=0), llama)
+    assert e.value.where == "alice/words[train] row 3" and calls[0] == "format"

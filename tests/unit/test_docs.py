@@ -13,8 +13,8 @@ def test_recipe_reference_is_up_to_date():
     assert committed == render(), "docs/recipe.md is stale: run `make docs`"
 
 
-def test_every_field_is_documented():
+def test_every_field_is_in_the_reference():
+    text = render()  # that each field has a description is test_recipe's schema test
     for section, field in Recipe.model_fields.items():
-        for name, sub in field.annotation.model_fields.items():
-            assert sub.description, f"{section}.{name} has no description"
-            assert f"`{section}.{name}`" in render()
+        for name in field.annotation.model_fields:
+            assert f"`{section}.{name}`" in text

@@ -30,7 +30,7 @@ def run_dir(tiny_llama, tmp_path_factory):
                            "lr_scheduler": "cosine", "optim": "paged_adamw_8bit"},
               "output": {"dir": "runs/x", "license": "apache-2.0"}}
     (run / "recipe.yaml").write_text(yaml.safe_dump(recipe))
-    (run / "metrics.json").write_text(json.dumps({"eval": {"base_loss": 3.21, "adapter_loss": 1.23}, "note": "x"}))
+    (run / "metrics.json").write_text(json.dumps({"eval": {"base_eval_loss": 3.21, "eval_loss": 1.23}, "note": "x"}))
     return run
 
 
@@ -66,7 +66,7 @@ def test_dry_run_lists_files_and_card_without_network(hub_run_dir, monkeypatch):
     assert {"lorafit", "lora", "qlora", "peft"} <= set(meta["tags"]) and meta["pipeline_tag"] == "text-generation"
     assert "datasets" not in meta  # a local file is no hub dataset
     assert "AutoPeftModelForCausalLM.from_pretrained(\"alice/tiny-qlora\")" in card
-    assert "4-bit (nf4" in card and "| eval.adapter_loss | 1.23 |" in card and "| eval.base_loss | 3.21 |" in card
+    assert "4-bit (nf4" in card and "| eval.eval_loss | 1.23 |" in card and "| eval.base_eval_loss | 3.21 |" in card
     assert "/home/alice" not in card and "train.jsonl" in card
     assert TOKEN not in text
 
@@ -118,7 +118,10 @@ def test_push_merged_model_dir_card(tiny_llama, run_dir, tmp_path, monkeypatch):
     meta = _front_matter(text.split("--- README.md ---\n", 1)[1])
     assert meta["library_name"] == "transformers" and "merged" in meta["tags"]
     assert "base_model" not in meta  # the base is a local directory here: no fake hub id
-    assert "## Merge check" in text and "gap" not in text.lower() or "quantized" in text
+    # The run trained on a 4-bit base: the card's merge check reports the gap to that quantized model.
+    merge_check = text.split("## Merge check", 1)[1]
+    assert "the merged model's logits differ" in merge_check and "passed" in merge_check
+    assert "trained on a 4-bit base" in merge_check
     # --merged on an adapter merges in a temporary dir first (and says so)
     lines = render.push_lines(push.push(run_dir, repo_id="alice/tiny-merged", merged=True, dry_run=True))
     assert "merged (bfloat16) into a temporary directory and verified" in lines[0]

@@ -1,0 +1,79 @@
+"""The package's shape: no import cycles (function-local imports included), one home for the task table,
+and runtime code that never imports the tools (test models, docs generation, demo)."""
+
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+PKG = Path(__file__).resolve().parents[2] / "lorafit"
+
+
+def _module(path: Path) -> str:
+    rel = path.relative_to(PKG.parent).with_suffix("")
+    parts = list(rel.parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _imports() -> dict[str, set[str]]:
+    """Module → lorafit modules it imports anywhere (module level or inside functions)."""
+    modules = {_module(p): p for p in PKG.rglob("*.py")}
+    graph: dict[str, set[str]] = {m: set() for m in modules}
+    for mod, path in modules.items():
+        package = mod if path.name == "__init__.py" else mod.rsplit(".", 1)[0]
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names: list[str] = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else []))
+                names = [base] + [f"{base}.{a.name}" for a in node.names]
+            for name in names:
+                while name and name not in modules:
+                    name = name.rpartition(".")[0]
+                if name and name != mod and name.startswith("lorafit") and name != "lorafit":
+                    graph[mod].add(name)
+    return graph
+
+
+def test_no_import_cycles():
+    graph = _imports()
+    cycles, state = [], {}
+
+    def visit(node, stack):
+        state[node] = "open"
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == "open":
+                cycles.append(stack[stack.index(nxt):] + [nxt])
+            elif nxt not in state:
+                visit(nxt, stack + [nxt])
+        state[node] = "done"
+
+    for node in sorted(graph):
+        if node not in state:
+            visit(node, [node])
+    assert not cycles
+
+
+def test_the_graph_sees_function_local_imports():
+    graph = _imports()
+    assert "lorafit.pipeline" in graph["lorafit.cli"]  # imported inside the train command
+
+
+def test_runtime_code_never_imports_the_tools():
+    offenders = {m: deps for m, deps in _imports().items()
+                 if not m.startswith("lorafit.tools") and any(d.startswith("lorafit.tools") for d in deps)}
+    assert not offenders
+
+
+def test_the_task_table_is_the_only_place_naming_task_classes():
+    pattern = re.compile(r"AutoModelFor\w+|AutoPeftModelFor\w+|\b(CAUSAL_LM|SEQ_CLS|TOKEN_CLS|SEQ_2_SEQ_LM)\b")
+    found = {}
+    for path in PKG.rglob("*.py"):
+        hits = sorted({m.group(0) for m in pattern.finditer(path.read_text(encoding="utf-8"))})
+        if hits:
+            found[str(path.relative_to(PKG))] = hits
+    assert list(found) == ["core/tasks.py"], found
