@@ -41,18 +41,21 @@ def train(recipe: Recipe, *, resume: str | None = None) -> TrainResult:
     # Data first: a bad row should fail in seconds, before gigabytes of weights load.
     model_spec = models.materialize_gguf(recipe.model)  # the recipe keeps naming the GGUF file
     tokenizer = models.load_tokenizer(model_spec)
+    policies.check_max_length(recipe.data, load_config(model_spec.name, revision=model_spec.revision,
+                                                       trust_remote_code=model_spec.trust_remote_code),
+                              tokenizer, recipe.model.name)
     data = build_datasets(recipe.data, tokenizer, recipe.model.task, recipe.model.num_labels)
     num_labels = policies.class_count(recipe.model.num_labels, data.label_names)
     start_run_dir(run_dir, recipe, resume=resume)
 
-    # load → quantize → inject
+    # load → quantize → inject. Seeded first: a new head's initial weights and LoRA's A are part of the run.
+    set_seed(recipe.training.seed)
     model = models.load_model(model_spec, recipe.quantization,
                               policies.weights_dtype(model_spec, recipe.quantization, precision),
                               num_labels=num_labels, label_names=data.label_names, pad_token_id=tokenizer.pad_token_id)
     use_gc = policies.gradient_checkpointing(recipe)
     if recipe.quantization.bits is not None:
         model = prepare_quantized(model, recipe.quantization, gradient_checkpointing=use_gc)
-    set_seed(recipe.training.seed)  # before LoRA init: resume and reruns must draw the same A
     model, injection = inject_lora(model, recipe.lora, recipe.model.task, model_name=recipe.model.name,
                                    revision=recipe.model.revision)
     if checkpoint:
@@ -107,6 +110,7 @@ def validate(recipe: Recipe, *, recipe_path: Path | None = None) -> ValidationRe
     config = load_config(spec.name, revision=spec.revision, trust_remote_code=spec.trust_remote_code,
                          gguf_file=spec.gguf_file)
     tokenizer = models.load_tokenizer(spec)
+    policies.check_max_length(recipe.data, config, tokenizer, spec.name)
     data = build_datasets(recipe.data, tokenizer, spec.task, spec.num_labels)
     # The estimate builds the meta model and resolves the targets (raising on a name that matches
     # nothing): one pass serves the targets and the memory plan.

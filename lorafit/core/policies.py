@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from lorafit import log
 from lorafit.core import tasks
-from lorafit.errors import ModelError
-from lorafit.recipe import LoraSpec, ModelSpec, QuantizationSpec, Recipe, TrainingSpec
+from lorafit.errors import ModelError, RecipeError
+from lorafit.recipe import DataSpec, LoraSpec, ModelSpec, QuantizationSpec, Recipe, TrainingSpec
 
 PRECISION_DTYPE = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 # Trainer optimizers that run on CPU in place of the CUDA-only paged ones (same update rule, not paged).
@@ -99,3 +99,30 @@ def lora_config(spec: LoraSpec, task: str, target_keys: list[str], *, model=None
         task_type=tasks.task(task).peft_task_type,
         revision=revision,
     )
+
+
+# Where configs keep the longest sequence their position embeddings (or rotary scaling) were made for.
+_CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "n_ctx")
+
+
+def context_limit(config, tokenizer=None) -> tuple[int, str] | None:
+    """(tokens, where the number comes from): the config's position limit, else the tokenizer's
+    model_max_length (when it sets one), else None."""
+    for cfg in (config, getattr(config, "text_config", None)):
+        for key in _CONTEXT_KEYS:
+            value = getattr(cfg, key, None) if cfg is not None else None
+            if isinstance(value, int) and value > 0:
+                return value, f"config {key}"
+    limit = getattr(tokenizer, "model_max_length", None)
+    if isinstance(limit, int) and 0 < limit < 10**8:  # transformers' "unset" is a huge number
+        return limit, "tokenizer model_max_length"
+    return None
+
+
+def check_max_length(data: DataSpec, config, tokenizer, model_name: str) -> None:
+    """data.max_length above the model's context would fail mid-training (or silently extrapolate)."""
+    found = context_limit(config, tokenizer)
+    if found and data.max_length > found[0]:
+        raise RecipeError(f"{data.max_length} tokens is above the context of {model_name} ({found[0]} tokens, "
+                          f"its {found[1]})", where="data.max_length",
+                          fix=f"set data.max_length to {found[0]} or less")
