@@ -20,7 +20,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 
-# name → (family, config overrides): tiny is lorafit.tiny's llama; small is a 4-layer, 45 M param llama.
+# name → (family, config overrides): tiny is lorafit.tools.tiny's llama; small is a 4-layer, 45 M param llama.
 MODELS = {
     "tiny-llama": ("llama", 384, {}),
     "small-llama-45M": ("llama", 32000, dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=4,

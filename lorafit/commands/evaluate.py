@@ -42,11 +42,11 @@ def _adapter_recipe(source, data: Path | None) -> Recipe:
 
 def evaluate_adapter(path: Path, data: Path | None) -> dict:
     """Eval loss and perplexity of the base (adapter disabled) and of base + adapter on the same rows."""
+    source = find_adapter(path)  # before the heavy imports: a wrong path fails at once
+    recipe = _adapter_recipe(source, data)
     import torch
     from transformers import TrainingArguments
 
-    source = find_adapter(path)  # before the heavy imports: a wrong path fails at once
-    recipe = _adapter_recipe(source, data)
     log.quiet_libraries()
     tokenizer = models.load_adapter_tokenizer(source)
     bundle = build_datasets(recipe.data, tokenizer, recipe.model.task, recipe.model.num_labels)

@@ -181,7 +181,7 @@ def _check_shapes(source: AdapterSource, base_dir: Path) -> None:
 
 
 def _merge_in_memory(source: AdapterSource, out: Path, *, dtype: str, max_shard_size: int) -> None:
-    model, _ = load_adapted(source, dtype=dtype, quantized=False, device="cpu")
+    model, _ = load_adapted(source, dtype=dtype, quantized=False, device="cpu", with_tokenizer=False)
     model = model.merge_and_unload()
     model.save_pretrained(out, max_shard_size=max_shard_size)
     del model

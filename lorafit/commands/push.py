@@ -138,7 +138,7 @@ def _dry_run(upload: Upload, repo_id: str, private: bool, revision: str | None) 
             "files": [{"path": rel, "bytes": _size(p), "scrubbed": isinstance(p, bytes)} for rel, p in upload.files.items()]}
 
 
-def _send(upload: Upload, repo_id: str, private: bool, revision: str | None) -> list[str]:
+def _send(upload: Upload, repo_id: str, private: bool, revision: str | None) -> dict:
     from huggingface_hub import CommitOperationAdd, HfApi, get_token
     from huggingface_hub.errors import HfHubHTTPError
 

@@ -13,7 +13,7 @@ from pathlib import Path
 from lorafit import log
 from lorafit.core.adapters import AdapterSource
 from lorafit.core.models import load_adapted
-from lorafit.core.prompts import row_text
+from lorafit.core.prompts import encode, row_text
 from lorafit.errors import LorafitError
 from lorafit.stages.data import SUFFIXES, read_rows
 
@@ -42,12 +42,11 @@ def verify_merged(merged_dir: str | Path, source: AdapterSource, *, dtype: str) 
 
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(merged_dir))
     prompts, prompt_source = eval_prompts(source, tokenizer)
-    batch = [tokenizer(p, return_tensors="pt", truncation=True, max_length=MAX_PROMPT_TOKENS)["input_ids"]
-             for p in prompts]
+    batch = [torch.tensor([encode(p, tokenizer)[:MAX_PROMPT_TOKENS]]) for p in prompts]
     causal = source.task.name == "causal_lm"
 
     log.info(f"verifying on {len(prompts)} prompts ({prompt_source})")
-    ref = _score(load_adapted(source, dtype=dtype, quantized=False, device="cpu")[0], batch, causal)
+    ref = _score(load_adapted(source, dtype=dtype, quantized=False, device="cpu", with_tokenizer=False)[0], batch, causal)
     gc.collect()
     merged_model = getattr(transformers, source.task.auto_model).from_pretrained(str(merged_dir), dtype=getattr(torch, dtype))
     merged = _score(merged_model.eval(), batch, causal)
@@ -70,7 +69,7 @@ def verify_merged(merged_dir: str | Path, source: AdapterSource, *, dtype: str) 
     quant = _training_quantization(source)
     if quant is not None:
         # As training loaded it: quantized, the rest in the dtype policies.weights_dtype gives (fp32 on CPU).
-        q = _score(load_adapted(source, device="cpu")[0], batch, causal)
+        q = _score(load_adapted(source, device="cpu", with_tokenizer=False)[0], batch, causal)
         gc.collect()
         result["quantized"] = {
             "bits": quant.bits, "quant_type": quant.quant_type if quant.bits == 4 else None,
@@ -121,7 +120,10 @@ def eval_prompts(source: AdapterSource, tokenizer) -> tuple[list[str], str]:
             rows = read_rows(str(path), where=f"data.{key}")
             # The held-out split is drawn at random; the tail of the train file is the nearest guess.
             rows = rows[:MAX_PROMPTS] if key == "eval" else rows[-MAX_PROMPTS:]
-            texts = [t for t in (row_text(r, recipe.data, tokenizer) for r in rows) if t.strip()]
+            try:
+                texts = [t for t in (row_text(r, recipe.data, tokenizer) for r in rows) if t.strip()]
+            except LorafitError:  # a row or template that no longer renders: built-in text still proves the merge
+                texts = []
             if texts:
                 return texts[:MAX_PROMPTS], f"{key} data {path.name}"
     return list(BUILTIN_PROMPTS), "built-in text"

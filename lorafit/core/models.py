@@ -16,7 +16,7 @@ from lorafit import log
 from lorafit.core import policies, tasks
 from lorafit.core.adapters import AdapterSource
 from lorafit.core.quantization import bnb_config, cpu_safe, silence_bitsandbytes
-from lorafit.errors import ModelError
+from lorafit.errors import LorafitError, ModelError
 from lorafit.recipe import ModelSpec, QuantizationSpec, TrainingSpec
 
 # Files that hold a tokenizer's vocabulary: at least one must be there.
@@ -74,7 +74,7 @@ def has_tokenizer(directory: Path) -> bool:
     return any((directory / f).is_file() for f in TOKENIZER_VOCAB_FILES + ("tokenizer_config.json",))
 
 
-def check_model_files(spec: ModelSpec) -> None:
+def check_model_files(spec: ModelSpec, *, tokenizer: bool = True) -> None:
     """A local directory must hold weights and a tokenizer: transformers would build an empty tokenizer
     or load pickles without a word."""
     path = local_dir(spec)
@@ -94,7 +94,7 @@ def check_model_files(spec: ModelSpec) -> None:
         else:
             raise ModelError(f"{path} has config.json but no weights (*.safetensors or pytorch_model.bin)",
                              where="model.name", fix="point model.name at a complete model directory")
-    if not any(n in names for n in TOKENIZER_VOCAB_FILES):
+    if tokenizer and not any(n in names for n in TOKENIZER_VOCAB_FILES):
         raise ModelError(f"{path} has no tokenizer files (looked for {', '.join(TOKENIZER_VOCAB_FILES)})",
                          where="model.name", fix="save the tokenizer next to the weights (tokenizer.save_pretrained)")
 
@@ -178,12 +178,14 @@ def load_tokenizer(spec: ModelSpec):
 
 
 def load_model(spec: ModelSpec, quant: QuantizationSpec | None, dtype: str, *, num_labels: int | None = None,
-               label_names: list[str] | None = None, pad_token_id: int | None = None, device: str | None = None):
+               label_names: list[str] | None = None, pad_token_id: int | None = None, device: str | None = None,
+               with_tokenizer: bool = True):
     """The base model in *dtype* (policies.weights_dtype), on the GPU when there is one (unless *device* is
-    "cpu"), quantized through bitsandbytes when *quant* asks for it (then made CPU-safe)."""
+    "cpu"), quantized through bitsandbytes when *quant* asks for it (then made CPU-safe). A local
+    directory must hold tokenizer files too unless *with_tokenizer* is False (merge needs weights only)."""
     import torch
 
-    check_model_files(spec)
+    check_model_files(spec, tokenizer=with_tokenizer)
     name, kwargs = _source(spec)
     kwargs["dtype"] = getattr(torch, dtype)
     quantized = quant is not None and quant.bits is not None
@@ -217,17 +219,25 @@ def load_model(spec: ModelSpec, quant: QuantizationSpec | None, dtype: str, *, n
 # Base + adapter, for everything after training
 
 
-def base_spec(source: AdapterSource) -> tuple[ModelSpec, QuantizationSpec | None, str | None]:
-    """(the base as the run loaded it, its quantization, the training precision) for an adapter.
+def base_spec(source: AdapterSource) -> tuple[ModelSpec, QuantizationSpec | None, TrainingSpec | None]:
+    """(the base as the run loaded it, its quantization, its training section) for an adapter.
 
     The run's recipe when the adapter sits in a run directory (revision, trust_remote_code, dtype,
-    quantization), always with the adapter's recorded base (or --base); else adapter_config.json alone."""
-    recipe = source.run_recipe()
+    quantization), always with the adapter's recorded base (or --base, which drops the run's revision);
+    else adapter_config.json alone (also when the run's recipe no longer validates)."""
+    recorded = source.config.get("base_model_name_or_path")
+    try:
+        recipe = source.run_recipe()
+    except LorafitError:
+        recipe = None
     task = source.task.name
     if recipe is not None:
-        spec = recipe.model.model_copy(update={"name": source.base, "task": task, "gguf_file": None})
-        return spec, recipe.quantization, policies.precision(recipe.training)
-    return ModelSpec(name=source.base, task=task, revision=source.config.get("revision")), None, None
+        update = {"name": source.base, "task": task, "gguf_file": None}
+        if source.base != recorded:
+            update["revision"] = None
+        return recipe.model.model_copy(update=update), recipe.quantization, recipe.training
+    revision = source.config.get("revision") if source.base == recorded else None
+    return ModelSpec(name=source.base, task=task, revision=revision), None, None
 
 
 def saved_num_labels(source: AdapterSource) -> int | None:
@@ -257,27 +267,34 @@ def load_adapter_tokenizer(source: AdapterSource):
 
 
 def load_adapted(source: AdapterSource, *, dtype: str | None = None, quantized: bool = True,
-                 device: str | None = None, num_labels: int | None = None, label_names: list[str] | None = None):
+                 device: str | None = None, num_labels: int | None = None, label_names: list[str] | None = None,
+                 with_tokenizer: bool = True):
     """Base + adapter, unmerged, in eval mode: the one loader of evaluate, generate, merge and verify.
 
     The base is the adapter's recorded one (or --base), loaded with the run's revision and
     trust_remote_code, in *dtype* (default: the dtype training used on this machine), quantized as in
     training unless *quantized* is False (merge: never into a 4-bit model), on the GPU when there is one
-    unless *device* is "cpu"."""
+    unless *device* is "cpu". Returns (model, tokenizer); the tokenizer is None without *with_tokenizer*.
+    """
     import warnings
 
     from peft import PeftModel
 
-    spec, quant, precision = base_spec(source)
+    spec, quant, training = base_spec(source)
     quant = quant if quantized and quant is not None and quant.bits is not None else None
     if dtype is None:
-        dtype = policies.weights_dtype(spec, quant or QuantizationSpec(), precision or policies.precision(TrainingSpec()))
-    tokenizer = load_adapter_tokenizer(source)
+        try:
+            precision = policies.precision(training or TrainingSpec())
+        except ModelError:  # trained in fp16 on a GPU, reloaded on a CPU: fp32 here
+            precision = "fp32"
+        dtype = policies.weights_dtype(spec, quant or QuantizationSpec(), precision)
+    tokenizer = load_adapter_tokenizer(source) if with_tokenizer else None
     model = load_model(spec, quant, dtype, num_labels=num_labels or saved_num_labels(source),
-                       label_names=label_names, pad_token_id=tokenizer.pad_token_id, device=device)
-    if quant is None and getattr(model.config, "quantization_config", None):
-        raise ModelError("the base checkpoint is itself quantized; merging or evaluating into it would lose the "
-                         "adapter's precision", where=source.base, fix="pass the unquantized original model with --base")
+                       label_names=label_names, pad_token_id=tokenizer.pad_token_id if tokenizer else None,
+                       device=device, with_tokenizer=with_tokenizer)
+    if not quantized and getattr(model.config, "quantization_config", None):
+        raise ModelError("the base checkpoint is itself quantized; merging into it would lose the adapter's "
+                         "precision", where=source.base, fix="pass the unquantized original model with --base")
     try:
         with warnings.catch_warnings():  # peft asks transformers a deprecated question; not the user's concern
             warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)

@@ -153,8 +153,11 @@ def inference_prompt(prompt: str, tokenizer, spec: DataSpec | None, *, system: s
     """The text a model is asked at inference: the prompt part of a row whose response is still empty,
     rendered by the same format function as in training. Without a recipe: the chat template when the
     tokenizer has one, else the prompt as it is."""
-    if spec is None:
-        spec = DataSpec(train="-", format="chat" if getattr(tokenizer, "chat_template", None) else "text")
+    if spec is None:  # no training run to match: the model's own template, or the plain prompt
+        if not getattr(tokenizer, "chat_template", None):
+            return prompt
+        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     cols = spec.columns
     fmt = spec.format
     if fmt == "alpaca":

@@ -60,7 +60,7 @@ def read_rows(path: str, *, where: str = "data.train", split: str = "train") -> 
 def _read(path: str, where: str, split: str) -> _Source:
     p = Path(path)
     if not p.exists():
-        if not p.suffix and is_hub_id(path):
+        if not p.suffix and "/" in path and is_hub_id(path):
             return _read_hub(path, where, split)
         raise DataError(f"file not found: {path}", where=where, fix=_READ_FIX)
     if p.is_dir():
@@ -219,11 +219,11 @@ def _causal_dataset(src: _Source, spec: DataSpec, tokenizer, bos, eos):
             lambda batch, idx: _segment_rows([dict(zip(batch, v)) for v in zip(*batch.values())],
                                              [src.locs[i] for i in idx], spec, render),
             batched=True, with_indices=True, remove_columns=src.rows.column_names,
-            num_proc=_num_proc(len(src.rows)), new_fingerprint=_fingerprint(src, spec) + "-format", desc="format")
+            num_proc=_num_proc(len(src.rows)), new_fingerprint=_fingerprint(src, spec, tokenizer) + "-format", desc="format")
     ds = records.map(
         _tokenize_causal, batched=True, remove_columns=["texts", "is_response"],
         fn_kwargs=dict(tokenizer=tokenizer, spec=spec, bos=bos, eos=eos, chat=spec.format == "chat"),
-        new_fingerprint=_fingerprint(src, spec), desc="tokenize")
+        new_fingerprint=_fingerprint(src, spec, tokenizer), desc="tokenize")
     truncated, masked = sum(ds["truncated"]), ds["masked"]
     dropped = [loc for loc, m in zip(ds["loc"], masked) if m]
     ds = ds.filter(lambda m: not m, input_columns="masked") if dropped else ds
@@ -266,7 +266,7 @@ def _classification_dataset(src: _Source, spec: DataSpec, tokenizer, label_ids: 
         return {"input_ids": enc["input_ids"], "truncated": [len(f) > spec.max_length for f in full]}
 
     ds = datasets.Dataset.from_dict({"text": texts, "labels": labels}).map(
-        encode, batched=True, remove_columns=["text"], new_fingerprint=_fingerprint(src, spec), desc="tokenize")
+        encode, batched=True, remove_columns=["text"], new_fingerprint=_fingerprint(src, spec, tokenizer), desc="tokenize")
     truncated = sum(ds["truncated"])
     return ds.remove_columns(["truncated"]), truncated
 
@@ -315,8 +315,15 @@ def _label_map(sources: list[_Source], spec: DataSpec, num_labels: int | None) -
     return ids, names
 
 
-def _fingerprint(src: _Source, spec: DataSpec) -> str:
-    return hashlib.sha256(src.digest + spec.model_dump_json().encode()).hexdigest()[:32]
+def _fingerprint(src: _Source, spec: DataSpec, tokenizer) -> str:
+    """What the tokenized rows depend on: the data, the data section, the tokenizer (its vocabulary, special
+    tokens and chat template) and lorafit's version. datasets caches a hub dataset's maps under it."""
+    from lorafit import __version__
+
+    vocab = hashlib.sha256(json.dumps(sorted(tokenizer.get_vocab().items())).encode()).hexdigest()
+    who = json.dumps([vocab, tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id,
+                      getattr(tokenizer, "chat_template", None), __version__], default=str)
+    return hashlib.sha256(src.digest + spec.model_dump_json().encode() + who.encode()).hexdigest()[:32]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -393,7 +400,7 @@ def make_collator(tokenizer, task: str) -> Callable:
     import torch
     from transformers import DataCollatorForSeq2Seq, DataCollatorWithPadding
 
-    tokenizer = copy.copy(tokenizer)  # the padding side is the collator's choice, not the saved tokenizer's
+    tokenizer = copy.deepcopy(tokenizer)  # the padding side is the collator's choice, not the saved tokenizer's
     tokenizer.padding_side = "right"
     if tokenizer.pad_token_id is None:  # attention_mask hides pad positions: any valid id will do
         tokenizer.pad_token_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0

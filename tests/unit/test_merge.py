@@ -1,4 +1,4 @@
-"""lorafit.merge: equality with base+adapter, low-memory == normal, verify, refusals."""
+"""lorafit.commands.merge: equality with base+adapter, low-memory == normal, verify, refusals."""
 
 from __future__ import annotations
 

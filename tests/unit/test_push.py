@@ -1,4 +1,4 @@
-"""lorafit.push: what is uploaded, the card, and the one call made to huggingface_hub (faked at HfApi)."""
+"""lorafit.commands.push: what is uploaded, the card, and the one call made to huggingface_hub (faked at HfApi)."""
 
 from __future__ import annotations
 

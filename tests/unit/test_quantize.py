@@ -142,7 +142,7 @@ def test_silence_keeps_real_warnings():
     assert [r.getMessage() for r in records] == ["something real went wrong"]
 
 
-def test_resolve_optim_on_cpu(capsys):
+def test_paged_optimizer_falls_back_on_cpu(capsys):
     import torch
 
     if torch.cuda.is_available():
