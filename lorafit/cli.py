@@ -244,8 +244,9 @@ def main() -> None:
 
             traceback.print_exc()
         problems = e.problems if isinstance(e, RecipeError) else [str(e)]
-        for line in problems:
-            typer.echo(f"error: {line}", err=True)
+        if os.environ.get("RANK", "0") == "0":  # under torchrun every rank meets the same mistake: say it once
+            for line in problems:
+                typer.echo(f"error: {line}", err=True)
         sys.exit(e.exit_code)
     except typer.Exit as e:
         sys.exit(e.exit_code)

@@ -17,7 +17,18 @@ def info(message: str) -> None:
 
 
 def warn(message: str) -> None:
-    print(f"warning: {message}", file=sys.stderr, flush=True)
+    """Every rank meets the same warnings: rank 0 alone says them."""
+    if is_main_process():
+        print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+def local_rank() -> int:
+    """This process's GPU under torchrun / accelerate launch (0 when alone)."""
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def quiet_libraries() -> None:

@@ -6,6 +6,7 @@ the CLI's rendering layer (render.py) turns it into lines.
 
 from __future__ import annotations
 
+import contextlib
 import platform
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,13 +39,16 @@ def train(recipe: Recipe, *, resume: str | None = None) -> TrainResult:
     checkpoint = find_checkpoint(run_dir / "checkpoints", resume)
     precision = policies.precision(recipe.training)
 
-    # Data first: a bad row should fail in seconds, before gigabytes of weights load.
-    model_spec = models.materialize_gguf(recipe.model)  # the recipe keeps naming the GGUF file
-    tokenizer = models.load_tokenizer(model_spec)
-    policies.check_max_length(recipe.data, load_config(model_spec.name, revision=model_spec.revision,
-                                                       trust_remote_code=model_spec.trust_remote_code),
-                              tokenizer, recipe.model.name)
-    data = build_datasets(recipe.data, tokenizer, recipe.model.task, recipe.model.num_labels)
+    # Data first: a bad row should fail in seconds, before gigabytes of weights load. Under torchrun the
+    # main process converts and tokenizes first; the others then agree on the data or stop.
+    with main_process_first():
+        model_spec = models.materialize_gguf(recipe.model)  # the recipe keeps naming the GGUF file
+        tokenizer = models.load_tokenizer(model_spec)
+        policies.check_max_length(recipe.data, load_config(model_spec.name, revision=model_spec.revision,
+                                                           trust_remote_code=model_spec.trust_remote_code),
+                                  tokenizer, recipe.model.name)
+        data = build_datasets(recipe.data, tokenizer, recipe.model.task, recipe.model.num_labels)
+    check_ranks_agree(data.stats)
     num_labels = policies.class_count(recipe.model.num_labels, data.label_names)
     start_run_dir(run_dir, recipe, resume=resume)
 
@@ -123,6 +127,31 @@ def validate(recipe: Recipe, *, recipe_path: Path | None = None) -> ValidationRe
         report.warnings.append(f"output.dir {out} already holds an adapter: `train` will refuse "
                                "(set output.overwrite: true or choose another dir)")
     return report
+
+
+@contextlib.contextmanager
+def main_process_first():
+    """Alone: nothing. Under torchrun: rank 0 runs the block first (GGUF conversion, tokenization and
+    datasets' caches happen once), then the others (accelerate's PartialState)."""
+    if log.world_size() == 1:
+        yield
+        return
+    from accelerate import PartialState
+
+    with PartialState().main_process_first():
+        yield
+
+
+def check_ranks_agree(stats: dict) -> None:
+    """Every rank must train on the same rows: compare the data fingerprints across processes."""
+    if log.world_size() == 1:
+        return
+    import torch.distributed as dist
+
+    seen = [None] * dist.get_world_size()
+    dist.all_gather_object(seen, (stats["fingerprint"], stats["train_rows"]))
+    if len(set(seen)) > 1:
+        raise RuntimeError(f"the processes built different training data: {seen}")
 
 
 def versions() -> dict:

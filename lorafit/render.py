@@ -178,15 +178,25 @@ def merge_lines(report: dict) -> list[str]:
         lines.append(f"verify on {v['prompts']} prompts ({v['prompt_source']}, {v['tokens']} tokens):")
         lines.append(f"  max |logit diff| merged vs base+adapter: {v['max_abs_logit_diff']:.3g} "
                      f"(tolerance {v['tolerance']:.3g})")
+        if "adapter_effect" in v:  # reports written before the effect was measured lack it
+            effect = f"  adapter effect: max |logit diff| base+adapter vs base {v['adapter_effect']:.3g}"
+            if v["merge_error_ratio"] is None:
+                lines.append(f"{effect}, within rounding: the adapter changes nothing measurable, so the merge "
+                             f"error is not compared with it")
+            else:
+                lines.append(f"{effect}; merge error is {v['merge_error_ratio']:.1%} of it "
+                             f"(limit {v['max_merge_error_ratio']:.0%})")
         if v.get("perplexity_adapter") is not None:
-            lines.append(f"  perplexity base+adapter {v['perplexity_adapter']:.4f}, merged {v['perplexity_merged']:.4f}")
+            base_ppl = f"base {v['perplexity_base']:.4f}, " if v.get("perplexity_base") is not None else ""
+            lines.append(f"  perplexity {base_ppl}base+adapter {v['perplexity_adapter']:.4f}, "
+                         f"merged {v['perplexity_merged']:.4f}")
         q = v.get("quantized")
         if q:
             lines.append(f"  gap to the {q['bits']}-bit model it was trained on: max |logit diff| "
                          f"{q['max_abs_logit_diff']:.3g}, perplexity {q['perplexity_quantized']:.4f} (quantized) "
                          f"vs {v['perplexity_merged']:.4f} (merged)")
-        lines.append(f"  {'passed' if v['passed'] else 'FAILED: merged model differs from base+adapter'}; "
-                     f"details in merge_report.json")
+        failed = "FAILED: " + "; ".join(v.get("failures") or ["merged model differs from base+adapter"])
+        lines.append(f"  {'passed' if v['passed'] else failed}; details in merge_report.json")
     return lines
 
 

@@ -128,8 +128,18 @@ def _merge_section(report: dict | None) -> list[str]:
              f"On {v['prompts']} prompts ({v['tokens']} tokens) the merged model's logits differ from base + adapter "
              f"by at most {v['max_abs_logit_diff']:.3g} (tolerance {v['tolerance']:.3g}: "
              f"{'passed' if v['passed'] else 'failed'})."]
+    if "adapter_effect" in v:
+        if v["merge_error_ratio"] is None:
+            lines.append(f"The adapter itself moves the base's logits by at most {v['adapter_effect']:.3g}, within "
+                         f"rounding, so the merge error is not compared with it.")
+        else:
+            lines.append(f"The adapter itself moves the base's logits by up to {v['adapter_effect']:.3g}; the merge "
+                         f"error is {v['merge_error_ratio']:.1%} of that (limit {v['max_merge_error_ratio']:.0%}: "
+                         f"{'passed' if v['merge_error_ratio'] < v['max_merge_error_ratio'] else 'failed'}).")
     if v.get("perplexity_adapter") is not None:
-        lines.append(f"Perplexity: base + adapter {v['perplexity_adapter']:.4f}, merged {v['perplexity_merged']:.4f}.")
+        base_ppl = f"base {v['perplexity_base']:.4f}, " if v.get("perplexity_base") is not None else ""
+        lines.append(f"Perplexity: {base_ppl}base + adapter {v['perplexity_adapter']:.4f}, "
+                     f"merged {v['perplexity_merged']:.4f}.")
     q = v.get("quantized")
     if q:
         lines.append(f"The adapter was trained on a {q['bits']}-bit base; the merged model differs from that "

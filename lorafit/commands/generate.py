@@ -8,7 +8,7 @@ from pathlib import Path
 from lorafit import log
 from lorafit.core import models, policies
 from lorafit.core.adapters import find_adapter, holds_adapter
-from lorafit.core.prompts import encode, inference_prompt
+from lorafit.core.prompts import encode, end_of_turn_ids, inference_prompt
 from lorafit.errors import ModelError
 from lorafit.recipe import ModelSpec, QuantizationSpec, TrainingSpec
 
@@ -33,11 +33,16 @@ def load_for_inference(model_or_adapter: str | Path):
 def complete(model, tokenizer, recipe, prompt: str, max_new_tokens: int = 64) -> str:
     import torch
 
-    ids = encode(inference_prompt(prompt, tokenizer, recipe.data if recipe else None), tokenizer)
+    spec = recipe.data if recipe else None
+    chat = spec.format == "chat" if spec else bool(getattr(tokenizer, "chat_template", None))
+    ids = encode(inference_prompt(prompt, tokenizer, spec), tokenizer, chat=chat)
     input_ids = torch.tensor([ids], device=model.device)
+    # Stop at EOS, and for chat also at the token that closes an assistant turn in the template trained on.
+    stop = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    stop += [i for i in (end_of_turn_ids(tokenizer, spec) if chat else []) if i not in stop]
     with torch.no_grad():
         out = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
-                             max_new_tokens=max_new_tokens, do_sample=False,
+                             max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stop or None,
                              pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id)
     return tokenizer.decode(out[0, input_ids.shape[1]:], skip_special_tokens=True).strip()
 

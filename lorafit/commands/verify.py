@@ -1,7 +1,8 @@
 """`lorafit merge --verify`: prove the merged model computes what base + adapter computes.
 
 Logits and perplexity of both on a few prompts (the run's data when known, else built-in text), models
-loaded one at a time so RAM stays near one copy of the base; for a QLoRA-trained adapter, also the gap
+loaded one at a time so RAM stays near one copy of the base; the base alone (adapter disabled) too, so the
+merge error is measured against the adapter's own effect; for a QLoRA-trained adapter, also the gap
 between the 16-bit merge and the quantized model the adapter was trained on.
 """
 
@@ -29,6 +30,17 @@ BUILTIN_PROMPTS = [
     "Once upon a time, a small model learned to answer questions about the weather and colours.",
 ]
 MAX_PROMPTS, MAX_PROMPT_TOKENS = 4, 64
+# The adapter's effect must survive the merge: max |logit diff| merged vs base+adapter (the merge error) must
+# stay below this fraction of max |logit diff| base+adapter vs base (the adapter's effect). A merge that
+# dropped the adapter scores exactly 1.0 (merged == base). Measured on the tiny test models with the test
+# adapters (lora_B ~ N(0, 0.2), effect ~8.6 logits): fp32 ~2e-6, fp16 0.003-0.004, bf16 0.03-0.05, a
+# 10x margin. The bf16 merge error has a floor of ~0.12-0.34 logits there whatever the adapter, so weaker
+# adapters come closer: effect ~0.9 → 0.38, effect ~0.45 → 0.58 and effect ~0.25 → 0.91 (bf16 rounds
+# most of such a ΔW away when adding it to W: the merged model really has lost much of the adapter; a
+# float32 merge keeps it, ratio ~1e-5). TOLERANCE alone (15 % of the largest logit in bf16) passes a
+# dropped adapter whose effect is below that, ~1 logit on the tiny models.
+MAX_EFFECT_RATIO = 0.5
+
 
 def verify_merged(merged_dir: str | Path, source: AdapterSource, *, dtype: str) -> dict:
     """Logits and perplexity of the merged model vs base+adapter (and vs the quantized model for QLoRA).
@@ -41,30 +53,53 @@ def verify_merged(merged_dir: str | Path, source: AdapterSource, *, dtype: str) 
     import transformers
 
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(merged_dir))
-    prompts, prompt_source = eval_prompts(source, tokenizer)
-    batch = [torch.tensor([encode(p, tokenizer)[:MAX_PROMPT_TOKENS]]) for p in prompts]
+    prompts, prompt_source, chat = eval_prompts(source, tokenizer)
+    batch = [torch.tensor([encode(p, tokenizer, chat=chat)[:MAX_PROMPT_TOKENS]]) for p in prompts]
     causal = source.task.name == "causal_lm"
 
     log.info(f"verifying on {len(prompts)} prompts ({prompt_source})")
-    ref = _score(load_adapted(source, dtype=dtype, quantized=False, device="cpu", with_tokenizer=False)[0], batch, causal)
+    adapted = load_adapted(source, dtype=dtype, quantized=False, device="cpu", with_tokenizer=False)[0]
+    ref = _score(adapted, batch, causal)
+    with adapted.disable_adapter():  # the base alone, same weights, no second load
+        base = _score(adapted, batch, causal)
+    del adapted
+    effect = _max_diff(ref["logits"], base["logits"])
+    base_ppl = base["ppl"]
+    del base
     gc.collect()
     merged_model = getattr(transformers, source.task.auto_model).from_pretrained(str(merged_dir), dtype=getattr(torch, dtype))
     merged = _score(merged_model.eval(), batch, causal)
     del merged_model
     gc.collect()
 
-    diff = max(float((a - b).abs().max()) for a, b in zip(ref["logits"], merged["logits"]))
+    diff = _max_diff(ref["logits"], merged["logits"])
     scale = max(1.0, max(float(a.abs().max()) for a in ref["logits"]))
     tol = TOLERANCE[dtype] * scale
-    passed = math.isfinite(diff) and diff <= tol
+    failures = []
+    if not (math.isfinite(diff) and diff <= tol):
+        failures.append(f"merged model differs from base+adapter by {diff:.3g} > tolerance {tol:.3g}")
+    # An adapter that moves no logit by more than one rounding step of the largest one (zero lora_B, say) has
+    # no effect to preserve: the ratio would be noise over ~0, so it is reported as not checked.
+    negligible = math.isfinite(effect) and effect <= torch.finfo(getattr(torch, dtype)).eps * scale
+    ratio = None if negligible or effect == 0 else diff / effect
+    if ratio is not None and not (math.isfinite(ratio) and ratio < MAX_EFFECT_RATIO):
+        failures.append(f"the adapter's effect is not preserved: merge error is {ratio:.0%} of it "
+                        f"(limit {MAX_EFFECT_RATIO:.0%})" + (f"; {dtype} may have rounded a small adapter away, "
+                                                             f"a float32 merge keeps it" if dtype != "float32"
+                                                             and math.isfinite(ratio) and ratio < 0.95 else ""))
     result = {"prompts": len(prompts), "prompt_source": prompt_source, "tokens": sum(int(b.numel()) for b in batch),
               "max_abs_logit_diff": diff, "tolerance": tol, "max_abs_logit": scale,
-              "perplexity_adapter": ref["ppl"], "perplexity_merged": merged["ppl"], "quantized": None}
+              "adapter_effect": effect, "adapter_effect_negligible": bool(negligible),
+              "merge_error_ratio": ratio, "max_merge_error_ratio": MAX_EFFECT_RATIO,
+              "perplexity_base": base_ppl, "perplexity_adapter": ref["ppl"], "perplexity_merged": merged["ppl"],
+              "quantized": None}
     if causal and ref["ppl"] is not None:
         rel = abs(merged["ppl"] - ref["ppl"]) / ref["ppl"]
         result["perplexity_rel_diff"] = rel
-        passed = passed and math.isfinite(rel) and rel <= PPL_TOLERANCE[dtype]
-    result["passed"] = bool(passed)
+        if not (math.isfinite(rel) and rel <= PPL_TOLERANCE[dtype]):
+            failures.append(f"perplexity differs by {rel:.2%} > {PPL_TOLERANCE[dtype]:.0%}")
+    result["failures"] = failures
+    result["passed"] = not failures
 
     quant = _training_quantization(source)
     if quant is not None:
@@ -73,9 +108,13 @@ def verify_merged(merged_dir: str | Path, source: AdapterSource, *, dtype: str) 
         gc.collect()
         result["quantized"] = {
             "bits": quant.bits, "quant_type": quant.quant_type if quant.bits == 4 else None,
-            "max_abs_logit_diff": max(float((a - b).abs().max()) for a, b in zip(q["logits"], merged["logits"])),
+            "max_abs_logit_diff": _max_diff(q["logits"], merged["logits"]),
             "perplexity_quantized": q["ppl"]}
     return result
+
+
+def _max_diff(a: list, b: list) -> float:
+    return max(float((x - y).abs().max()) for x, y in zip(a, b))
 
 
 def _score(model, batch, causal: bool) -> dict:
@@ -104,9 +143,9 @@ def _training_quantization(source: AdapterSource):
     return QuantizationSpec.model_validate(recipe["quantization"])
 
 
-def eval_prompts(source: AdapterSource, tokenizer) -> tuple[list[str], str]:
+def eval_prompts(source: AdapterSource, tokenizer) -> tuple[list[str], str, bool]:
     """A few rows of the run's eval data (else its train data) rendered as training rendered them, or
-    built-in text when the adapter has no run."""
+    built-in text when the adapter has no run; and whether they are rendered chat (no BOS added)."""
     recipe = None
     try:
         recipe = source.run_recipe()
@@ -125,8 +164,8 @@ def eval_prompts(source: AdapterSource, tokenizer) -> tuple[list[str], str]:
             except LorafitError:  # a row or template that no longer renders: built-in text still proves the merge
                 texts = []
             if texts:
-                return texts[:MAX_PROMPTS], f"{key} data {path.name}"
-    return list(BUILTIN_PROMPTS), "built-in text"
+                return texts[:MAX_PROMPTS], f"{key} data {path.name}", recipe.data.format == "chat"
+    return list(BUILTIN_PROMPTS), "built-in text", False
 
 
 def _find_data_file(name: str | None, run_dir: Path | None) -> Path | None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import re
 from typing import Any
 
 from lorafit.errors import DataError
@@ -72,7 +73,8 @@ def _completion_segments(row, loc, spec, render):
             (column(row, loc, spec, "completion", "completion"), True)]
 
 
-def _chat_segments(row, loc, spec, render):
+def chat_messages(row, loc, spec) -> list[dict]:
+    """A row's conversation, checked, up to its last assistant turn (what follows trains nothing)."""
     key = spec.columns.messages
     if key not in row:
         column(row, loc, spec, "messages", "list of {role, content} messages")
@@ -93,23 +95,104 @@ def _chat_segments(row, loc, spec, render):
     if turns[0] == 0:
         raise DataError("conversation starts with an assistant turn; there is no prompt to render it after",
                         where=loc, fix="start with a system or user message")
-    # Render incrementally: what each assistant turn adds after the generation prompt is exactly
-    # what the model must produce at inference. Messages after the last assistant turn train nothing.
-    segments, done = [], ""
-    for i in turns:
-        prefix = render(messages[:i], True)
-        full = render(messages[: i + 1], False)
-        if not (prefix.startswith(done) and full.startswith(prefix)):
-            raise DataError(f"the chat template is not prefix-stable at message {i + 1}: rendering more messages "
-                            "changes the text of earlier ones, so the assistant turn cannot be isolated",
-                            where=loc, fix="set data.chat_template: chatml or a template that only appends")
-        segments += [(prefix[len(done):], False), (full[len(prefix):], True)]
-        done = full
-    return segments
+    return [{"role": m["role"], "content": m["content"]} for m in messages[: turns[-1] + 1]]
 
 
-FORMATS = {"text": _text_segments, "alpaca": _alpaca_segments, "completion": _completion_segments,
-           "chat": _chat_segments}
+FORMATS = {"text": _text_segments, "alpaca": _alpaca_segments, "completion": _completion_segments}
+
+
+# ----------------------------------------------------------------------------------------------
+# Chat: the tokenizer's own template, rendered once for the whole conversation
+
+
+def has_generation_markers(template: str | None) -> bool:
+    """Templates with {% generation %} blocks let transformers mark the assistant tokens itself."""
+    return bool(template) and re.search(r"{%-?\s*generation\s*-?%}", template) is not None
+
+
+def chat_tokens(messages: list[dict], tokenizer, render, loc: str, *, train_on_inputs: bool = False):
+    """(input_ids, labels) of one conversation: the ids are the tokenized full render (exactly what
+    ``apply_chat_template(messages)`` gives); labels cover each assistant reply and its end-of-turn token.
+
+    Templates with {% generation %} markers: transformers' assistant mask. Others: each assistant reply
+    is located in the one full render (no prefix stability needed, so templates that move the system
+    prompt, like Mistral v0.3's, work) and the special token that closes it is found after it."""
+    text = render(messages, False, loc)
+    if has_generation_markers(getattr(tokenizer, "chat_template", None)):
+        out = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True,
+                                            return_assistant_tokens_mask=True)
+        ids, mask = list(out["input_ids"]), list(out["assistant_masks"])
+        if not any(mask):
+            raise DataError("the chat template's {% generation %} blocks marked no assistant token", where=loc,
+                            fix=template_fix(tokenizer))
+    else:
+        spans = assistant_spans(text, messages, tokenizer, loc)
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        ids = list(enc["input_ids"])
+        # A token overlapping a reply is the model's to produce (" Bonjour" after "[/INST]" takes the space).
+        mask = [any(a < end and b > start for start, end in spans) for a, b in enc["offset_mapping"]]
+    labels = list(ids) if train_on_inputs else [t if m else IGNORE for t, m in zip(ids, mask)]
+    return ids, labels
+
+
+def special_tokens(tokenizer) -> list[str]:
+    """Every special / added token's text, longest first (for matching in rendered text)."""
+    found = set(tokenizer.all_special_tokens)
+    found.update(t.content for t in getattr(tokenizer, "added_tokens_decoder", {}).values() if t.special)
+    return sorted((t for t in found if t), key=len, reverse=True)
+
+
+def assistant_spans(text: str, messages: list[dict], tokenizer, loc: str) -> list[tuple[int, int]]:
+    """Character spans of each assistant reply in the full render, each with its end-of-turn token."""
+    specials = special_tokens(tokenizer)
+    spans, cursor = [], 0
+    for n, m in enumerate(messages, 1):
+        content = m["content"].strip()  # templates often trim
+        if m["role"] != "assistant":
+            # Move past the prompt text, so a reply that repeats words of the prompt is found after it.
+            # (Mistral v0.3 renders the system prompt late: only user turns move the cursor.)
+            at = text.find(content, cursor) if content and m["role"] == "user" else -1
+            cursor = at + len(content) if at >= 0 else cursor
+            continue
+        start = text.find(content, cursor) if content else cursor
+        if start < 0:
+            raise DataError(f"the chat template does not render assistant message {n} as written, so its "
+                            "tokens cannot be located", where=loc, fix=template_fix(tokenizer))
+        end = start + len(content)
+        after = re.match(r"[ \t]*", text[end:]).end() + end
+        closing = next((t for t in specials if text.startswith(t, after)), None)
+        if closing is None:
+            raise DataError(f"the chat template ends assistant message {n} without a special end-of-turn token: "
+                            "the model would never learn to stop", where=loc, fix=template_fix(tokenizer))
+        spans.append((start, after + len(closing)))
+        cursor = after + len(closing)
+    return spans
+
+
+def template_fix(tokenizer) -> str:
+    """A fix that works with this tokenizer: never a template whose special tokens it lacks."""
+    vocab = tokenizer.get_vocab()
+    if "<|im_start|>" in vocab and "<|im_end|>" in vocab:
+        return "set data.chat_template: chatml (this tokenizer has its tokens)"
+    eos = tokenizer.eos_token or "its EOS token"
+    return (f"set data.chat_template to a Jinja template that writes each message's content unchanged and ends "
+            f"assistant turns with {eos}, or use data.format: completion")
+
+
+def end_of_turn_ids(tokenizer, spec: DataSpec | None = None) -> list[int]:
+    """Token ids that end an assistant turn in this tokenizer's chat template (to stop generation)."""
+    if not getattr(tokenizer, "chat_template", None) and not (spec and spec.chat_template):
+        return []
+    try:
+        messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yes"}]
+        render = chat_renderer(spec or DataSpec(train="-", format="chat"), tokenizer)
+        text = render(messages, False)
+        start, end = assistant_spans(text, messages, tokenizer, "template")[-1]
+    except DataError:
+        return []
+    closing = text[start + len("Yes"):end].strip()
+    vocab = tokenizer.get_vocab()
+    return [vocab[closing]] if closing in vocab else []
 
 
 def infer_format(row: dict) -> str | None:
@@ -134,14 +217,17 @@ def chat_renderer(spec: DataSpec, tokenizer):
         tokenizer.chat_template = CHATML if spec.chat_template == "chatml" else spec.chat_template
     if not tokenizer.chat_template:
         raise DataError("the tokenizer has no chat template", where="data.chat_template",
-                        fix="set data.chat_template: chatml or a Jinja template")
+                        fix=template_fix(tokenizer))
 
-    def render(messages: list[dict], generation_prompt: bool) -> str:
+    def render(messages: list[dict], generation_prompt: bool, loc: str = "data.chat_template") -> str:
         try:
             return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
         except Exception as e:  # jinja errors, raise_exception() inside templates
-            raise DataError(f"the chat template failed: {e}", where="data.chat_template",
-                            fix="check the template, or set data.chat_template: chatml") from None
+            if any(m["role"] == "system" for m in messages) and "system" in str(e).lower():
+                fix = "this template has no system role: fold the system message into the first user message"
+            else:
+                fix = template_fix(tokenizer)
+            raise DataError(f"the chat template failed: {e}", where=loc, fix=fix) from None
     return render
 
 
@@ -153,38 +239,40 @@ def inference_prompt(prompt: str, tokenizer, spec: DataSpec | None, *, system: s
     """The text a model is asked at inference: the prompt part of a row whose response is still empty,
     rendered by the same format function as in training. Without a recipe: the chat template when the
     tokenizer has one, else the prompt as it is."""
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
     if spec is None:  # no training run to match: the model's own template, or the plain prompt
         if not getattr(tokenizer, "chat_template", None):
             return prompt
-        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     cols = spec.columns
     fmt = spec.format
+    if fmt == "chat":  # the conversation so far and the template's generation prompt, as trained
+        return chat_renderer(spec, tokenizer)(messages, True)
     if fmt == "alpaca":
         row = {cols.instruction: prompt, cols.output: ""}
     elif fmt == "completion":
         row = {cols.prompt: prompt, cols.completion: ""}
-    elif fmt == "chat":
-        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
-        row = {cols.messages: messages + [{"role": "assistant", "content": ""}]}
     else:  # text (and classification): the whole row is the input
         return prompt
-    render = chat_renderer(spec, tokenizer) if fmt == "chat" else None
-    return "".join(text for text, is_response in FORMATS[fmt](row, "prompt", spec, render) if not is_response)
+    return "".join(text for text, is_response in FORMATS[fmt](row, "prompt", spec, None) if not is_response)
 
 
 def row_text(row: dict, spec: DataSpec, tokenizer, loc: str = "row") -> str:
     """A whole training row as the model reads it (prompt and response), e.g. to score a merged model."""
-    render = chat_renderer(spec, tokenizer) if spec.format == "chat" else None
+    if spec.format == "chat":
+        return chat_renderer(spec, tokenizer)(chat_messages(row, loc, spec), False)
     if spec.format == "classification":
         return column(row, loc, spec, "text", "text to classify") or ""
-    return "".join(text for text, _ in FORMATS[spec.format](row, loc, spec, render))
+    return "".join(text for text, _ in FORMATS[spec.format](row, loc, spec, None))
 
 
-def encode(text: str, tokenizer) -> list[int]:
+def encode(text: str, tokenizer, *, chat: bool = False) -> list[int]:
     """Token ids of *text* as training builds them: no special tokens but BOS, added once when the
-    tokenizer adds one and the text (a rendered chat template) does not already start with it."""
+    tokenizer adds one and the text does not already start with it. A rendered chat template is taken
+    as it is (the template decides about BOS, as apply_chat_template does)."""
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if chat:
+        return ids
     bos = bos_id(tokenizer)
     return ids if bos is None or ids[:1] == [bos] else [bos] + ids
 

@@ -1,8 +1,10 @@
 """Data stage: read rows, check them against ``data.format``, tokenize into input_ids + labels.
 
-Rows become (text, is_response) segments; each segment is tokenized on its own without special
-tokens and the ids are concatenated, because at inference the prompt is tokenized alone: tokenizing
-prompt+response in one go can merge tokens across the boundary and teach a split never seen later.
+Rows of text / alpaca / completion data become (text, is_response) segments; each segment is tokenized
+on its own without special tokens and the ids are concatenated, because at inference the prompt is
+tokenized alone: tokenizing prompt+response in one go can merge tokens across the boundary and teach a
+split never seen later. Chat rows are the tokenizer's own template rendered once for the whole
+conversation, labels on each assistant reply and its end-of-turn token (core.prompts.chat_tokens).
 Labels are built explicitly (never derived from pad positions), so a real EOS survives pad == eos.
 
 Files are read as bytes and parsed here rather than by ``datasets``, so that every bad row is
@@ -22,7 +24,7 @@ from typing import Any, Callable
 
 from lorafit import log
 from lorafit.core.models import is_hub_id
-from lorafit.core.prompts import FORMATS, IGNORE, bos_id, chat_renderer, column, kind
+from lorafit.core.prompts import FORMATS, IGNORE, bos_id, chat_messages, chat_renderer, chat_tokens, column, kind
 from lorafit.errors import DataError
 from lorafit.recipe import DataSpec
 
@@ -179,7 +181,8 @@ def _read_hub(name: str, where: str, split: str) -> _Source:
 # Tokenizing
 
 
-def _tokenize_causal(batch: dict, tokenizer, spec: DataSpec, bos: int | None, eos: int | None, chat: bool) -> dict:
+def _tokenize_causal(batch: dict, tokenizer, spec: DataSpec, bos: int | None, eos: int | None) -> dict:
+    """Segments (text / alpaca / completion) → ids + labels: each segment tokenized alone, BOS once, EOS learnt."""
     flat = [t for texts in batch["texts"] for t in texts]
     ids_flat = iter(tokenizer(flat, add_special_tokens=False)["input_ids"]) if flat else iter(())
     out = {"input_ids": [], "labels": [], "truncated": [], "masked": []}
@@ -192,38 +195,52 @@ def _tokenize_causal(batch: dict, tokenizer, spec: DataSpec, bos: int | None, eo
             ids += piece
             labels += piece if (is_response or spec.train_on_inputs) else [IGNORE] * len(piece)
         last = pieces[-1] if pieces else []
-        # The end of the response must be learnt or the model never stops; chat turns may end in EOS
-        # mid-segment (e.g. <|im_end|> == eos followed by a newline).
-        has_eos = (eos in last) if chat else (bool(last) and last[-1] == eos)
-        if eos is not None and not has_eos:
+        # The end of the response must be learnt or the model never stops.
+        if eos is not None and not (last and last[-1] == eos):
             ids, labels = ids + [eos], labels + [eos]
-        if labels:
-            labels[0] = IGNORE  # nothing predicts the first token: a label there only inflates counts
-        truncated = len(ids) > spec.max_length
-        ids, labels = ids[: spec.max_length], labels[: spec.max_length]
-        out["input_ids"].append(ids)
-        out["labels"].append(labels)
-        out["truncated"].append(truncated)
-        out["masked"].append(all(x == IGNORE for x in labels))
+        _finish(out, ids, labels, spec)
     return out
+
+
+def _finish_chat(batch: dict, spec: DataSpec) -> dict:
+    out = {"truncated": [], "masked": [], "input_ids": [], "labels": []}
+    for ids, labels in zip(batch["input_ids"], batch["labels"]):
+        _finish(out, list(ids), list(labels), spec)
+    return out
+
+
+def _finish(out: dict, ids: list[int], labels: list[int], spec: DataSpec) -> None:
+    """Truncate to data.max_length and note what that did; the first token is never a label."""
+    if labels:
+        labels[0] = IGNORE  # nothing predicts the first token: a label there only inflates counts
+    out["truncated"].append(len(ids) > spec.max_length)
+    ids, labels = ids[: spec.max_length], labels[: spec.max_length]
+    out["input_ids"].append(ids)
+    out["labels"].append(labels)
+    out["masked"].append(all(x == IGNORE for x in labels))
 
 
 def _causal_dataset(src: _Source, spec: DataSpec, tokenizer, bos, eos):
     import datasets
 
-    render = chat_renderer(spec, tokenizer) if spec.format == "chat" else None
+    chat = spec.format == "chat"
+    render = chat_renderer(spec, tokenizer) if chat else None
     if isinstance(src.rows, list):
-        records = datasets.Dataset.from_dict(_segment_rows(src.rows, src.locs, spec, render))
-    else:  # a hub dataset: segmented by datasets itself, in parallel when it is large
+        records = datasets.Dataset.from_dict(_prepare_rows(src.rows, src.locs, spec, tokenizer, render))
+    else:  # a hub dataset: prepared by datasets itself, in parallel when it is large
         records = src.rows.map(
-            lambda batch, idx: _segment_rows([dict(zip(batch, v)) for v in zip(*batch.values())],
-                                             [src.locs[i] for i in idx], spec, render),
+            lambda batch, idx: _prepare_rows([dict(zip(batch, v)) for v in zip(*batch.values())],
+                                             [src.locs[i] for i in idx], spec, tokenizer, render),
             batched=True, with_indices=True, remove_columns=src.rows.column_names,
-            num_proc=_num_proc(len(src.rows)), new_fingerprint=_fingerprint(src, spec, tokenizer) + "-format", desc="format")
-    ds = records.map(
-        _tokenize_causal, batched=True, remove_columns=["texts", "is_response"],
-        fn_kwargs=dict(tokenizer=tokenizer, spec=spec, bos=bos, eos=eos, chat=spec.format == "chat"),
-        new_fingerprint=_fingerprint(src, spec, tokenizer), desc="tokenize")
+            num_proc=_num_proc(len(src.rows)), new_fingerprint=_fingerprint(src, spec, tokenizer) + "-format",
+            desc="format")
+    if chat:
+        ds = records.map(_finish_chat, batched=True, fn_kwargs=dict(spec=spec),
+                         new_fingerprint=_fingerprint(src, spec, tokenizer), desc="tokenize")
+    else:
+        ds = records.map(_tokenize_causal, batched=True, remove_columns=["texts", "is_response"],
+                         fn_kwargs=dict(tokenizer=tokenizer, spec=spec, bos=bos, eos=eos),
+                         new_fingerprint=_fingerprint(src, spec, tokenizer), desc="tokenize")
     truncated, masked = sum(ds["truncated"]), ds["masked"]
     dropped = [loc for loc, m in zip(ds["loc"], masked) if m]
     ds = ds.filter(lambda m: not m, input_columns="masked") if dropped else ds
@@ -236,8 +253,17 @@ def _causal_dataset(src: _Source, spec: DataSpec, tokenizer, bos, eos):
     return ds, truncated, dropped
 
 
-def _segment_rows(rows: list[dict], locs: list[str], spec: DataSpec, render) -> dict:
-    """Rows → columns texts / is_response / loc, through the format's segment function (core.prompts)."""
+def _prepare_rows(rows: list[dict], locs: list[str], spec: DataSpec, tokenizer, render) -> dict:
+    """Rows → columns, through core.prompts: chat rows straight to input_ids / labels (the template's
+    own render); other formats to texts / is_response segments, tokenized next."""
+    if spec.format == "chat":
+        out = {"input_ids": [], "labels": [], "loc": list(locs)}
+        for row, loc in zip(rows, locs):
+            ids, labels = chat_tokens(chat_messages(row, loc, spec), tokenizer, render, loc,
+                                      train_on_inputs=spec.train_on_inputs)
+            out["input_ids"].append(ids)
+            out["labels"].append(labels)
+        return out
     to_segments = FORMATS[spec.format]
     out = {"texts": [], "is_response": [], "loc": list(locs)}
     for row, loc in zip(rows, locs):

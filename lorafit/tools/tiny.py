@@ -59,6 +59,26 @@ def build_tokenizer(family: str = "llama", vocab_size: int = 384):
     return fast
 
 
+def build_family_tokenizer(specials: list[str], *, bos: str | None, eos: str, chat_template: str,
+                           unk: str | None = None, vocab_size: int = 384):
+    """A tiny byte-level BPE tokenizer with a real family's special tokens and chat template (for chat
+    template tests): no ChatML tokens unless the family has them."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    names = list(dict.fromkeys([t for t in (bos, eos, unk) if t] + list(specials)))
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=names,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator([_CORPUS] * 4, trainer=trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=bos, eos_token=eos, unk_token=unk or eos,
+                                   pad_token=eos)
+    fast.chat_template = chat_template
+    return fast
+
+
 def tiny_config(family: str, vocab_size: int, **overrides):
     """A config of a few thousand parameters per layer for the given family."""
     import transformers as tf

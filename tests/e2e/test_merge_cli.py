@@ -36,21 +36,32 @@ CORRUPT = textwrap.dedent("""
 """)
 
 
+DROP = textwrap.dedent("""
+    import sys
+    from peft import PeftModel
+    from lorafit import cli
+    PeftModel.merge_and_unload = lambda self, *a, **k: self.unload()  # the adapter silently dropped: base saved
+    sys.argv = ["lorafit", *sys.argv[1:]]
+    cli.main()
+""")
+
+
 @pytest.fixture(scope="module")
 def merges(adapter, tmp_path_factory):
-    """The three heavy CLI runs, side by side (each spends most of its time importing torch and peft)."""
+    """The four heavy CLI runs, side by side (each spends most of its time importing torch and peft)."""
     import subprocess
     from concurrent.futures import ThreadPoolExecutor
 
     out = tmp_path_factory.mktemp("merges")
-    corrupt = lambda: subprocess.run(  # noqa: E731
-        [sys.executable, "-c", CORRUPT, "merge", str(adapter), "--output", str(out / "bad"), "--dtype", "float32",
+    patched = lambda snippet, name, dtype: lambda: subprocess.run(  # noqa: E731
+        [sys.executable, "-c", snippet, "merge", str(adapter), "--output", str(out / name), "--dtype", dtype,
          "--verify"], capture_output=True, text=True, timeout=300, env={**os.environ, **ENV})
     jobs = {"a": lambda: run_cli("merge", adapter, "--output", out / "a", "--dtype", "float32", "--verify", env=ENV),
             "b": lambda: run_cli("merge", adapter, "--output", out / "b", "--dtype", "float32", "--low-memory",
                                  "--max-shard-size", "150KB", env=ENV),
-            "bad": corrupt}
-    with ThreadPoolExecutor(3) as pool:
+            "bad": patched(CORRUPT, "bad", "float32"),
+            "dropped": patched(DROP, "dropped", "bfloat16")}
+    with ThreadPoolExecutor(4) as pool:
         futures = {k: pool.submit(f) for k, f in jobs.items()}
     return out, {k: f.result() for k, f in futures.items()}
 
@@ -62,8 +73,9 @@ def test_merge_verify_and_low_memory(merges):
     res = results["a"]
     assert res.returncode == 0, res.stderr[-3000:]
     assert "passed" in res.stdout and "max |logit diff|" in res.stdout and "perplexity" in res.stdout
+    assert "adapter effect: max |logit diff| base+adapter vs base" in res.stdout
     report = json.loads((tmp_path / "a" / "merge_report.json").read_text())
-    assert report["verify"]["max_abs_logit_diff"] < 1e-4
+    assert report["verify"]["max_abs_logit_diff"] < 1e-4 and report["verify"]["merge_error_ratio"] < 1e-4
     res = results["b"]
     assert res.returncode == 0, res.stderr[-3000:]
     a = load_file(tmp_path / "a" / "model.safetensors")
@@ -90,6 +102,16 @@ def test_verify_failure_exits_1(merges):
     assert res.returncode == 1, res.stderr[-3000:]
     assert "FAILED" in res.stdout
     assert json.loads((tmp_path / "bad" / "merge_report.json").read_text())["verify"]["passed"] is False
+
+
+def test_dropped_adapter_fails_bf16_verify(merges):
+    tmp_path, results = merges
+    res = results["dropped"]
+    assert res.returncode == 1, res.stderr[-3000:]
+    assert "adapter effect: max |logit diff| base+adapter vs base" in res.stdout
+    assert "FAILED: " in res.stdout and "adapter's effect is not preserved" in res.stdout
+    v = json.loads((tmp_path / "dropped" / "merge_report.json").read_text())["verify"]
+    assert v["passed"] is False and abs(v["merge_error_ratio"] - 1) < 0.02
 
 
 def test_push_dry_run(adapter):

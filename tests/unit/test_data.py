@@ -92,7 +92,8 @@ def test_no_double_bos(tmp_path, llama):
     b = build(tmp_path, [{"text": "<s>The weather is sunny"}], llama, format="text")
     ids = b.train[0]["input_ids"]
     assert ids[0] == llama.bos_token_id and ids[1] != llama.bos_token_id
-    template = "{{ bos_token }}{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}" \
+    template = "{{ bos_token }}{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}" \
+               "{% if m['role'] == 'assistant' %}{{ eos_token }}{% endif %}\n{% endfor %}" \
                "{% if add_generation_prompt %}assistant: {% endif %}"
     c = build(tmp_path, [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}],
               llama, format="chat", chat_template=template)
@@ -117,20 +118,21 @@ def conversation(*turns):
 
 
 def test_chat_trains_only_assistant_turns_multi_turn(tmp_path, llama):
+    """The ids are exactly the template's render of the whole conversation; labels are each reply and
+    its end-of-turn token, nothing else."""
     rows = [conversation("s:Be brief.", "u:hi", "a:yo", "u:again", "a:bye")]
     b = build(tmp_path, rows, llama, format="chat")
     row = b.train[0]
-    assert trained(llama, row["labels"]) == "yo<|im_end|>\nbye<|im_end|>\n</s>"
-    text = llama.decode(row["input_ids"])
-    assert text == "<s>" + llama.apply_chat_template(rows[0]["messages"], tokenize=False) + "</s>"
+    assert trained(llama, row["labels"]) == "yo<|im_end|>bye<|im_end|>"
+    assert row["input_ids"] == list(llama.apply_chat_template(rows[0]["messages"], tokenize=True)["input_ids"])
     everything = build(tmp_path, rows, llama, format="chat", train_on_inputs=True).train[0]
     assert everything["labels"][1:] == everything["input_ids"][1:]
 
 
 def test_chat_trailing_user_turn_is_not_trained(tmp_path, llama):
     b = build(tmp_path, [conversation("u:hi", "a:yo", "u:ignored")], llama, format="chat")
-    assert "ignored" not in llama.decode(b.train[0]["input_ids"])
-    assert trained(llama, b.train[0]["labels"]) == "yo<|im_end|>\n</s>"
+    assert "ignored" not in llama.decode(b.train[0]["input_ids"])  # after the last reply: dropped
+    assert trained(llama, b.train[0]["labels"]) == "yo<|im_end|>"
 
 
 def test_chat_template_override_and_missing_template(tmp_path, gpt2):
@@ -139,7 +141,7 @@ def test_chat_template_override_and_missing_template(tmp_path, gpt2):
         build(tmp_path, rows, gpt2, format="chat")
     assert e.value.where == "data.chat_template" and "chatml" in e.value.fix
     b = build(tmp_path, rows, gpt2, format="chat", chat_template="chatml")
-    assert trained(gpt2, b.train[0]["labels"]) == "yo<|im_end|>\n<|endoftext|>"
+    assert trained(gpt2, b.train[0]["labels"]) == "yo<|im_end|>"
     assert "<|im_start|>" in gpt2.chat_template  # saved with the adapter: inference uses the same
 
 
@@ -156,10 +158,32 @@ def test_chat_bad_rows_point_at_their_line(tmp_path, llama, row, needle):
     assert e.value.where.endswith("train.jsonl:2") and needle in e.value.message
 
 
-def test_chat_template_that_is_not_prefix_stable(tmp_path, llama):
-    template = "{% for m in messages %}{{ m['content'] }}{% endfor %}{{ messages|length }}"
-    with pytest.raises(DataError, match="prefix-stable"):
-        build(tmp_path, [conversation("u:hi", "a:yo")], llama, format="chat", chat_template=template)
+def test_chat_template_that_is_not_prefix_stable_trains(tmp_path, llama):
+    """Mistral v0.3-style: the system prompt goes into the LAST user turn, so rendering more messages
+    changes earlier text. The whole render is located once: no prefix stability needed."""
+    template = ("{% set sys = messages[0]['content'] if messages[0]['role'] == 'system' else '' %}"
+                "{% set ms = messages[1:] if sys else messages %}{% set last = (ms|selectattr('role', 'eq', 'user')|list)[-1] %}"
+                "{{ bos_token }}{% for m in ms %}{% if m['role'] == 'user' %}[INST] "
+                "{% if m is sameas last and sys %}{{ sys }}\n\n{% endif %}{{ m['content'] }} [/INST]"
+                "{% else %}{{ m['content'] }}{{ eos_token }}{% endif %}{% endfor %}")
+    rows = [conversation("s:Be kind.", "u:hi", "a:yo", "u:again", "a:bye")]
+    row = build(tmp_path, rows, llama, format="chat", chat_template=template).train[0]
+    assert trained(llama, row["labels"]) == "yo</s>bye</s>"
+    assert llama.decode(row["input_ids"]) == "<s>[INST] hi [/INST]yo</s>[INST] Be kind.\n\nagain [/INST]bye</s>"
+
+
+@pytest.mark.parametrize("template, needle", [
+    ("{% for m in messages %}{{ m['content']|upper }}{{ eos_token }}{% endfor %}", "does not render assistant message 2"),
+    ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}", "without a special end-of-turn token"),
+    ("{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
+     "{% endif %}{{ m['content'] }}{{ eos_token }}{% endfor %}", "System role not supported"),
+])
+def test_chat_templates_that_cannot_be_handled_name_the_row_and_a_working_fix(tmp_path, llama, template, needle):
+    rows = [conversation("u:hi", "a:yo"), conversation("s:Be kind.", "u:hi", "a:yo")]
+    with pytest.raises(DataError) as e:
+        build(tmp_path, rows if "System" in needle else rows[:1], llama, format="chat", chat_template=template)
+    assert needle in e.value.message and e.value.where.endswith("train.jsonl:2" if "System" in needle else "train.jsonl:1")
+    assert ("fold the system message" in e.value.fix) if "System" in needle else ("chatml" in e.value.fix)
 
 
 # ---------------------------------------------------------------------------- truncation

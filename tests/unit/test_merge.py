@@ -12,8 +12,9 @@ from lorafit.commands import merge
 from lorafit.errors import ModelError
 
 
-def make_adapter(base: Path, out: Path, *, targets="all-linear", seed: int = 0, **lora_kwargs) -> Path:
-    """A plain-peft adapter with non-zero lora_B, as made outside lorafit."""
+def make_adapter(base: Path, out: Path, *, targets="all-linear", seed: int = 0, b_std: float = 0.2,
+                 **lora_kwargs) -> Path:
+    """A plain-peft adapter with lora_B ~ N(0, b_std) (non-zero unless b_std is 0), as made outside lorafit."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
@@ -25,7 +26,7 @@ def make_adapter(base: Path, out: Path, *, targets="all-linear", seed: int = 0, 
     with torch.no_grad():
         for name, p in peft_model.named_parameters():
             if "lora_B" in name:
-                p.normal_(0, 0.2)
+                p.normal_(0, b_std) if b_std else p.zero_()
     peft_model.save_pretrained(out)
     return out
 
@@ -33,6 +34,12 @@ def make_adapter(base: Path, out: Path, *, targets="all-linear", seed: int = 0, 
 @pytest.fixture(scope="module")
 def llama_adapter(tiny_llama, tmp_path_factory):
     return make_adapter(tiny_llama, tmp_path_factory.mktemp("ad") / "llama")
+
+
+@pytest.fixture(scope="module")
+def weak_llama_adapter(tiny_llama, tmp_path_factory):
+    # Its effect on the logits (~0.9) is below the bf16 tolerance (15 % of the largest logit, ~1.05).
+    return make_adapter(tiny_llama, tmp_path_factory.mktemp("ad") / "weak", b_std=0.01)
 
 
 @pytest.fixture(scope="module")
@@ -104,11 +111,64 @@ def test_verify_passes_and_writes_report(tiny_llama, llama_adapter, tmp_path):
     v = report["verify"]
     assert v["passed"] and v["prompt_source"] == "built-in text" and v["quantized"] is None
     assert 0 <= v["max_abs_logit_diff"] <= v["tolerance"]
-    assert v["perplexity_adapter"] > 1 and v["perplexity_merged"] > 1
+    assert v["perplexity_adapter"] > 1 and v["perplexity_merged"] > 1 and v["perplexity_base"] > 1
+    # The adapter moves logits by ~8.6; bf16 rounding of W + ΔW costs ~5 % of that (limit 50 %).
+    assert v["adapter_effect"] > 1 and not v["adapter_effect_negligible"] and v["failures"] == []
+    assert v["merge_error_ratio"] == pytest.approx(v["max_abs_logit_diff"] / v["adapter_effect"])
+    assert 0 < v["merge_error_ratio"] < 0.15 and v["max_merge_error_ratio"] == 0.5
     saved = json.loads((tmp_path / "out" / merge.REPORT_FILE).read_text())
     assert saved["verify"]["passed"] is True and saved["verify"]["max_abs_logit_diff"] == v["max_abs_logit_diff"]
+    assert saved["verify"]["merge_error_ratio"] == v["merge_error_ratio"]
     lines = "\n".join(render.merge_lines(report))
     assert "max |logit diff|" in lines and "perplexity" in lines and "passed" in lines
+    assert f"adapter effect: max |logit diff| base+adapter vs base {v['adapter_effect']:.3g}; merge error is " \
+           f"{v['merge_error_ratio']:.1%} of it" in lines
+    from lorafit.commands.card import build_card
+
+    card = build_card(repo_id="alice/m", kind="merged", base="x", recipe=None, metrics=None, merge_report=report)
+    assert f"the merge error is {v['merge_error_ratio']:.1%} of that (limit 50%: passed)" in card
+
+
+def _drop_the_adapter(monkeypatch):
+    """The normal merge saves the base unmerged: peft's unload() strips the LoRA layers without merging."""
+    from peft import PeftModel
+
+    monkeypatch.setattr(PeftModel, "merge_and_unload", lambda self, *a, **k: self.unload(), raising=False)
+
+
+@pytest.mark.parametrize("strength", ["default", "weak"])
+def test_verify_fails_when_the_adapter_is_dropped(strength, tiny_llama, llama_adapter, weak_llama_adapter, tmp_path,
+                                                  monkeypatch):
+    adapter = llama_adapter if strength == "default" else weak_llama_adapter
+    _drop_the_adapter(monkeypatch)
+    report = merge.merge(adapter, tmp_path / "out", dtype="bfloat16", verify=True)
+    v = report["verify"]
+    assert v["passed"] is False and v["merge_error_ratio"] == pytest.approx(1.0, abs=0.02)
+    assert v["perplexity_merged"] == pytest.approx(v["perplexity_base"])  # the merged model is the base
+    assert any("adapter's effect is not preserved" in f for f in v["failures"])
+    if strength == "weak":  # the older rules alone would have passed it
+        assert v["max_abs_logit_diff"] <= v["tolerance"] and len(v["failures"]) == 1
+    assert json.loads((tmp_path / "out" / merge.REPORT_FILE).read_text())["verify"]["passed"] is False
+    lines = "\n".join(render.merge_lines(report))
+    assert "FAILED: " in lines and "adapter's effect is not preserved: merge error is 100% of it" in lines
+
+
+def test_push_merged_refuses_a_dropped_adapter(tiny_llama, weak_llama_adapter, monkeypatch):
+    from lorafit.commands import push
+    from lorafit.errors import LorafitError
+
+    _drop_the_adapter(monkeypatch)
+    with pytest.raises(LorafitError, match="nothing pushed"):
+        push.push(weak_llama_adapter, repo_id="alice/x", merged=True, dry_run=True)
+
+
+def test_verify_of_a_zero_adapter_does_not_check_the_ratio(tiny_llama, tmp_path):
+    adapter = make_adapter(tiny_llama, tmp_path / "zero", b_std=0.0)  # lora_B = 0: the adapter changes nothing
+    report = merge.merge(adapter, tmp_path / "out", dtype="bfloat16", verify=True)
+    v = report["verify"]
+    assert v["passed"] and v["adapter_effect"] == 0 and v["adapter_effect_negligible"]
+    assert v["merge_error_ratio"] is None
+    assert "within rounding: the adapter changes nothing measurable" in "\n".join(render.merge_lines(report))
 
 
 def test_verify_fails_on_a_corrupted_weight(tiny_llama, llama_adapter, tmp_path, monkeypatch):
@@ -146,6 +206,7 @@ def test_verify_uses_the_runs_eval_data(tiny_llama, llama_adapter, tmp_path):
     report = merge.merge(run, tmp_path / "out", dtype="float32", verify=True)
     assert report["verify"]["prompt_source"] == "eval data eval.jsonl"
     assert report["verify"]["prompts"] == 4 and report["verify"]["passed"]
+    assert report["verify"]["merge_error_ratio"] < 1e-4  # fp32: ~2e-6
 
 
 def test_refusals(tiny_llama, tiny_gpt2, llama_adapter, tmp_path):

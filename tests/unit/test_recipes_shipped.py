@@ -22,11 +22,14 @@ def _config(family: str):
 
     return {
         "llama-3.1-8b": lambda: tf.LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                                               num_attention_heads=32, num_key_value_heads=8, vocab_size=128256),
+                                               num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
+                                               max_position_embeddings=131072),
         "mistral-7b-v0.3": lambda: tf.MistralConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                                                    num_attention_heads=32, num_key_value_heads=8, vocab_size=32768),
+                                                    num_attention_heads=32, num_key_value_heads=8, vocab_size=32768,
+                                                    max_position_embeddings=32768),
         "qwen2.5-7b": lambda: tf.Qwen2Config(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
-                                             num_attention_heads=28, num_key_value_heads=4, vocab_size=152064),
+                                             num_attention_heads=28, num_key_value_heads=4, vocab_size=152064,
+                                             max_position_embeddings=32768),
         "gpt2": lambda: tf.GPT2Config(n_embd=768, n_layer=12, n_head=12, vocab_size=50257),
         "bert-base": lambda: tf.BertConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
                                            num_attention_heads=12, vocab_size=30522),
@@ -116,3 +119,34 @@ def test_llama_3_1_8b_seven_projections_at_r16_is_the_published_count(tmp_path):
     # q,k,v,o only: the other published figure (GQA makes k/v 1024 wide, not 4096).
     _, attention = resolve_targets(meta, ["q_proj", "k_proj", "v_proj", "o_proj"])
     assert count_lora_params(attention, 16) == 13_631_488
+
+
+# Stand-in family → the chat template family its tokenizer gets (tests/data/chat_templates/), or the
+# tiny tokenizer of a family without one.
+TOKENIZERS = {"llama-3.1-8b": "llama3", "mistral-7b-v0.3": "mistral-v0.3", "qwen2.5-7b": "qwen2.5",
+              "gpt2": "tiny:gpt2", "bert-base": "tiny:bert"}
+
+
+@pytest.mark.parametrize("path", HUB, ids=lambda p: p.name)
+def test_hub_recipe_passes_validate_with_its_familys_tokenizer(path, tmp_path):
+    """`validate` on every shipped recipe: the published config, a tokenizer with the family's own special
+    tokens and chat template, the shipped data. No weights are read (the file only has to be there)."""
+    import torch
+    from safetensors.torch import save_file
+
+    from lorafit.pipeline import validate
+    from lorafit.tools.tiny import build_tokenizer
+    from tests.unit.test_chat_templates import tokenizer_for
+
+    recipe = load_recipe(path)
+    family, _ = STAND_INS[recipe.model.name]
+    _config(family).save_pretrained(tmp_path)
+    which = TOKENIZERS[family]
+    tokenizer = build_tokenizer(which[5:]) if which.startswith("tiny:") else tokenizer_for(which)
+    tokenizer.save_pretrained(tmp_path)
+    save_file({"stand_in": torch.zeros(1)}, str(tmp_path / "model.safetensors"))
+    report = validate(load_recipe(path, [f"model.name={tmp_path}", f"output.dir={tmp_path / 'run'}"]), recipe_path=path)
+    assert report.data["train_rows"] > 0 and report.data["trainable_tokens"] > 0
+    assert report.plan["trainable"]["trainable_params"] > 0
+    if recipe.data.format == "chat":
+        assert tokenizer.chat_template and report.data["trainable_tokens"] < report.data["train_tokens"]
