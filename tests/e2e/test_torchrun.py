@@ -8,6 +8,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from tests.conftest import REPO, run_cli
 
 
@@ -41,3 +43,23 @@ def test_torchrun_user_errors_are_said_once(tmp_path):
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode != 0
     assert proc.stderr.count("error: data.max_length: 4096 tokens is above the context") == 1, proc.stderr[-3000:]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif("__import__('torch').cuda.device_count() < 2", reason="needs two CUDA GPUs")
+@pytest.mark.parametrize("bits", [None, 4])
+def test_torchrun_two_gpus_each_rank_on_its_own_device(tmp_path, bits):
+    """LoRA and QLoRA under DDP on two GPUs: each rank loads onto its own device (both on cuda:0, DDP
+    refuses to start or GPU 0 runs out), one adapter, each warning once."""
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29519",
+           "-m", "lorafit", "train", str(REPO / "recipes" / "tiny-smoke.yaml"), "--output-dir", str(run),
+           "--set", "training.max_steps=4", "--set", "training.precision=bf16"]
+    if bits:
+        cmd += ["--set", f"quantization.bits={bits}"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (run / "adapter" / "adapter_model.safetensors").is_file()
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["memory"]["gpu_peak_allocated_mb"] > 0 and metrics["train"]["steps"] == 4
+    assert proc.stderr.count("warning:") == len(set(ln for ln in proc.stderr.splitlines() if ln.startswith("warning:")))
