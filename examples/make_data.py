@@ -31,5 +31,12 @@ for t in pos: cls.append({"text": t, "label": "positive"})
 for t in neg: cls.append({"text": t, "label": "negative"})
 random.shuffle(cls)
 with open("examples/data/tiny-sentiment.jsonl", "w") as f:
-    for r in cls*2: f.write(json.dumps(r) + "\n")
+    for r in cls: f.write(json.dumps(r) + "\n")
+    # Ten more, distinct (duplicates are a data-doctor warning), after the shuffled first ten.
+    more = [("What a great day, I like it.", "positive"), ("The movie was terrible, I hate the end.", "negative"),
+            ("The dog was great fun today.", "positive"), ("I hate this day, it was terrible.", "negative"),
+            ("I like the sunny weather.", "positive"), ("Terrible weather, I hate the rain.", "negative"),
+            ("A great movie, a great story.", "positive"), ("The dog was terrible today.", "negative"),
+            ("This story is great, I like the end.", "positive"), ("A terrible story, this was no fun.", "negative")]
+    for t, label in more: f.write(json.dumps({"text": t, "label": label}) + "\n")
 print(len(rows))

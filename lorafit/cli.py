@@ -16,7 +16,7 @@ from typing import List, Optional
 import typer
 
 from lorafit import __version__, render
-from lorafit.errors import LorafitError, RecipeError
+from lorafit.errors import LorafitError, RecipeError, TrainingInterrupted
 
 app = typer.Typer(
     name="lorafit",
@@ -74,6 +74,9 @@ def train(
     resume: Optional[str] = typer.Option(
         None, "--resume", metavar="[CHECKPOINT]",
         help="Resume from the latest checkpoint of the run directory, or from CHECKPOINT."),
+    overwrite: bool = typer.Option(False, "--overwrite",
+                                   help="Replace a finished (or interrupted) run in the run directory (output.overwrite)."),
+    force: bool = typer.Option(False, "--force", help="--resume even though the recipe changed (recorded in metrics.json)."),
 ) -> None:
     """Fine-tune: load → quantize → inject → train → evaluate → save."""
     from lorafit.pipeline import train as run_train
@@ -81,7 +84,17 @@ def train(
     overrides = list(set_ or [])
     if output_dir is not None:
         overrides.append(f"output.dir={output_dir}")
-    result = run_train(_recipe(recipe, overrides), resume=resume)
+    if overwrite:
+        overrides.append("output.overwrite=true")
+    try:
+        result = run_train(_recipe(recipe, overrides), resume=resume, force=force)
+    except TrainingInterrupted as e:  # the same command line, continued
+        import shlex
+
+        again = ["lorafit", "train", str(recipe)] + [a for item in (set_ or []) for a in ("--set", item)]
+        again += ["--output-dir", str(output_dir)] if output_dir is not None else []
+        e.resume_command = shlex.join(again + ["--resume"])
+        raise
     from lorafit.log import is_main_process
 
     if is_main_process():
@@ -93,17 +106,23 @@ def validate(
     recipe: Path = typer.Argument(..., help="Recipe YAML."),
     set_: Optional[List[str]] = typer.Option(None, "--set", help=SET_HELP),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON document."),
+    show_example: Optional[int] = typer.Option(
+        None, "--show-example", metavar="N", min=1,
+        help="Also print train row N (1-based, before shuffling) as the model sees it, trained tokens marked."),
 ) -> None:
     """Run every check that needs no training (schema, files, data rows, model, targets). Writes nothing."""
     import dataclasses
 
     from lorafit.pipeline import validate as run_validate
 
-    report = run_validate(_recipe(recipe, set_), recipe_path=recipe)
+    report = run_validate(_recipe(recipe, set_), recipe_path=recipe, show_example=show_example)
     if as_json:
         _print_json(dataclasses.asdict(report))
     else:
         _out(render.validate_lines(report))
+        if report.example is not None:
+            color = sys.stdout.isatty() and not os.environ.get("NO_COLOR")
+            _out(["", *render.example_lines(report.example, color=color)])
 
 
 @app.command("find-targets")
@@ -247,6 +266,17 @@ def main() -> None:
         if os.environ.get("RANK", "0") == "0":  # under torchrun every rank meets the same mistake: say it once
             for line in problems:
                 typer.echo(f"error: {line}", err=True)
+        sys.exit(e.exit_code)
+    except TrainingInterrupted as e:
+        if os.environ.get("RANK", "0") == "0":
+            import signal
+
+            how = "stopped at once, during" if e.immediate else "stopped after"
+            saved = f"last checkpoint: {e.checkpoint}" if e.checkpoint else "no checkpoint was written yet"
+            typer.echo(f"interrupted ({signal.Signals(e.signum).name}): {how} step {e.step}/{e.max_steps}; {saved}",
+                       err=True)
+            if e.checkpoint and e.resume_command:
+                typer.echo(f"resume with: {e.resume_command}", err=True)
         sys.exit(e.exit_code)
     except typer.Exit as e:
         sys.exit(e.exit_code)

@@ -47,3 +47,21 @@ class RunFailed(LorafitError):
 
 class PushError(LorafitError):
     """The push cannot be done as asked (repo id, token, rights)."""
+
+
+class TrainingInterrupted(Exception):
+    """Ctrl-C / SIGTERM stopped `train`: not a mistake and not a failure. The CLI prints the resume
+    command and exits 128 + the signal's number (130 for SIGINT, 143 for SIGTERM)."""
+
+    def __init__(self, signum: int, *, step: int, max_steps: int, checkpoint: str | None, immediate: bool = False):
+        self.signum = signum
+        self.step = step
+        self.max_steps = max_steps
+        self.checkpoint = checkpoint    # the last complete checkpoint, or None
+        self.immediate = immediate      # a second signal: stopped at once, without a new checkpoint
+        self.resume_command: str | None = None  # filled in by the CLI, which knows the command line
+        super().__init__(f"interrupted at step {step}/{max_steps}")
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum

@@ -8,19 +8,22 @@ from __future__ import annotations
 
 import contextlib
 import platform
+import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lorafit import __version__, log
+from lorafit import __version__, log, render
 from lorafit.commands import estimate as est
 from lorafit.core import models, policies
 from lorafit.core.targets import load_config
+from lorafit.errors import LorafitError
 from lorafit.recipe import Recipe
 from lorafit.stages.data import build_datasets
 from lorafit.stages.evaluate import evaluate_model
 from lorafit.stages.inject import inject_lora
 from lorafit.stages.quantize import prepare_quantized
-from lorafit.stages.save import check_run_dir, save_adapter, start_run_dir, write_json
+from lorafit.stages.save import check_resume, check_run_dir, save_adapter, start_run_dir, write_json
 from lorafit.stages.train import (check_checkpoint, find_checkpoint, peak_memory, train_model, training_arguments,
                                   warn_if_untrained)
 
@@ -31,13 +34,15 @@ class TrainResult:
     metrics: dict
 
 
-def train(recipe: Recipe, *, resume: str | None = None) -> TrainResult:
+def train(recipe: Recipe, *, resume: str | None = None, force: bool = False) -> TrainResult:
     from transformers import set_seed
 
     log.quiet_libraries()
     run_dir = check_run_dir(recipe.output, resume=resume)
     checkpoint = find_checkpoint(run_dir / "checkpoints", resume)
+    forced_changes = check_resume(run_dir, recipe, checkpoint, force=force)  # --force: resumed despite these
     precision = policies.precision(recipe.training)
+    check_model(recipe)  # validate's model checks, in milliseconds: before data, weights, or any write
 
     # Data first: a bad row should fail in seconds, before gigabytes of weights load. Under torchrun the
     # main process converts and tokenizes first; the others then agree on the data or stop.
@@ -49,8 +54,8 @@ def train(recipe: Recipe, *, resume: str | None = None) -> TrainResult:
                                   tokenizer, recipe.model.name)
         data = build_datasets(recipe.data, tokenizer, recipe.model.task, recipe.model.num_labels)
     check_ranks_agree(data.stats)
+    log.info(f"data: {render.data_summary(data.stats)}")
     num_labels = policies.class_count(recipe.model.num_labels, data.label_names)
-    start_run_dir(run_dir, recipe, resume=resume)
 
     # load → quantize → inject. Seeded first: a new head's initial weights and LoRA's A are part of the run.
     set_seed(recipe.training.seed)
@@ -64,6 +69,7 @@ def train(recipe: Recipe, *, resume: str | None = None) -> TrainResult:
                                    revision=recipe.model.revision)
     if checkpoint:
         check_checkpoint(checkpoint, model)
+    start_run_dir(run_dir, recipe, resume=resume)  # the first write: every refusal above leaves the dir as it was
     log.info(f"lora: {injection.adapted_modules} modules ({', '.join(injection.target_keys)}), "
              f"{injection.trainable_params:,} trainable params ({injection.trainable_percent:.4f} %)")
 
@@ -71,7 +77,8 @@ def train(recipe: Recipe, *, resume: str | None = None) -> TrainResult:
     args = training_arguments(recipe.training, recipe.evaluation, output_dir=run_dir / "checkpoints",
                               precision=precision, gradient_checkpointing=use_gc, has_eval=data.eval is not None,
                               run_name=recipe.output.run_name or run_dir.name)
-    trainer, summary = train_model(model, data, args, resume_from=checkpoint)
+    trainer, summary = train_model(model, data, args, resume_from=checkpoint,
+                                   save_minutes=recipe.training.save_minutes)
     warn_if_untrained(summary)
     eval_metrics = evaluate_model(trainer, data.eval, recipe.evaluation)
 
@@ -88,8 +95,13 @@ def train(recipe: Recipe, *, resume: str | None = None) -> TrainResult:
         "data": data.stats,
         "memory": peak_memory(),
         "versions": versions(),
+        "command": command_line(),
+        "seed": recipe.training.seed,
+        "data_seed": recipe.data.seed,
         "resumed_from": checkpoint,
     }
+    if forced_changes:
+        metrics["resume_forced_changes"] = forced_changes
     if trainer.is_world_process_zero():
         save_adapter(trainer.model, tokenizer, run_dir, expected_modules=injection.adapted_modules)
         write_json(run_dir / "metrics.json", metrics)
@@ -103,14 +115,17 @@ class ValidationReport:
     data: dict                  # the data stage's stats
     plan: dict                  # estimate's report: targets, trainable parameters, memory
     warnings: list[str] = field(default_factory=list)
+    example: dict | None = None  # --show-example: one train row as the model sees it
 
 
-def validate(recipe: Recipe, *, recipe_path: Path | None = None) -> ValidationReport:
+def validate(recipe: Recipe, *, recipe_path: Path | None = None, show_example: int | None = None) -> ValidationReport:
     """Every check of a training run that needs no weights and no training. Writes nothing."""
     log.quiet_libraries()
     precision = policies.precision(recipe.training)
     spec = recipe.model
+    check_tracker(recipe.training.report_to)
     models.check_model_files(spec)
+    warn_remote_code(spec)
     config = load_config(spec.name, revision=spec.revision, trust_remote_code=spec.trust_remote_code,
                          gguf_file=spec.gguf_file)
     tokenizer = models.load_tokenizer(spec)
@@ -118,6 +133,7 @@ def validate(recipe: Recipe, *, recipe_path: Path | None = None) -> ValidationRe
     data = build_datasets(recipe.data, tokenizer, spec.task, spec.num_labels)
     # The estimate builds the meta model and resolves the targets (raising on a name that matches
     # nothing): one pass serves the targets and the memory plan.
+    example = show_train_row(data, tokenizer, show_example) if show_example is not None else None
     plan = est.estimate(recipe)
     report = ValidationReport(str(recipe_path or "recipe"),
                               {"name": spec.name, "model_type": config.model_type, "task": spec.task,
@@ -126,7 +142,124 @@ def validate(recipe: Recipe, *, recipe_path: Path | None = None) -> ValidationRe
     if (out / "adapter").exists() and not recipe.output.overwrite:
         report.warnings.append(f"output.dir {out} already holds an adapter: `train` will refuse "
                                "(set output.overwrite: true or choose another dir)")
+    report.example = example
     return report
+
+
+def show_train_row(data, tokenizer, n: int) -> dict:
+    """Row ``n`` (1-based) of the train split, before the Trainer shuffles it, as (text, trained) segments:
+    the very ids and labels training uses, decoded span by span."""
+    from lorafit.core.prompts import IGNORE
+
+    rows = len(data.train)
+    if not 1 <= n <= rows:
+        raise LorafitError(f"row {n} does not exist: the train split has {rows} rows", where="--show-example",
+                           fix=f"give a row number from 1 to {rows}")
+    row = data.train[n - 1]
+    ids, labels = list(row["input_ids"]), row["labels"]
+    example = {"row": n, "rows": rows, "tokens": len(ids)}
+    if isinstance(labels, int):  # seq_cls: one class for the whole text
+        names = data.label_names
+        return {**example, "trained_tokens": 0, "segments": [[_decode_span(tokenizer, ids, 0, len(ids)), False]],
+                "label": names[labels] if names else labels}
+    trained = [x != IGNORE for x in labels]
+    segments, start = [], 0
+    for i in range(1, len(ids) + 1):
+        if i == len(ids) or trained[i] != trained[start]:
+            segments.append([_decode_span(tokenizer, ids, start, i), trained[start]])
+            start = i
+    return {**example, "trained_tokens": sum(trained), "segments": segments}
+
+
+def _decode_span(tokenizer, ids: list[int], start: int, end: int) -> str:
+    """ids[start:end] as they read inside the row: sentencepiece drops a span's leading space when decoded alone."""
+    def text(part):
+        return tokenizer.decode(part, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+    head, whole = text(ids[:start]), text(ids[:end])
+    return whole[len(head):] if whole.startswith(head) else text(ids[start:end])
+
+
+_SECRET_NAME = re.compile(r"token|secret|passw(or)?d|api[_-]?key|auth", re.IGNORECASE)
+_SECRET_VALUE = re.compile(r"\b(hf_[A-Za-z0-9]{20,}|sk-[A-Za-z0-9_-]{20,}|gh[pousr]_[A-Za-z0-9]{20,}|"
+                           r"xox[abprs]-[A-Za-z0-9-]{10,}|AKIA[0-9A-Z]{16})\b")
+
+
+def command_line(argv: list[str] | None = None) -> list[str]:
+    """sys.argv for metrics.json, with anything token-like replaced by ***: a value following (or given to)
+    an option or a --set key named like a secret, and strings shaped like hub/API tokens."""
+    from lorafit.recipe import redact  # hub tokens, and $HF_TOKEN's value wherever it appears
+
+    argv = [redact(arg) for arg in (sys.argv if argv is None else argv)]
+    out = [Path(argv[0]).name] if argv else []
+    hide_next = False
+    for arg in argv[1:]:
+        if hide_next:
+            out.append("***")
+            hide_next = False
+            continue
+        name, eq, _ = arg.partition("=")
+        if eq and _SECRET_NAME.search(name):
+            arg = f"{name}=***"
+        elif arg.startswith("-") and _SECRET_NAME.search(arg):
+            hide_next = True
+        out.append(_SECRET_VALUE.sub("***", arg).replace("hf_***", "***"))
+    return out
+
+
+# report_to → the module the tracker needs, and the package that provides it.
+TRACKERS = {"tensorboard": (("tensorboard", "tensorboardX"), "tensorboard"), "wandb": (("wandb",), "wandb"),
+            "mlflow": (("mlflow",), "mlflow")}
+
+
+def check_tracker(report_to: str) -> None:
+    """training.report_to names a tracker that is installed (else Trainer fails after the model loads)."""
+    import importlib.util
+
+    if report_to not in TRACKERS:
+        return
+    modules, package = TRACKERS[report_to]
+    if not any(importlib.util.find_spec(m) is not None for m in modules):
+        raise LorafitError(f"{report_to} is not installed", where="training.report_to",
+                           fix=f"install it ({sys.executable} -m pip install {package}) or set "
+                               "training.report_to: none")
+
+
+def warn_remote_code(spec) -> None:
+    """model.trust_remote_code on a model that ships code: say, before it runs, whose code runs."""
+    import json
+
+    if not spec.trust_remote_code:
+        return
+    path = Path(spec.name).expanduser()
+    if path.is_dir():
+        try:
+            if not json.loads((path / "config.json").read_text(encoding="utf-8")).get("auto_map"):
+                return  # nothing of its own to run
+        except (OSError, ValueError):
+            return
+        source = f"the local directory {path}"
+    else:
+        source = f"{spec.name} at revision {spec.revision or 'main (unpinned)'}"
+    log.warn(f"model.trust_remote_code is on: the Python code of {source} will run on this machine; read it, "
+             "and pin model.revision to a commit so that it cannot change under you")
+
+
+def check_model(recipe: Recipe) -> None:
+    """validate's checks of the model, for train to run before the data, the weights and the run dir: the
+    tracker, the model's files and config, its code, and lora.target_modules resolved on the meta model."""
+    from lorafit.core.targets import build_meta_model, resolve_targets
+
+    spec = recipe.model
+    check_tracker(recipe.training.report_to)
+    models.check_model_files(spec)
+    warn_remote_code(spec)
+    config = load_config(spec.name, revision=spec.revision, trust_remote_code=spec.trust_remote_code,
+                         gguf_file=spec.gguf_file)
+    num_labels = spec.num_labels if spec.num_labels is not None else (
+        getattr(config, "num_labels", 2) if spec.task in ("seq_cls", "token_cls") else None)
+    meta = build_meta_model(config, spec.task, trust_remote_code=spec.trust_remote_code, num_labels=num_labels)
+    resolve_targets(meta, recipe.lora.target_modules, model_name=spec.name)
 
 
 @contextlib.contextmanager

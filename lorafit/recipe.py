@@ -7,6 +7,8 @@
 from __future__ import annotations
 
 import difflib
+import os
+import re
 from pathlib import Path
 from typing import Literal, Optional, Union
 
@@ -38,7 +40,7 @@ ALPACA_TEMPLATE_NO_INPUT = (
 
 class Section(BaseModel):
     # Unknown keys are errors; YAML 1.1 reads `2e-4` as a string, so numbers come from strings too.
-    model_config = ConfigDict(extra="forbid", coerce_numbers_to_str=True, validate_default=True)
+    model_config = ConfigDict(extra="forbid", coerce_numbers_to_str=True, validate_default=True, allow_inf_nan=False)
 
 
 class ModelSpec(Section):
@@ -51,7 +53,22 @@ class ModelSpec(Section):
         "auto", description="dtype the base weights are loaded in; auto follows training.precision.")
     revision: Optional[str] = Field(None, description="Hub revision (branch, tag or commit) of the model.")
     trust_remote_code: bool = Field(False, description="Run model code shipped with the checkpoint. Off unless you trust it.")
+    allow_pickle: bool = Field(
+        False, description="Accept weights stored as pickles (pytorch_model.bin, *.pt): loaded with weights_only, with a "
+                           "warning. Off: safetensors only (convert with save_pretrained(..., safe_serialization=True)).")
     gguf_file: Optional[str] = Field(None, description="Load the weights from this GGUF file (inside model.name, or a path); dequantized on load.")
+    base_id: Optional[str] = Field(
+        None, description="Hub id of the local base (model.name a directory or a .gguf file), recorded as the adapter's "
+                          "base and pushed instead of a local path; a GGUF's own metadata supplies it when unset.")
+
+    @field_validator("base_id")
+    @classmethod
+    def _base_id(cls, v: Optional[str]) -> Optional[str]:
+        import re
+
+        if v is not None and not re.fullmatch(r"[\w.-]+/[\w.-]+", v):
+            raise ValueError("must be a hub id OWNER/NAME (e.g. HuggingFaceTB/SmolLM2-135M-Instruct)")
+        return v
 
 
 class QuantizationSpec(Section):
@@ -140,6 +157,8 @@ class DataSpec(Section):
     max_length: int = Field(1024, ge=8, description="Tokens per example; longer rows are truncated (and counted).")
     train_on_inputs: bool = Field(False, description="Also train on prompt tokens (default: responses only).")
     seed: int = Field(42, description="Seed of the train/eval split.")
+    strict: bool = Field(False, description="Make the data checks' warnings (truncation, duplicates, empty "
+                                            "fields, ...; docs/data.md) errors: exit 2 before training.")
 
     @field_validator("eval_fraction")
     @classmethod
@@ -176,8 +195,15 @@ class TrainingSpec(Section):
         "auto", description="Mixed precision; auto = bf16 on a GPU that supports it, else fp32.")
     logging_steps: int = Field(10, ge=1, description="Log loss every N steps.")
     eval_steps: Optional[int] = Field(None, ge=1, description="Evaluate every N steps; default: at the end only.")
-    save_steps: Optional[int] = Field(None, ge=1, description="Write a resumable checkpoint every N steps; default: at the end.")
-    save_total_limit: int = Field(2, ge=1, description="Checkpoints kept.")
+    save_steps: Optional[int] = Field(
+        200, ge=1, description="Write a resumable checkpoint (checkpoints/checkpoint-N) every N steps, and at the last "
+                               "step; null: only on the save_minutes clock and at the end. Whichever of save_steps and "
+                               "save_minutes comes first writes the next checkpoint.")
+    save_minutes: Optional[float] = Field(
+        10, gt=0, description="Also write a checkpoint when this many minutes have passed since the last one (checked "
+                              "after each step), so a slow run never loses more than ~10 minutes; null: steps only.")
+    save_total_limit: int = Field(2, ge=1, description="Checkpoints kept (older ones are deleted). Each holds the adapter "
+                                                       "and the optimizer state; `lorafit estimate` shows the disk they take.")
     seed: int = Field(42, description="Seed of initialisation, dropout and data order.")
     report_to: Literal["none", "tensorboard", "wandb", "mlflow"] = Field("none", description="Experiment tracker.")
 
@@ -228,22 +254,128 @@ class Recipe(Section):
 # Loading, overrides and error messages
 
 
+# Caps on what a recipe may be: a hostile or broken file fails at once, before it costs memory or time.
+MAX_RECIPE_BYTES = 1_000_000   # a real recipe is a few KB
+MAX_SET_CHARS = 10_000         # one --set value
+MAX_ALIASES = 100              # *alias references (a real recipe has a handful)
+MAX_DEPTH = 32                 # nesting of mappings and lists (a real recipe: 3 or 4)
+MAX_NODES = 100_000            # values once every alias is expanded (the "billion laughs" cap)
+
+
+class _YAMLLimit(Exception):
+    """The document passed a cap; *line* is 1-based, or None."""
+
+    def __init__(self, message: str, fix: str, line: int | None = None):
+        super().__init__(message)
+        self.message, self.fix, self.line = message, fix, line
+
+
+class _CappedLoader(yaml.SafeLoader):
+    """yaml's SafeLoader that counts aliases, depth and nodes while composing, and the expanded size
+    of the graph before anything is constructed: an alias bomb or a 10,000-deep nesting stops early."""
+
+    def __init__(self, stream):
+        super().__init__(stream)
+        self._aliases = self._depth = self._nodes = 0
+
+    def compose_node(self, parent, index):
+        line = self.peek_event().start_mark.line + 1
+        if self.check_event(yaml.AliasEvent):
+            self._aliases += 1
+            if self._aliases > MAX_ALIASES:
+                raise _YAMLLimit(f"more than {MAX_ALIASES} aliases (*name)",
+                                 "write the values out; a recipe needs few anchors", line)
+        self._nodes += 1
+        if self._nodes > MAX_NODES:
+            raise _YAMLLimit(f"more than {MAX_NODES:,} values", "a recipe holds a few dozen settings", line)
+        self._depth += 1
+        try:
+            if self._depth > MAX_DEPTH:
+                raise _YAMLLimit(f"nested more than {MAX_DEPTH} levels deep",
+                                 "a recipe is sections of settings, 2 to 4 levels deep", line)
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+    def get_single_node(self):
+        node = super().get_single_node()
+        if node is not None:
+            _expanded_size(node)
+        return node
+
+
+def _expanded_size(root) -> int:
+    """Nodes of the document once every alias is expanded (shared nodes counted at each use); raises
+    _YAMLLimit past MAX_NODES or on an alias that contains itself. Memoized: linear in the graph."""
+    sizes: dict[int, int] = {}
+    open_: set[int] = set()
+
+    def size(node) -> int:
+        key = id(node)
+        if key in sizes:
+            return sizes[key]
+        if key in open_:
+            raise _YAMLLimit("an alias refers to a value that contains it", "remove the self-reference",
+                             node.start_mark.line + 1)
+        open_.add(key)
+        total = 1
+        if isinstance(node, yaml.SequenceNode):
+            total += sum(size(child) for child in node.value)
+        elif isinstance(node, yaml.MappingNode):
+            total += sum(size(k) + size(v) for k, v in node.value)
+        open_.discard(key)
+        if total > MAX_NODES:
+            raise _YAMLLimit(f"expands to more than {MAX_NODES:,} values (aliases repeated inside aliases)",
+                             "write the values out instead of nesting anchors", node.start_mark.line + 1)
+        sizes[key] = total
+        return total
+
+    return size(root)
+
+
+def _load_yaml(text: str):
+    loader = _CappedLoader(text)
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
+
+
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     """Read a YAML recipe, apply ``--set key=value`` overrides, validate. Raises RecipeError."""
     path = Path(path)
     if not path.is_file():
         raise RecipeError(f"recipe file not found: {path}", fix="pass the path of a .yaml recipe")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        with path.open("rb") as f:
+            data = f.read(MAX_RECIPE_BYTES + 1)
+    except OSError as e:
+        raise RecipeError(f"cannot read the recipe: {e.strerror}", where=str(path),
+                          fix="check the file's permissions") from None
+    if len(data) > MAX_RECIPE_BYTES:
+        raise RecipeError(f"the recipe is larger than {MAX_RECIPE_BYTES // 1_000_000} MB", where=str(path),
+                          fix="a recipe is a few KB of settings: pass the recipe, not a data or model file")
+    try:
+        raw = _load_yaml(data.decode("utf-8"))
     except UnicodeDecodeError as e:
-        raise RecipeError(f"not valid UTF-8 ({e.reason} at byte {e.start})", where=str(path)) from None
+        raise RecipeError(f"not valid UTF-8 ({e.reason} at byte {e.start})", where=str(path),
+                          fix="save the recipe as UTF-8") from None
+    except _YAMLLimit as e:
+        raise RecipeError(f"refused: {e.message}", where=f"{path}:{e.line}" if e.line else str(path),
+                          fix=e.fix) from None
+    except RecursionError:
+        raise RecipeError("refused: nested too deeply", where=str(path),
+                          fix="a recipe is sections of settings, 2 to 4 levels deep") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark else str(path)
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise RecipeError(f"invalid YAML: {problem}", where=where,
+        raise RecipeError(f"invalid YAML: {redact(problem)}", where=where,
                           fix="check the indentation and the quoting there (a value holding ': ' or starting "
                               "with [ { * & needs quotes)") from None
+    except ValueError as e:  # a value YAML recognises but cannot build, e.g. the date 2024-13-45
+        raise RecipeError(f"invalid YAML value: {redact(str(e).splitlines()[0] if str(e) else type(e).__name__)}",
+                          where=str(path), fix="quote the value to keep it a string") from None
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
@@ -251,6 +383,21 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     for item in overrides or []:
         apply_override(raw, item)
     return resolve_paths(validate_recipe(raw, source=str(path)), path.parent)
+
+
+# A Hugging Face access token: never echoed in an error, a resolved recipe or a run's files.
+_TOKEN = re.compile(r"hf_[A-Za-z0-9]{16,}")
+
+
+def redact(text: str) -> str:
+    """*text* with Hugging Face tokens (hf_..., and $HF_TOKEN's value) replaced by hf_***."""
+    import os
+
+    for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"):
+        token = os.environ.get(name, "").strip()
+        if len(token) >= 8:
+            text = text.replace(token, "hf_***")
+    return _TOKEN.sub("hf_***", text)
 
 
 def resolve_paths(recipe: Recipe, recipe_dir: Path) -> Recipe:
@@ -270,10 +417,13 @@ def resolve_paths(recipe: Recipe, recipe_dir: Path) -> Recipe:
     recipe.model.name = resolve(recipe.model.name)
     recipe.data.train = resolve(recipe.data.train)
     recipe.data.eval = resolve(recipe.data.eval)
+    # The run directory is made where the command runs: recorded absolute, so the recipe reruns anywhere.
+    recipe.output.dir = os.path.abspath(os.path.expanduser(recipe.output.dir))
     return recipe
 
 
 def validate_recipe(raw: dict, source: str = "recipe") -> Recipe:
+    _refuse_tokens(raw, source)
     try:
         return Recipe.model_validate(raw)
     except ValidationError as e:
@@ -284,8 +434,22 @@ def validate_recipe(raw: dict, source: str = "recipe") -> Recipe:
             path = line.split(": ", 1)[0]
             if path not in seen:  # a union field fails once per branch: report it once
                 seen.add(path)
-                problems.append(f"{source}: {line}")
+                problems.append(redact(f"{source}: {line}"))
         raise RecipeError(problems[0].split(": ", 1)[1], where=source, problems=problems) from None
+
+
+def _refuse_tokens(node, source: str, path: str = "") -> None:
+    """A Hugging Face token in a recipe (or --set) would be copied into recipe.yaml, logs and model cards."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            _refuse_tokens(value, source, f"{path}.{key}" if path else str(key))
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            _refuse_tokens(value, source, f"{path}[{i}]")
+    elif isinstance(node, str) and redact(node) != node:
+        raise RecipeError(f"{path or 'recipe'}: holds a Hugging Face access token (hf_***), which would be copied "
+                          "into the run's files", where=source,
+                          fix="remove it: lorafit reads the token from HF_TOKEN or `hf auth login`, never from a recipe")
 
 
 def apply_override(raw: dict, item: str) -> None:
@@ -302,9 +466,14 @@ def apply_override(raw: dict, item: str) -> None:
             raise RecipeError(f"unknown key{_did_you_mean(part, model)}", where=f"--set {dotted}")
         sub = _section_model(model, part) if model is not None else None
         if i == len(parts) - 1:
+            if len(value) > MAX_SET_CHARS:
+                raise RecipeError(f"the value is longer than {MAX_SET_CHARS:,} characters", where=f"--set {dotted}",
+                                  fix="put long values (templates, lists) in the recipe file")
             try:
-                node[part] = yaml.safe_load(value) if value.strip() else ""
-            except yaml.YAMLError:
+                node[part] = _load_yaml(value) if value.strip() else ""
+            except _YAMLLimit as e:
+                raise RecipeError(f"refused: {e.message}", where=f"--set {dotted}", fix=e.fix) from None
+            except (yaml.YAMLError, ValueError, RecursionError):
                 node[part] = value
         else:
             if sub is None:
@@ -317,7 +486,7 @@ def apply_override(raw: dict, item: str) -> None:
 
 def dump_recipe(recipe: Recipe) -> str:
     """The fully resolved recipe as YAML (defaults filled in), in section order."""
-    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False, allow_unicode=True, width=100)
+    return redact(yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False, allow_unicode=True, width=100))
 
 
 def recipe_schema() -> dict:

@@ -36,12 +36,56 @@ def validate_lines(report) -> list[str]:
               ("data", f"{s['train_rows']} train / {s['eval_rows']} eval rows, {s['train_tokens']:,} train tokens "
                        f"({s['trainable_tokens']:,} trained), {s['truncated']} truncated, "
                        f"{s['dropped_fully_masked']} dropped"),
+              *data_checks(s),
               ("targets", f"{', '.join(t['target_modules'])} → {t['adapted_modules']} modules, "
                           f"{t['lora_params'] + t['dora_params']:,} LoRA params at r={t['r']}")]
     head = estimate_headline(plan)
     checks += [("estimate", line) for line in head[:2]]
     return [f"ok  {what:<10} {detail}" for what, detail in checks] + \
         [f"warning: {w}" for w in head[2:] + report.warnings]
+
+
+def data_checks(s: dict) -> list[tuple[str, str]]:
+    """The data doctor's findings (the data stage's stats): token lengths, then the rows worth a look."""
+    if "token_lengths" not in s:  # stats written before the data doctor
+        return []
+    n = s["token_lengths"]
+    eval_dupes = f", {s['eval_in_train']} eval rows also in train" if s.get("eval_in_train") else ""
+    warned = f"; {len(s['warnings'])} data warning(s) on stderr" if s.get("warnings") else ""
+    return [("lengths", f"tokens per row p50 {n['p50']:,}, p95 {n['p95']:,}, max {n['max']:,} "
+                        f"(data.max_length {s['max_length']:,})"),
+            ("rows", f"{s['truncated']} truncated ({s['eos_cut']} lost their EOS), {s['dropped_fully_masked']} with "
+                     f"nothing to train, {s['duplicates']} duplicates{eval_dupes}, {s['empty_fields']} with an empty "
+                     f"field{warned}")]
+
+
+def data_summary(s: dict) -> str:
+    """One line for the start of ``lorafit train``."""
+    n = s["token_lengths"]
+    return (f"{s['train_rows']} train / {s['eval_rows']} eval rows; tokens per row p50 {n['p50']:,}, "
+            f"p95 {n['p95']:,}, max {n['max']:,} (max_length {s['max_length']:,}); {s['truncated']} truncated "
+            f"({s['eos_cut']} lost their EOS), {s['dropped_fully_masked']} dropped, {s['duplicates']} duplicates, "
+            f"{s['empty_fields']} with an empty field")
+
+
+_GREEN, _RESET = "\x1b[1;32m", "\x1b[0m"
+
+
+def example_lines(example: dict, *, color: bool) -> list[str]:
+    """``lorafit validate --show-example N``: the row's text, trained spans in [[...]] (or green on a terminal)."""
+    how = "trained tokens in green" if color else "trained tokens in [[...]]"
+    label = f", class {example['label']}" if "label" in example else ""
+    head = (f"train row {example['row']} of {example['rows']} (before shuffling) as the model sees it: "
+            f"{example['tokens']} tokens, {example['trained_tokens']} trained{label}; {how}")
+    text = ""
+    for piece, trained in example["segments"]:
+        if not trained:
+            text += piece
+        elif color:  # per line: a colour left open across a newline bleeds into the terminal
+            text += "\n".join(f"{_GREEN}{part}{_RESET}" if part else "" for part in piece.split("\n"))
+        else:
+            text += f"[[{piece}]]"
+    return [head, "", *text.split("\n")]
 
 
 def evaluate_lines(report: dict) -> list[str]:
@@ -103,7 +147,16 @@ def estimate_table(report: dict):
     rot = report["rule_of_thumb"]
     notes = Text("assumptions (" + dev["plan"] + "):\n" + "\n".join(f"  - {a}" for a in mine["assumptions"])
                  + f"\nrule of thumb ({rot['kind']}, scaled to this model): {gb(rot['bytes'])}; see docs/estimate.md")
-    return Group(head, params, table, fit, notes)
+    parts = [head, params, table, fit, notes]
+    disk = report.get("disk")
+    if disk:
+        every = disk["checkpoint_every"]
+        when = " or ".join(x for x in (f"{every['steps']} steps" if every["steps"] else "",
+                                       f"{every['minutes']:g} min" if every["minutes"] else "") if x) or "the end"
+        parts.append(Text(f"disk: {gb(disk['total_bytes'])} = adapter {gb(disk['adapter_bytes'])} + checkpoints of "
+                          f"{gb(disk['checkpoint_bytes'])} each ({disk['checkpoints_kept']} kept + 1 being written; "
+                          f"one every {when})"))
+    return Group(*parts)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -78,6 +78,7 @@ def estimate(recipe: Recipe) -> dict:
         "device": {"kind": kind, "memory_bytes": memory, "plan": kind,
                    "fits": mine["total_bytes"] <= memory},
         "rule_of_thumb": rule_of_thumb(recipe, count.base_params),
+        "disk": disk_plan(recipe, mine),
     }
 
 
@@ -171,6 +172,24 @@ def plan(recipe: Recipe, config, keys: list[str], parts: dict, count: T.Trainabl
         "activation_model": act,
         "assumptions": notes,
     }
+
+
+# Beside weights and optimizer state a checkpoint holds the scheduler, RNG states, trainer_state.json and the
+# tokenizer's files (Llama 3's tokenizer.json alone is ~9 MB): an upper allowance.
+CHECKPOINT_EXTRA = 16 * MiB
+
+
+def disk_plan(recipe: Recipe, mine: dict) -> dict:
+    """Disk the run directory needs: adapter/ plus the checkpoints kept (each = the trainable weights + the
+    optimizer state + small files); while a new checkpoint is written the oldest is still there."""
+    comp, tr = mine["components"], recipe.training
+    adapter = comp["gradients"]  # every trainable parameter, saved in its training dtype: as many bytes as its grads
+    checkpoint = adapter + comp["optimizer_states"] + CHECKPOINT_EXTRA
+    kept = tr.save_total_limit
+    return {"adapter_bytes": int(adapter), "checkpoint_bytes": int(checkpoint), "checkpoints_kept": kept,
+            "total_bytes": int(adapter + checkpoint * (kept + 1)),
+            "checkpoint_every": {"steps": tr.save_steps, "minutes": tr.save_minutes},
+            "assumption": f"adapter + {kept} checkpoints kept (training.save_total_limit) + 1 being written"}
 
 
 def rule_of_thumb(recipe: Recipe, params: int) -> dict:

@@ -23,6 +23,9 @@ from lorafit.stages.train import build_trainer
 def _adapter_recipe(source, data: Path | None) -> Recipe:
     """The recipe to evaluate with: the run's own (its eval split, or --data in the same format), or for a
     standalone adapter one built from adapter_config.json and the format the --data rows show."""
+    if data is not None and data.suffix and not data.is_file():  # (a hub dataset id has no suffix)
+        raise LorafitError(f"file not found: {data}", where="--data",
+                           fix="pass a .jsonl, .json, .csv or .parquet file with the rows to evaluate on")
     overrides = [f"data.train={data}", "data.eval=null", "data.eval_fraction=0"] if data else []
     recipe = source.run_recipe(overrides)
     if recipe is not None:
@@ -49,11 +52,17 @@ def evaluate_adapter(path: Path, data: Path | None) -> dict:
 
     log.quiet_libraries()
     tokenizer = models.load_adapter_tokenizer(source)
-    bundle = build_datasets(recipe.data, tokenizer, recipe.model.task, recipe.model.num_labels)
+    try:
+        bundle = build_datasets(recipe.data, tokenizer, recipe.model.task, recipe.model.num_labels)
+    except LorafitError as e:  # --data stands in for the run's data.train: name what the user typed
+        if data is not None and e.where in ("data.train", recipe.data.train):
+            e.where = f"--data {data}" if e.where == "data.train" else e.where
+            e.args = (str(e),)
+        raise
     dataset = bundle.train if data else bundle.eval
     if dataset is None:
-        raise LorafitError("the run has no held-out split (data.eval_fraction was 0)", where="--data",
-                           fix="pass --data FILE")
+        raise LorafitError(f"the run {source.adapter_dir.parent} has no held-out split (its data.eval_fraction was 0 "
+                           "and it had no data.eval)", where=str(path), fix="pass --data FILE with the rows to evaluate on")
     model, _ = models.load_adapted(source, num_labels=policies.class_count(recipe.model.num_labels, bundle.label_names),
                                    label_names=bundle.label_names)
     args = TrainingArguments(output_dir=tempfile.mkdtemp(prefix="lorafit-eval-"),
@@ -61,6 +70,7 @@ def evaluate_adapter(path: Path, data: Path | None) -> dict:
                              report_to=[], disable_tqdm=True, remove_unused_columns=False,
                              use_cpu=not torch.cuda.is_available(), save_strategy="no")
     result = evaluate_model(build_trainer(model, args, bundle.collator), dataset, recipe.evaluation)
-    result["data"] = str(data) if data else "held-out split of the run"
+    # The rows measured: the whole --data file, else the run's held-out rows (data.eval or its eval split).
+    result["data"] = str(data) if data else f"held-out rows of the run ({recipe.data.eval or 'its eval split'})"
     result["adapter"] = str(source.adapter_dir)
     return json.loads(json.dumps(result, default=str))

@@ -1,8 +1,8 @@
 """``lorafit find-targets``: every module of a model that can take LoRA, and what each preset costs.
 
-Everything is read from the config on the meta device (no weights); counts come from
-``lorafit.targets``, the same code that training's inject stage uses. The JSON document is described
-in docs/targets.md (``schema_version`` 1).
+Everything is read from the config on the meta device (no weights; a .gguf file's config is its
+metadata); counts come from ``lorafit.targets``, the same code that training's inject stage uses. The
+JSON document is described in docs/targets.md (``schema_version`` 1).
 """
 
 from __future__ import annotations

@@ -21,9 +21,11 @@ def load_for_inference(model_or_adapter: str | Path):
         return model, tokenizer, source.run_recipe()
     spec = ModelSpec(name=str(model_or_adapter))
     path = models.local_path(spec.name, where=str(model_or_adapter))
-    if path is not None and not (path / "config.json").is_file():
+    if path is not None and path.is_file() and models.is_gguf_name(spec.name):
+        spec = models.materialize_gguf(spec)  # a .gguf file: its cached plain conversion
+    elif path is not None and not (path / "config.json").is_file():
         raise ModelError("neither a model, an adapter nor a run directory", where=str(model_or_adapter),
-                         fix="pass a run dir, an adapter dir, a local model dir or a cached hub id")
+                         fix="pass a run dir, an adapter dir, a local model dir, a .gguf file or a cached hub id")
     tokenizer = models.load_tokenizer(spec)
     dtype = policies.weights_dtype(spec, QuantizationSpec(), policies.precision(TrainingSpec()))
     model = models.load_model(spec, None, dtype, pad_token_id=tokenizer.pad_token_id)

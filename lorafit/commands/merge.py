@@ -27,7 +27,7 @@ from lorafit import log
 from lorafit.commands.merge_streaming import checkpoint_index, checkpoint_key, merge_streaming, tensor_shapes
 from lorafit.commands.verify import verify_merged
 from lorafit.core.adapters import AdapterSource, find_adapter
-from lorafit.core.models import TOKENIZER_FILES, has_tokenizer, load_adapted, local_path
+from lorafit.core.models import TOKENIZER_FILES, base_spec, has_tokenizer, load_adapted, local_path
 from lorafit.errors import ModelError
 
 DTYPES = ("bfloat16", "float16", "float32")
@@ -49,11 +49,14 @@ def merge(adapter_dir: str | Path, output: str | Path, *, base: str | None = Non
     _check_output(output, source, force)
     shard_bytes = _parse_size(max_shard_size)
     _quiet_transformers()
-    base_dir = _base_dir(source.base)  # local files: shapes check, low-memory streaming, config
+    base_dir = _base_dir(base_spec(source)[0].name)  # local files (the run's local copy of a GGUF base): shapes check, streaming, config
     _check_shapes(source, base_dir)
 
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.merging-", dir=output.parent))
+    umask = os.umask(0o022)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would stay on the output: respect the umask, as mkdir does
     try:
         log.info(f"merging {source.adapter_dir} into {source.base} ({dtype}{', low memory' if low_memory else ''})")
         if low_memory:

@@ -16,6 +16,7 @@ from lorafit import log
 from lorafit.commands import merge as merge_mod
 from lorafit.commands.card import build_card
 from lorafit.core.adapters import find_adapter, holds_adapter
+from lorafit.core.models import adapter_hub_base
 from lorafit.errors import ModelError, PushError
 
 
@@ -63,13 +64,15 @@ def plan_upload(path: Path, repo_id: str, *, merged: bool, tmp: Path) -> Upload:
         report = _read_json(path / merge_mod.REPORT_FILE)
         recipe = metrics = None
         adapter = (report or {}).get("adapter")
+        hub_base = None
         if adapter and Path(adapter).exists():  # the adapter's run is still here: describe its training
             try:
                 src = find_adapter(adapter)
                 recipe, metrics = src.recipe, _read_json(src.run_dir / "metrics.json") if src.run_dir else None
+                hub_base = adapter_hub_base(src)
             except ModelError:
                 pass
-        base = (report or {}).get("base") or _read_json(path / "config.json").get("_name_or_path")
+        base = hub_base or (report or {}).get("base") or _read_json(path / "config.json").get("_name_or_path")
         card = build_card(repo_id=repo_id, kind="merged", base=base, recipe=recipe, metrics=metrics, merge_report=report)
         return Upload("merged", _files(path), card)
 
@@ -77,19 +80,25 @@ def plan_upload(path: Path, repo_id: str, *, merged: bool, tmp: Path) -> Upload:
     recipe = source.recipe
     metrics = _read_json(source.run_dir / "metrics.json") if source.run_dir else None
     if not merged:
-        card = build_card(repo_id=repo_id, kind="adapter", base=source.base, recipe=recipe, metrics=metrics)
-        return Upload("adapter", _files(source.adapter_dir), card)
+        base = adapter_hub_base(source)
+        card = build_card(repo_id=repo_id, kind="adapter", base=base or _local_base_name(source), recipe=recipe,
+                          metrics=metrics)
+        files = _files(source.adapter_dir)
+        if base != source.config.get("base_model_name_or_path"):
+            files["adapter_config.json"] = _adapter_config(source, base)
+        return Upload("adapter", files, card)
 
     # --merged: exactly `lorafit merge --verify` (bf16 base, never quantized) into a temporary dir.
     out = tmp / "merged"
     report = merge_mod.merge(path, out, dtype="bfloat16", verify=True)
     if not report["verify"]["passed"]:
         v = report["verify"]
-        raise ModelError(f"the merged model differs from base + adapter (max |logit diff| "
-                         f"{v['max_abs_logit_diff']:.3g} > {v['tolerance']:.3g}); nothing pushed", where=str(path),
+        why = "; ".join(v.get("failures") or [f"max |logit diff| {v['max_abs_logit_diff']:.3g} > {v['tolerance']:.3g}"])
+        raise ModelError(f"the merged model does not compute what base + adapter computes ({why}); nothing pushed",
+                         where=str(path),
                          fix="run `lorafit merge --verify` to inspect merge_report.json")
-    card = build_card(repo_id=repo_id, kind="merged", base=source.base, recipe=recipe, metrics=metrics,
-                      merge_report=report)
+    card = build_card(repo_id=repo_id, kind="merged", base=adapter_hub_base(source) or _local_base_name(source),
+                      recipe=recipe, metrics=metrics, merge_report=report)
     return Upload("merged", _files(out), card, note="merged (bfloat16) into a temporary directory and verified")
 
 
@@ -117,6 +126,24 @@ def _files(directory: Path) -> dict[str, Path | bytes]:
                 report[key] = Path(report[key]).name
         files[REPORT_FILE] = (json.dumps(report, indent=2) + "\n").encode("utf-8")
     return files
+
+
+def _adapter_config(source, base: str | None) -> bytes:
+    """adapter_config.json as uploaded: its base the hub id (adapter_hub_base), never a path on this
+    machine; with no hub id known the base is left out (null), and loading it needs the base named."""
+    config = dict(source.config)
+    config["base_model_name_or_path"] = base
+    if base is None:
+        config["revision"] = None
+        log.warn(f"{source.adapter_dir}: the adapter's base {source.base} is local and no hub id is known "
+                 "(set model.base_id in the recipe): uploaded without a base model")
+    return (json.dumps(config, indent=2, sort_keys=True) + "\n").encode("utf-8")
+
+
+def _local_base_name(source) -> str:
+    """What the card calls a local base: the GGUF file or directory the run named, by its name only."""
+    model = (source.recipe or {}).get("model") or {}
+    return model.get("gguf_file") or model.get("name") or source.base
 
 
 def _size(item: Path | bytes) -> int:

@@ -7,8 +7,12 @@ merge, verify) with the same rules: the adapter's recorded base, revision, dtype
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import hashlib
+import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -76,21 +80,28 @@ def has_tokenizer(directory: Path) -> bool:
 
 def check_model_files(spec: ModelSpec, *, tokenizer: bool = True) -> None:
     """A local directory must hold weights and a tokenizer: transformers would build an empty tokenizer
-    or load pickles without a word."""
+    or load pickles without a word. A GGUF file must be there (it holds both)."""
+    spec = gguf_spec(spec)
     path = local_dir(spec)
     if path is None:
         return
     if spec.gguf_file:
-        gguf = Path(spec.gguf_file)
-        if not (gguf.is_file() or (path / gguf).is_file()):
-            raise ModelError(f"GGUF file not found: {spec.gguf_file} (looked in {path} and the working directory)",
-                             where="model.gguf_file")
+        gguf_path(spec)
         return
     names = {p.name for p in path.iterdir()}
     if not any(n.endswith(".safetensors") or n.endswith(".safetensors.index.json") for n in names):
-        if any(n.startswith("pytorch_model") and n.endswith((".bin", ".bin.index.json")) for n in names):
-            log.warn(f"{path}: weights are a pytorch pickle (pytorch_model.bin), loaded with weights_only; "
-                     "prefer safetensors")
+        pickles = sorted(n for n in names if n.startswith("pytorch_model") and n.endswith((".bin", ".bin.index.json"))
+                         or n.endswith((".pt", ".pth", ".ckpt")))
+        if pickles and not getattr(spec, "allow_pickle", False):
+            # A pickle can run code when it is read: refused unless the recipe opts in.
+            raise ModelError(f"{path / pickles[0]} holds the weights as a pickle, which can run code when loaded; "
+                             "lorafit loads safetensors only", where="model.name",
+                             fix="convert it once, if you trust it: AutoModel.from_pretrained(DIR).save_pretrained(DIR, "
+                                 "safe_serialization=True) writes model.safetensors; or set model.allow_pickle: true "
+                                 "(then read with torch.load(weights_only=True))")
+        if pickles:
+            log.warn(f"{path}: weights are a pickle ({pickles[0]}), read with weights_only because model.allow_pickle "
+                     "is true; prefer safetensors")
         else:
             raise ModelError(f"{path} has config.json but no weights (*.safetensors or pytorch_model.bin)",
                              where="model.name", fix="point model.name at a complete model directory")
@@ -100,6 +111,7 @@ def check_model_files(spec: ModelSpec, *, tokenizer: bool = True) -> None:
 
 
 def _source(spec: ModelSpec) -> tuple[str, dict]:
+    spec = gguf_spec(spec)
     path = local_dir(spec)
     kwargs: dict = {"revision": spec.revision, "trust_remote_code": spec.trust_remote_code}
     if spec.gguf_file:
@@ -107,58 +119,312 @@ def _source(spec: ModelSpec) -> tuple[str, dict]:
     return (str(path) if path else spec.name), kwargs
 
 
+# ----------------------------------------------------------------------------------------------
+# GGUF checkpoints: a .gguf file (or folder + model.gguf_file) read for its metadata, and dequantized
+# once into a cached plain model directory for anything that needs the weights
+
+
+GGUF_SUFFIX = ".gguf"
+# Written into each converted directory: what it was made from (never uploaded: it stays in the cache).
+GGUF_MARKER = "lorafit-gguf.json"
+# ggml's general.file_type values whose weights are plain floats: F32, F16, BF16.
+_GGUF_FILE_DTYPES = {0: "float32", 1: "float16", 32: "bfloat16"}
+
+
+def is_gguf_name(name: str | None) -> bool:
+    return bool(name) and str(name).lower().endswith(GGUF_SUFFIX)
+
+
+def gguf_spec(spec: ModelSpec) -> ModelSpec:
+    """The one normal form of a GGUF model: ``model.name: path/to/file.gguf`` becomes name = its folder,
+    gguf_file = its file name (what ``model.name: DIR`` + ``model.gguf_file: FILE`` says). Any other spec
+    is returned unchanged. A .gguf name that is no file is the user's mistake."""
+    if spec.gguf_file or not is_gguf_name(spec.name):
+        return spec
+    path = Path(spec.name).expanduser()
+    if not path.is_file():
+        raise ModelError(f"GGUF file not found: {spec.name}", where="model.name",
+                         fix="check the path of the .gguf file")
+    return spec.model_copy(update={"name": str(path.parent), "gguf_file": path.name})
+
+
+def gguf_path(spec: ModelSpec) -> Path:
+    """The GGUF file of *spec* on this machine (a hub id's file comes from the hub cache)."""
+    spec = gguf_spec(spec)
+    given = Path(spec.gguf_file).expanduser()
+    if given.is_file():
+        return given
+    folder = local_dir(spec)
+    if folder is not None:
+        if (folder / given).is_file():
+            return folder / given
+        raise ModelError(f"GGUF file not found: {spec.gguf_file} (looked in {folder} and the working directory)",
+                         where="model.gguf_file")
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return Path(hf_hub_download(spec.name, spec.gguf_file, revision=spec.revision))
+    except Exception as e:  # offline and not cached, no such repo or file
+        raise ModelError(f"cannot get {spec.gguf_file} from {spec.name}: {str(e).splitlines()[0][:200]}",
+                         where="model.gguf_file", fix="download it first, or give the path of the .gguf file") from None
+
+
+def gguf_metadata(path: str | Path) -> dict:
+    """A GGUF file's metadata keys (string arrays such as the vocabulary only counted): milliseconds, no
+    tensor read."""
+    try:
+        try:
+            from transformers.integrations.gguf.reader import read_gguf_metadata
+        except ImportError:  # an older transformers: gguf-py's own (slower) reader, scalar keys only
+            from gguf import GGUFReader
+
+            fields = GGUFReader(str(path)).fields.items()
+            return {key: field.contents() for key, field in fields if len(field.types) == 1}
+        return read_gguf_metadata(str(path))[0]
+    except (ValueError, OSError) as e:
+        raise ModelError(f"{Path(path).name} is not a readable GGUF file: {str(e).splitlines()[0]}",
+                         where="model.gguf_file") from None
+
+
+_HUB_URL = re.compile(r"https?://(?:www\.)?huggingface\.co/(?:models/)?([\w.-]+/[\w.-]+)/?(?:tree/.*|blob/.*)?")
+
+
+def gguf_hub_id(metadata: dict) -> str | None:
+    """The hub repo the GGUF was converted from, when its metadata says (general.source.* /
+    general.repo_url as a huggingface.co URL, or a general.name that is an OWNER/NAME id).
+
+    general.base_model.* is not used: it names the model a fine-tune started from, not this checkpoint."""
+    for key in ("general.source.repo_url", "general.source.url", "general.repo_url", "general.url"):
+        value = metadata.get(key)
+        match = _HUB_URL.fullmatch(value.strip()) if isinstance(value, str) else None
+        if match and is_hub_id(match.group(1)):
+            return match.group(1)
+    name = metadata.get("general.name")
+    if isinstance(name, str) and name.count("/") == 1 and is_hub_id(name):
+        return name
+    return None
+
+
+def gguf_dtype(path: str | Path, metadata: dict | None = None) -> str:
+    """The dtype a GGUF's weights naturally dequantize to: its own float type for an F16/BF16/F32 file
+    (general.file_type, else the types of its tensors); bfloat16 for a quantized one (its blocks' values
+    need no more than 16 bits, and bfloat16 keeps float32's range)."""
+    metadata = gguf_metadata(path) if metadata is None else metadata
+    file_type = metadata.get("general.file_type")
+    if file_type in _GGUF_FILE_DTYPES:
+        return _GGUF_FILE_DTYPES[file_type]
+    try:
+        from transformers.integrations.gguf.reader import GgufHeader
+
+        dtype = GgufHeader.from_file(str(path)).dtype  # None when any tensor is a quantized block
+    except (ImportError, ValueError, OSError):
+        dtype = None
+    return str(dtype).removeprefix("torch.") if dtype is not None else "bfloat16"
+
+
 def gguf_cache_root() -> Path:
     home = os.environ.get("HF_HOME") or str(Path.home() / ".cache" / "huggingface")
     return Path(os.environ.get("LORAFIT_CACHE", str(Path(home) / "lorafit")))
+
+
+_CACHE_DIR = re.compile(r".+-[0-9a-f]{16}")
+
+
+def is_gguf_cache(name: str | None) -> bool:
+    """A directory lorafit dequantized a GGUF into (it may since have been deleted): …/gguf/STEM-KEY."""
+    if not name or not looks_like_path(str(name)):
+        return False
+    path = Path(name)
+    return path.parent.name == "gguf" and bool(_CACHE_DIR.fullmatch(path.name))
+
+
+def gguf_source(directory: str | Path) -> dict:
+    """What a converted directory records about its GGUF (GGUF_MARKER), or {}."""
+    try:
+        return json.loads((Path(directory) / GGUF_MARKER).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
 
 
 def materialize_gguf(spec: ModelSpec) -> ModelSpec:
     """A GGUF checkpoint, dequantized once into a cached safetensors model directory.
 
     transformers refuses to train a model loaded from GGUF, and merge/peft need a plain base to reload:
-    so training runs on the converted directory, which the adapter's config then names as its base.
-    Returns *spec* unchanged when there is no gguf_file.
+    so training runs on the converted directory. It holds the weights in the file's natural dtype
+    (gguf_dtype), every tensor mapped (else ModelError), and is rebuilt when deleted. Returns the spec of
+    that directory, with base_id the hub id the adapter should record (model.base_id, else the GGUF's
+    metadata; None when neither knows). Returns *spec* unchanged when it names no GGUF.
     """
+    spec = gguf_spec(spec)
     if not spec.gguf_file:
         return spec
+    check_model_files(spec)
+    gguf = gguf_path(spec)
+    metadata = gguf_metadata(gguf)
+    dtype = gguf_dtype(gguf, metadata)
+    stat = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}:{spec.task}:{dtype}"
+                         .encode()).hexdigest()[:16]
+    out = gguf_cache_root() / "gguf" / f"{gguf.stem}-{key}"
+    hub = spec.base_id or gguf_hub_id(metadata)
+    if not (out / "config.json").is_file():
+        _convert_gguf(spec, gguf, out, dtype, metadata)
+    return spec.model_copy(update={"name": str(out), "gguf_file": None, "base_id": hub})
+
+
+def _convert_gguf(spec: ModelSpec, gguf: Path, out: Path, dtype: str, metadata: dict) -> None:
     import torch
 
-    check_model_files(spec)
-    name, kwargs = _source(spec)
-    auto_class = tasks.auto_model_class
-    gguf = Path(spec.gguf_file) if Path(spec.gguf_file).is_file() else Path(name) / spec.gguf_file
-    stat = gguf.stat()
-    key = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}:{spec.task}".encode()).hexdigest()[:16]
-    out = gguf_cache_root() / "gguf" / f"{gguf.stem}-{key}"
-    if not (out / "config.json").is_file():
-        log.info(f"model: dequantizing {gguf.name} once into {out}")
-        tmp = out.with_name(out.name + f".partial-{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        previous = os.environ.get("TQDM_DISABLE")
-        os.environ["TQDM_DISABLE"] = "1"  # transformers' raw dequantization bar
-        try:
-            from transformers import AutoTokenizer
+    log.info(f"model: dequantizing {gguf.name} ({gguf.stat().st_size / 1e6:.0f} MB) once, as {dtype}, into {out} "
+             f"(set LORAFIT_CACHE to put it elsewhere; rebuilt from the GGUF if deleted)")
+    tmp = out.with_name(out.name + f".partial-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    auto_class = tasks.auto_model_class(spec.task)
+    try:
+        from transformers import AutoTokenizer
 
-            loaded = auto_class(spec.task).from_pretrained(name, dtype=torch.float32, **kwargs)
-            tokenizer = AutoTokenizer.from_pretrained(name, **kwargs)
-            config = loaded.config
-            for attr in ("quantization_config",):
-                if hasattr(config, attr):
-                    delattr(config, attr)
-            # A fresh model from the config: no GGUF quantizer attached, ties re-made after loading.
-            plain = auto_class(spec.task).from_config(config, dtype=torch.float32)
-            plain.load_state_dict(loaded.state_dict(), strict=False)
-            plain.tie_weights()
-            plain.save_pretrained(tmp)
-            tokenizer.save_pretrained(tmp)
-            os.replace(tmp, out)
+        kwargs: dict = {"gguf_file": str(gguf), "dtype": getattr(torch, dtype), "output_loading_info": True}
+        try:  # unpack every block: a packed layer would not save
+            from transformers import GgufConfig
+
+            kwargs["quantization_config"] = GgufConfig(dequantize=True)
+        except ImportError:
+            pass
+        unmapped: list[str] = []
+        with gguf_metadata_memo(), _legacy_reader(unmapped):
+            loaded, info = auto_class.from_pretrained(str(gguf.parent), **kwargs)
+            tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=str(gguf))
+        config = copy.deepcopy(loaded.config)
+        if hasattr(config, "quantization_config"):
+            delattr(config, "quantization_config")
+        # A fresh model from the config: no GGUF quantizer attached; built without memory, then given the
+        # loaded tensors themselves.
+        with torch.device("meta"):
+            plain = auto_class.from_config(config, dtype=getattr(torch, dtype))
+        result = plain.load_state_dict(loaded.state_dict(), strict=False, assign=True)
+        plain.tie_weights()
+        _check_mapping(plain, missing=set(info.get("missing_keys") or ()) | set(result.missing_keys),
+                       unused=set(info.get("unexpected_keys") or ()) | set(result.unexpected_keys) | set(unmapped),
+                       mismatched=info.get("mismatched_keys") or (), gguf=gguf)
+        plain.generation_config = loaded.generation_config
+        plain.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / GGUF_MARKER).write_text(json.dumps({"gguf_file": str(gguf.resolve()), "dtype": dtype,
+                                                   "hub_id": gguf_hub_id(metadata), "task": spec.task},
+                                                  indent=2) + "\n", encoding="utf-8")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(out, ignore_errors=True)  # an incomplete one (no config.json)
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
+    hint = "" if spec.base_id or gguf_hub_id(metadata) else \
+        "; its metadata names no hub repo: set model.base_id so that adapters record one, not this directory"
+    log.info(f"model: {gguf.name} dequantized: {size / 1e6:.0f} MB in {out}{hint}")
+
+
+def _check_mapping(model, *, missing: set[str], unused: set[str], mismatched, gguf: Path) -> None:
+    """Every parameter of the model came from the file and every tensor of the file went into the model,
+    else ModelError naming them. A tied weight (lm_head = embed_tokens) is no missing tensor."""
+    params = dict(model.named_parameters(remove_duplicate=False))
+    # Reported missing, or still on the meta device (filled from nowhere): parameters only, buffers are
+    # computed from the config (rotary frequencies, position ids).
+    empty = {n for n in missing if n in params} | {n for n, p in params.items() if p.device.type == "meta"}
+    filled = [p for n, p in params.items() if n not in empty and p.device.type != "meta"]
+    missing = {n for n in empty if not any(params[n] is p for p in filled)}  # tied to a filled one: fine
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} model tensor(s) not in the file (they would stay random): {_names(missing)}")
+    if unused:
+        problems.append(f"{len(unused)} file tensor(s) the model has no place for: {_names(unused)}")
+    if mismatched:
+        problems.append(f"{len(mismatched)} tensor(s) of the wrong shape: {_names(str(m) for m in mismatched)}")
+    if problems:
+        raise ModelError(f"{gguf.name} does not map onto {type(model).__name__}: {'; '.join(problems)}",
+                         where="model.gguf_file",
+                         fix="use a GGUF file transformers converts completely for this architecture (or the "
+                             "original safetensors model)")
+
+
+def _names(names, limit: int = 8) -> str:
+    names = sorted(names)
+    return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+@contextlib.contextmanager
+def _legacy_reader(unmapped: list[str]):
+    """transformers' legacy GGUF reader skips a file tensor its name map lacks without a word (the
+    ``name not in tensor_key_mapping`` test of load_gguf_checkpoint): record those names in *unmapped*
+    (the newer reader reports them as unexpected keys itself). Its raw tqdm bar is silenced too."""
+    try:
+        from transformers import modeling_gguf_pytorch_utils as legacy
+    except ImportError:
+        yield
+        return
+    original_map = getattr(legacy, "get_gguf_hf_weights_map", None)
+    original_bar = getattr(legacy, "tqdm", None)
+
+    class Recording(dict):
+        def __contains__(self, key) -> bool:
+            found = dict.__contains__(self, key)
+            if not found and isinstance(key, str):
+                unmapped.append(key)
+            return found
+
+    depth = 0
+
+    def mapping(*args, **kwargs):  # recursive through the module global: wrap the outermost map only
+        nonlocal depth
+        depth += 1
+        try:
+            result = original_map(*args, **kwargs)
         finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-            if previous is None:
-                os.environ.pop("TQDM_DISABLE", None)
-            else:
-                os.environ["TQDM_DISABLE"] = previous
-    return spec.model_copy(update={"name": str(out), "gguf_file": None})
+            depth -= 1
+        return Recording(result) if depth == 0 else result
+
+    if original_map is not None:
+        legacy.get_gguf_hf_weights_map = mapping
+    if original_bar is not None:
+        legacy.tqdm = lambda iterable, *args, **kwargs: iterable
+    try:
+        yield
+    finally:
+        if original_map is not None:
+            legacy.get_gguf_hf_weights_map = original_map
+        if original_bar is not None:
+            legacy.tqdm = original_bar
+
+
+_GGUF_PARSED: dict = {}
+
+
+@contextlib.contextmanager
+def gguf_metadata_memo():
+    """transformers parses a GGUF's metadata with gguf-py for every config and tokenizer it builds from it
+    (~10 s for a 49k-token vocabulary): parse each file once per process. Only the metadata-only call
+    (return_tensors=False) is remembered, keyed by the file's path, size and mtime."""
+    try:
+        from transformers import modeling_gguf_pytorch_utils as legacy
+    except ImportError:
+        yield
+        return
+    original = legacy.load_gguf_checkpoint
+
+    def load(path, return_tensors=False, *args, **kwargs):
+        if return_tensors or args or kwargs.get("model_to_load") is not None:
+            return original(path, return_tensors, *args, **kwargs)
+        stat = os.stat(path)
+        key = (os.path.realpath(path), stat.st_size, stat.st_mtime_ns)
+        if key not in _GGUF_PARSED:
+            _GGUF_PARSED.clear()  # one file at a time is all a command reads
+            _GGUF_PARSED[key] = original(path, return_tensors=False)
+        return copy.deepcopy(_GGUF_PARSED[key])
+
+    legacy.load_gguf_checkpoint = load
+    try:
+        yield
+    finally:
+        legacy.load_gguf_checkpoint = original
 
 
 def load_tokenizer(spec: ModelSpec):
@@ -167,7 +433,8 @@ def load_tokenizer(spec: ModelSpec):
     check_model_files(spec)
     name, kwargs = _source(spec)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(name, **kwargs)
+        with gguf_metadata_memo():  # a GGUF's vocabulary: read from its metadata, no weights
+            tokenizer = AutoTokenizer.from_pretrained(name, **kwargs)
     except (OSError, ValueError) as e:
         raise ModelError(f"cannot load the tokenizer of '{spec.name}': {str(e).splitlines()[0]}",
                          where="model.name", fix="pass a model directory with tokenizer files, or a cached hub id") from None
@@ -193,7 +460,9 @@ def load_model(spec: ModelSpec, quant: QuantizationSpec | None, dtype: str, *, n
         silence_bitsandbytes()
         kwargs["quantization_config"] = bnb_config(quant)
     if (device or policies.this_device()) == "cuda" and torch.cuda.is_available():
-        kwargs["device_map"] = {"": torch.cuda.current_device()}
+        # Under torchrun each rank owns one GPU: load onto it, not onto cuda:0.
+        torch.cuda.set_device(log.local_rank())
+        kwargs["device_map"] = {"": log.local_rank()}
     if tasks.task(spec.task).labelled:
         if num_labels is not None:
             kwargs["num_labels"] = num_labels
@@ -209,6 +478,10 @@ def load_model(spec: ModelSpec, quant: QuantizationSpec | None, dtype: str, *, n
                          fix="check model.name and model.task") from None
     if quantized:
         cpu_safe(model)
+    if spec.base_id and spec.base_id != name:
+        # What peft records as the adapter's base (base_model_name_or_path, its README's base_model): the
+        # hub id, not a local path.
+        model.name_or_path = model.config.name_or_path = spec.base_id
     if pad_token_id is not None and getattr(model.config, "pad_token_id", None) is None:
         # Sequence classification finds each row's last token through pad_token_id.
         model.config.pad_token_id = pad_token_id
@@ -224,7 +497,11 @@ def base_spec(source: AdapterSource) -> tuple[ModelSpec, QuantizationSpec | None
 
     The run's recipe when the adapter sits in a run directory (revision, trust_remote_code, dtype,
     quantization), always with the adapter's recorded base (or --base, which drops the run's revision);
-    else adapter_config.json alone (also when the run's recipe no longer validates)."""
+    else adapter_config.json alone (also when the run's recipe no longer validates).
+
+    A run on a local base records its hub id when one is known (model.base_id, a GGUF's metadata): the
+    run's recipe still names the local model, and that is what is reloaded here. A GGUF base is its cached
+    conversion, rebuilt from the GGUF the recipe names when the directory was deleted."""
     recorded = source.config.get("base_model_name_or_path")
     try:
         recipe = source.run_recipe()
@@ -232,12 +509,66 @@ def base_spec(source: AdapterSource) -> tuple[ModelSpec, QuantizationSpec | None
         recipe = None
     task = source.task.name
     if recipe is not None:
+        local = _run_local_base(recipe.model, recorded) if source.base == recorded else None
+        if local is not None:
+            return local.model_copy(update={"task": task}), recipe.quantization, recipe.training
         update = {"name": source.base, "task": task, "gguf_file": None}
         if source.base != recorded:
-            update["revision"] = None
-        return recipe.model.model_copy(update=update), recipe.quantization, recipe.training
-    revision = source.config.get("revision") if source.base == recorded else None
-    return ModelSpec(name=source.base, task=task, revision=revision), None, None
+            update.update(revision=None, base_id=None)
+        spec, quant, training = recipe.model.model_copy(update=update), recipe.quantization, recipe.training
+    else:
+        revision = source.config.get("revision") if source.base == recorded else None
+        spec, quant, training = ModelSpec(name=source.base, task=task, revision=revision), None, None
+    if is_gguf_cache(spec.name) and not Path(spec.name).is_dir():
+        raise ModelError(f"the base model {spec.name} was a GGUF file dequantized by lorafit, and that directory "
+                         "has been deleted", where=str(source.adapter_dir),
+                         fix="use the adapter inside its run directory (its recipe.yaml names the GGUF, which is "
+                             "converted again), or pass the base model with --base (a .gguf file works)")
+    return materialize_gguf(spec), quant, training  # --base FILE.gguf: converted (once) too
+
+
+def _run_local_base(model: ModelSpec, recorded: str | None) -> ModelSpec | None:
+    """The local model a run's recipe names, when the adapter's recorded base stands for it (its GGUF
+    conversion, or the hub id recorded in its place); None when the recorded base is to be loaded."""
+    try:
+        model = gguf_spec(model)
+        if model.gguf_file:
+            if is_gguf_cache(recorded):
+                if (Path(recorded) / "config.json").is_file():  # exactly the directory training used
+                    return model.model_copy(update={"name": recorded, "gguf_file": None})
+                log.info(f"model: the adapter's base {recorded} was deleted; converting {model.gguf_file} again")
+                return materialize_gguf(model)
+            hub = model.base_id or gguf_hub_id(gguf_metadata(gguf_path(model)))
+            return materialize_gguf(model) if recorded and recorded == hub else None
+        if model.base_id and recorded == model.base_id and local_dir(model) is not None:
+            return model
+    except ModelError as e:
+        if is_gguf_cache(recorded):
+            raise ModelError(f"the adapter's base {recorded} (dequantized from {model.gguf_file}) was deleted and "
+                             f"cannot be rebuilt: {e.message}", where="base model",
+                             fix="pass the base model with --base") from None
+        return None  # the local model is gone: the recorded hub id is loaded instead
+    return None
+
+
+def adapter_hub_base(source: AdapterSource) -> str | None:
+    """The hub id an adapter's base stands for, for what leaves the machine (push): the recorded base
+    when it is one; else the run recipe's model.base_id, the hub id in its GGUF's metadata, or the one
+    the recorded GGUF conversion noted; None when nothing on this machine knows it."""
+    recorded = source.config.get("base_model_name_or_path")
+    if hub_id(recorded):
+        return recorded
+    model = (source.recipe or {}).get("model") or {}
+    if hub_id(model.get("base_id")):
+        return model["base_id"]
+    try:
+        if model.get("name") and (model.get("gguf_file") or is_gguf_name(model["name"])):
+            found = gguf_hub_id(gguf_metadata(gguf_path(ModelSpec(name=model["name"], gguf_file=model.get("gguf_file")))))
+            if found:
+                return found
+    except (ModelError, ValueError):
+        pass
+    return hub_id((gguf_source(recorded) if recorded and is_gguf_cache(recorded) else {}).get("hub_id"))
 
 
 def saved_num_labels(source: AdapterSource) -> int | None:

@@ -42,6 +42,12 @@ def column(row: dict, loc: str, spec: DataSpec, key: str, what: str, optional: b
             return None
         close = difflib.get_close_matches(name, list(row), n=1, cutoff=0.5)
         hint = f" (did you mean '{close[0]}'?)" if close else ""
+        other = infer_format(row)
+        if other not in (None, spec.format, "text" if spec.format == "classification" else None):
+            # the row is another format's, not a renamed column
+            raise DataError(f"missing column '{name}' ({what}) of data.format {spec.format}; the row has: "
+                            f"{', '.join(map(str, row))}, the columns of the {other} format", where=loc,
+                            fix=f"set data.format: {other}")
         raise DataError(f"missing column '{name}' ({what}); the row has: {', '.join(map(str, row)) or 'nothing'}",
                         where=loc, fix=f"set data.columns.{key} to the column that holds the {what}{hint}")
     value = row[name]

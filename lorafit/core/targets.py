@@ -12,10 +12,10 @@ import warnings
 from dataclasses import dataclass
 
 from lorafit.core import tasks
-from lorafit.core.models import local_path
+from lorafit.core.models import gguf_metadata_memo, gguf_spec, is_gguf_name, local_path
 from lorafit.core.policies import lora_config
 from lorafit.errors import ModelError, RecipeError
-from lorafit.recipe import LoraSpec
+from lorafit.recipe import LoraSpec, ModelSpec
 
 PRESETS = ("attention", "mlp", "all-linear")
 
@@ -261,6 +261,12 @@ def load_config(name: str, *, revision: str | None = None, trust_remote_code: bo
     *where* names the input in errors: the recipe's model.name, or find-targets' MODEL argument."""
     from transformers import AutoConfig
 
+    if gguf_file is None and is_gguf_name(name):  # a .gguf file: its folder + its name
+        try:
+            spec = gguf_spec(ModelSpec(name=name))
+        except ModelError as e:
+            raise ModelError(e.message, where=where, fix=e.fix) from None
+        name, gguf_file = spec.name, spec.gguf_file
     path = local_path(name, where=where)
     if path is not None and not path.is_dir():
         raise ModelError(f"'{name}' is a file, not a model directory", where=where,
@@ -272,11 +278,21 @@ def load_config(name: str, *, revision: str | None = None, trust_remote_code: bo
         kwargs = {"revision": revision, "trust_remote_code": trust_remote_code}
         if gguf_file:
             kwargs["gguf_file"] = gguf_file
-        return AutoConfig.from_pretrained(str(path) if path is not None else name, **kwargs)
+        with gguf_metadata_memo():  # a GGUF's config is its metadata: no tensor is read
+            return AutoConfig.from_pretrained(str(path) if path is not None else name, **kwargs)
     except ValueError as e:  # unknown model_type, remote code refused, ...
+        if "trust_remote_code" in str(e) or "custom code" in str(e):
+            raise ModelError(f"'{name}' needs its own Python code (auto_map in config.json) to load, and "
+                             "model.trust_remote_code is off", where="model.trust_remote_code" if where == "model.name"
+                             else where,
+                             fix="read that code first; then set model.trust_remote_code: true (and pin model.revision "
+                                 "to a commit), or use a model transformers supports natively") from None
         raise ModelError(str(e).splitlines()[0], where=where,
                          fix="upgrade transformers, or set model.trust_remote_code: true if you trust the checkpoint")
-    except OSError:
+    except OSError as e:
+        if path is not None and (path / "config.json").is_file():  # there, but not a config transformers reads
+            raise ModelError(f"{path / 'config.json'} cannot be read: {str(e).strip().splitlines()[0][:200]}",
+                             where=where, fix="restore it from the model's source (it must be valid JSON)") from None
         from huggingface_hub import constants
 
         raise ModelError(f"'{name}' is neither a local model directory nor a model in the hub cache "

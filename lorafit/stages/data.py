@@ -64,7 +64,15 @@ def _read(path: str, where: str, split: str) -> _Source:
     if not p.exists():
         if not p.suffix and "/" in path and is_hub_id(path):
             return _read_hub(path, where, split)
-        raise DataError(f"file not found: {path}", where=where, fix=_READ_FIX)
+        import difflib
+
+        folder = p.parent if p.parent.is_dir() else None
+        near = difflib.get_close_matches(p.name, [f.name for f in folder.iterdir() if f.is_file()], n=1,
+                                         cutoff=0.75) if folder is not None else []
+        if near:
+            raise DataError(f"file not found: {path}", where=where, fix=f"did you mean {folder / near[0]}?")
+        raise DataError(f"file not found: {path}" + ("" if folder is not None else f" (no folder {p.parent})"),
+                        where=where, fix=_READ_FIX)
     if p.is_dir():
         raise DataError(f"{path} is a directory", where=where, fix=_READ_FIX)
     suffix = p.suffix.lower()
@@ -185,7 +193,7 @@ def _tokenize_causal(batch: dict, tokenizer, spec: DataSpec, bos: int | None, eo
     """Segments (text / alpaca / completion) → ids + labels: each segment tokenized alone, BOS once, EOS learnt."""
     flat = [t for texts in batch["texts"] for t in texts]
     ids_flat = iter(tokenizer(flat, add_special_tokens=False)["input_ids"]) if flat else iter(())
-    out = {"input_ids": [], "labels": [], "truncated": [], "masked": []}
+    out = {"input_ids": [], "labels": [], "truncated": [], "masked": [], "length": [], "eos_cut": []}
     for responses in batch["is_response"]:
         ids, labels = [], []
         pieces = [next(ids_flat) for _ in responses]
@@ -203,7 +211,7 @@ def _tokenize_causal(batch: dict, tokenizer, spec: DataSpec, bos: int | None, eo
 
 
 def _finish_chat(batch: dict, spec: DataSpec) -> dict:
-    out = {"truncated": [], "masked": [], "input_ids": [], "labels": []}
+    out = {"truncated": [], "masked": [], "input_ids": [], "labels": [], "length": [], "eos_cut": []}
     for ids, labels in zip(batch["input_ids"], batch["labels"]):
         _finish(out, list(ids), list(labels), spec)
     return out
@@ -214,10 +222,16 @@ def _finish(out: dict, ids: list[int], labels: list[int], spec: DataSpec) -> Non
     if labels:
         labels[0] = IGNORE  # nothing predicts the first token: a label there only inflates counts
     out["truncated"].append(len(ids) > spec.max_length)
+    out["length"].append(len(ids))
+    # The last trained token (EOS, or the chat end-of-turn) past max_length: the row still trains, but
+    # teaches the model to go on where it should stop.
+    last = max((i for i, x in enumerate(labels) if x != IGNORE), default=-1)
     ids, labels = ids[: spec.max_length], labels[: spec.max_length]
     out["input_ids"].append(ids)
     out["labels"].append(labels)
-    out["masked"].append(all(x == IGNORE for x in labels))
+    masked = all(x == IGNORE for x in labels)
+    out["masked"].append(masked)
+    out["eos_cut"].append(last >= spec.max_length and not masked)
 
 
 def _causal_dataset(src: _Source, spec: DataSpec, tokenizer, bos, eos):
@@ -243,14 +257,15 @@ def _causal_dataset(src: _Source, spec: DataSpec, tokenizer, bos, eos):
                          new_fingerprint=_fingerprint(src, spec, tokenizer), desc="tokenize")
     truncated, masked = sum(ds["truncated"]), ds["masked"]
     dropped = [loc for loc, m in zip(ds["loc"], masked) if m]
+    doctor = {"lengths": list(ds["length"]), "eos_cut": [loc for loc, c in zip(ds["loc"], ds["eos_cut"]) if c]}
     ds = ds.filter(lambda m: not m, input_columns="masked") if dropped else ds
-    ds = ds.remove_columns(["truncated", "masked", "loc"])
+    ds = ds.remove_columns(["truncated", "masked", "loc", "length", "eos_cut"])
     if len(ds) == 0:
         goal = "train on" if src.name == spec.train else "evaluate"
         raise DataError(f"nothing to {goal}: all {len(src.rows)} rows have no response tokens left within "
                         f"data.max_length={spec.max_length}", where=src.name,
                         fix="raise data.max_length or shorten the prompts")
-    return ds, truncated, dropped
+    return ds, truncated, dropped, doctor
 
 
 def _prepare_rows(rows: list[dict], locs: list[str], spec: DataSpec, tokenizer, render) -> dict:
@@ -280,7 +295,7 @@ def _num_proc(rows: int) -> int | None:
     return min(8, os.cpu_count() or 1) if rows >= 50_000 and (os.cpu_count() or 1) > 1 else None
 
 
-def _classification_dataset(src: _Source, spec: DataSpec, tokenizer, label_ids: dict) -> tuple[Any, int]:
+def _classification_dataset(src: _Source, spec: DataSpec, tokenizer, label_ids: dict) -> tuple[Any, int, dict]:
     import datasets
 
     texts = [column(r, loc, spec, "text", "text to classify") for r, loc in zip(src.rows, src.locs)]
@@ -289,12 +304,14 @@ def _classification_dataset(src: _Source, spec: DataSpec, tokenizer, label_ids: 
     def encode(batch):
         enc = tokenizer(batch["text"], truncation=True, max_length=spec.max_length)
         full = tokenizer(batch["text"])["input_ids"]
-        return {"input_ids": enc["input_ids"], "truncated": [len(f) > spec.max_length for f in full]}
+        return {"input_ids": enc["input_ids"], "truncated": [len(f) > spec.max_length for f in full],
+                "length": [len(f) for f in full]}
 
     ds = datasets.Dataset.from_dict({"text": texts, "labels": labels}).map(
         encode, batched=True, remove_columns=["text"], new_fingerprint=_fingerprint(src, spec, tokenizer), desc="tokenize")
     truncated = sum(ds["truncated"])
-    return ds.remove_columns(["truncated"]), truncated
+    doctor = {"lengths": list(ds["length"]), "eos_cut": []}  # a class label has no EOS to lose
+    return ds.remove_columns(["truncated", "length"]), truncated, doctor
 
 
 def _label(row: dict, loc: str, spec: DataSpec) -> int | str:
@@ -341,6 +358,9 @@ def _label_map(sources: list[_Source], spec: DataSpec, num_labels: int | None) -
     return ids, names
 
 
+_COLUMNS_VERSION = 2  # bump when the tokenize maps' output columns change: cached hub-dataset maps go stale
+
+
 def _fingerprint(src: _Source, spec: DataSpec, tokenizer) -> str:
     """What the tokenized rows depend on: the data, the data section, the tokenizer (its vocabulary, special
     tokens and chat template) and lorafit's version. datasets caches a hub dataset's maps under it."""
@@ -348,12 +368,90 @@ def _fingerprint(src: _Source, spec: DataSpec, tokenizer) -> str:
 
     vocab = hashlib.sha256(json.dumps(sorted(tokenizer.get_vocab().items())).encode()).hexdigest()
     who = json.dumps([vocab, tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id,
-                      getattr(tokenizer, "chat_template", None), __version__], default=str)
+                      getattr(tokenizer, "chat_template", None), __version__, _COLUMNS_VERSION], default=str)
     return hashlib.sha256(src.digest + spec.model_dump_json().encode() + who.encode()).hexdigest()[:32]
 
 
 # ----------------------------------------------------------------------------------------------
 # The stage
+
+
+# The data doctor: what build_datasets reports beyond hard errors. Every count above 0 is a warning (fatal
+# under data.strict); the thresholds and their reasons are in docs/data.md.
+_REQUIRED = {"text": ("text",), "alpaca": ("instruction", "output"), "completion": ("prompt", "completion"),
+             "chat": ("messages",), "classification": ("text", "label")}
+_COMPARED = {**_REQUIRED, "alpaca": ("instruction", "input", "output")}
+
+
+def _percentiles(lengths: list[int]) -> dict:
+    """Tokens per row before truncation: p50 / p95 (nearest rank) and max."""
+    if not lengths:
+        return {"p50": 0, "p95": 0, "max": 0}
+    xs = sorted(lengths)
+
+    def rank(q: int) -> int:
+        return int(xs[max(0, -(-len(xs) * q // 100) - 1)])  # ceil(n·q/100), 1-based
+
+    return {"p50": rank(50), "p95": rank(95), "max": int(xs[-1])}
+
+
+def _empty_field(row: dict, spec: DataSpec) -> str | None:
+    """The first required column of this row that is present but blank (a chat message without content)."""
+    for key in _REQUIRED[spec.format]:
+        name = getattr(spec.columns, key)
+        value = row.get(name)
+        if isinstance(value, str) and not value.strip():
+            return name
+        if key == "messages" and isinstance(value, list):
+            for i, m in enumerate(value):
+                if isinstance(m, dict) and isinstance(m.get("content"), str) and not m["content"].strip():
+                    return f"{name}[{i}].content"
+    return None
+
+
+def _row_checks(sources: list[_Source], spec: DataSpec) -> dict[str, list[str]]:
+    """Duplicates (within data.train; data.eval rows also in data.train) and blank fields, as the rows' locations."""
+    names = [getattr(spec.columns, key) for key in _COMPARED[spec.format]]
+    seen: dict[bytes, str] = {}
+    found: dict[str, list[str]] = {"duplicates": [], "eval_in_train": [], "empty_fields": []}
+    for n, src in enumerate(sources):
+        rows = src.rows
+        if not isinstance(rows, list):  # a hub dataset: only the compared columns, streamed from Arrow
+            rows = rows.select_columns([c for c in names if c in rows.column_names])
+        for row, loc in zip(rows, src.locs):
+            key = hashlib.sha256(json.dumps([row.get(c) for c in names], sort_keys=True, default=str).encode()).digest()
+            if key in seen:
+                found["duplicates" if n == 0 else "eval_in_train"].append(f"{loc} (same as {seen[key]})")
+            elif n == 0:
+                seen[key] = loc
+            blank = _empty_field(row, spec)
+            if blank:
+                found["empty_fields"].append(f"{loc} ('{blank}')")
+    return found
+
+
+def _doctor_warnings(stats: dict, spec: DataSpec, dropped: list[str], eos_cut: list[str],
+                     checks: dict[str, list[str]]) -> list[str]:
+    warnings = []
+    if stats["truncated"] or dropped:
+        lost = f", {len(eos_cut)} of them losing their trained EOS (first at {eos_cut[0]})" if eos_cut else ""
+        where = f", first at {dropped[0]}" if dropped else ""
+        warnings.append(f"data: {stats['truncated']} rows longer than data.max_length={spec.max_length} truncated"
+                        f"{lost}; {len(dropped)} rows dropped with no response tokens left{where}; raise "
+                        f"data.max_length (rows have p95 {stats['token_lengths']['p95']}, max "
+                        f"{stats['token_lengths']['max']} tokens) or shorten the prompts")
+    if checks["duplicates"]:
+        warnings.append(f"data: {len(checks['duplicates'])} rows repeat an earlier row, first at "
+                        f"{checks['duplicates'][0]}: they weigh more in training and can land in the eval split; "
+                        "remove the duplicates")
+    if checks["eval_in_train"]:
+        warnings.append(f"data: {len(checks['eval_in_train'])} rows of data.eval also occur in data.train, first "
+                        f"at {checks['eval_in_train'][0]}: the eval loss overstates what the adapter learnt; "
+                        "remove them from one of the files")
+    if checks["empty_fields"]:
+        warnings.append(f"data: {len(checks['empty_fields'])} rows have an empty field, first at "
+                        f"{checks['empty_fields'][0]}; fill or remove them")
+    return warnings
 
 
 def build_datasets(spec: DataSpec, tokenizer, task: str = "causal_lm", num_labels: int | None = None) -> DataBundle:
@@ -373,31 +471,30 @@ def build_datasets(spec: DataSpec, tokenizer, task: str = "causal_lm", num_label
         sources.append(_read(spec.eval, "data.eval", "validation"))
 
     label_names, dropped, truncated = None, [], 0
+    doctor = {"lengths": [], "eos_cut": []}
     if task == "seq_cls":
         label_ids, label_names = _label_map(sources, spec, num_labels)
         built = [_classification_dataset(s, spec, tokenizer, label_ids) for s in sources]
-        truncated = sum(t for _, t in built)
-        parts = [ds for ds, _ in built]
+        truncated = sum(t for _, t, _ in built)
+        parts = [ds for ds, _, _ in built]
+        for _, _, d in built:
+            doctor["lengths"] += d["lengths"]
     else:
         eos = tokenizer.eos_token_id
         bos = bos_id(tokenizer)  # None when this tokenizer adds no BOS (GPT-2 style): neither do we
         parts = []
         for src in sources:
-            ds, t, d = _causal_dataset(src, spec, tokenizer, bos, eos)
+            ds, t, d, found = _causal_dataset(src, spec, tokenizer, bos, eos)
             parts.append(ds)
             truncated, dropped = truncated + t, dropped + d
+            doctor["lengths"] += found["lengths"]
+            doctor["eos_cut"] += found["eos_cut"]
 
     train, evaluation = parts[0], (parts[1] if len(parts) > 1 else None)
     if evaluation is None and spec.eval_fraction > 0 and len(train) >= 2:
         n_eval = min(len(train) - 1, max(1, round(len(train) * spec.eval_fraction)))
         split = train.train_test_split(test_size=n_eval, seed=spec.seed)
         train, evaluation = split["train"], split["test"]
-
-    if truncated or dropped:
-        where = f", first at {dropped[0]}" if dropped else ""
-        log.warn(f"data: {truncated} rows longer than data.max_length={spec.max_length} truncated; "
-                 f"{len(dropped)} rows dropped with no response tokens left{where}; "
-                 "raise data.max_length or shorten the prompts")
 
     lengths = [len(x) for x in train["input_ids"]]
     fingerprint = (sources[0].digest if len(sources) == 1
@@ -412,8 +509,21 @@ def build_datasets(spec: DataSpec, tokenizer, task: str = "causal_lm", num_label
         "trainable_tokens": (sum(lengths) if task == "seq_cls"
                              else sum(sum(1 for x in row if x != IGNORE) for row in train["labels"])),
         "fingerprint": fingerprint,
+        "files": [{"path": s.name, "sha256": s.digest.hex()} for s in sources],
         "format": spec.format,
+        "max_length": spec.max_length,
+        "token_lengths": _percentiles(doctor["lengths"]),
+        "eos_cut": len(doctor["eos_cut"]),
     }
+    checks = _row_checks(sources, spec)
+    stats.update({k: len(v) for k, v in checks.items()})
+    stats["warnings"] = _doctor_warnings(stats, spec, dropped, doctor["eos_cut"], checks)
+    if spec.strict and stats["warnings"]:
+        raise DataError(f"{len(stats['warnings'])} data warning(s) are errors under data.strict: "
+                        + "; ".join(w.removeprefix("data: ") for w in stats["warnings"]), where="data.strict",
+                        fix="fix the data, or set data.strict: false to train despite the warnings")
+    for warning in stats["warnings"]:
+        log.warn(warning)
     return DataBundle(train, evaluation, make_collator(tokenizer, task), stats, label_names)
 
 

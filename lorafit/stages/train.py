@@ -8,14 +8,19 @@ a loss history, and NaN losses that are reported rather than filtered.
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
+import shutil
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
 from lorafit import log
 from lorafit.core import policies
-from lorafit.errors import LorafitError, RunFailed
+from lorafit.errors import LorafitError, RunFailed, TrainingInterrupted
 from lorafit.recipe import EvaluationSpec, TrainingSpec
 
 _NEVER = 10**9  # "only at the end": Trainer saves/evaluates at the last step for step strategies
@@ -152,6 +157,91 @@ def _nan_guard():
     return NanGuard()
 
 
+# Watchdog thresholds (docs/data.md, "While training").
+FROZEN_CHECK_STEP = 2      # optimizer steps after which a zero-initialised lora_B must have moved
+DIVERGENCE_FACTOR = 3.0    # a logged loss above 3× the first logged loss ...
+DIVERGENCE_MARGIN = 1.0    # ... and at least 1 nat above it (tiny first losses are noisy) ...
+DIVERGENCE_MIN_STEP = 3    # ... from optimizer step 3 on (step 1 is the reference)
+
+
+def _lora_b_all_zero(model) -> bool:
+    """True when the model has LoRA B matrices and every one is exactly zero (peft's initial value)."""
+    found = False
+    for name, p in model.named_parameters():
+        if ".lora_B." in name and p.numel():
+            found = True
+            if p.detach().count_nonzero():
+                return False
+    return found
+
+
+def _frozen_guard():
+    from transformers import TrainerCallback
+
+    class FrozenGuard(TrainerCallback):
+        """lora_B starts at exactly zero and moves with the first nonzero gradient (warmup's first step may
+        have learning rate 0, hence two steps). Still all zero after that: no gradient reaches LoRA (a
+        frozen graph, gradient checkpointing without input grads) and the run would save a no-op adapter.
+        Stop then, without a checkpoint; train_model raises."""
+
+        def __init__(self):
+            self.start = None
+            self.frozen_at = None
+
+        def on_train_begin(self, args, state, control, **kw):
+            self.start = state.global_step
+
+        def on_step_end(self, args, state, control, model=None, **kw):
+            if self.start is None or model is None or state.global_step < self.start + FROZEN_CHECK_STEP:
+                return
+            self.start = None  # checked once per train() call
+            if _lora_b_all_zero(model):
+                self.frozen_at = state.global_step
+                control.should_training_stop = True
+                control.should_save = False
+
+    return FrozenGuard()
+
+
+def _divergence_watch():
+    from transformers import TrainerCallback
+
+    class DivergenceWatch(TrainerCallback):
+        """Warn (once) when the loss climbs far above where it started: the learning rate is too high."""
+
+        def __init__(self):
+            self.first = None
+            self.diverged_at = None
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            loss = (logs or {}).get("loss")
+            if loss is None or not math.isfinite(loss):
+                return
+            if self.first is None:
+                self.first = loss
+                return
+            if (self.diverged_at is None and state.global_step >= DIVERGENCE_MIN_STEP
+                    and loss > DIVERGENCE_FACTOR * self.first and loss > self.first + DIVERGENCE_MARGIN):
+                self.diverged_at = state.global_step
+                log.warn(f"the loss is diverging: {loss:.4f} at step {state.global_step}, more than "
+                         f"{DIVERGENCE_FACTOR:g}× the first logged loss ({self.first:.4f}); lower "
+                         f"training.learning_rate (now {args.learning_rate:g}) or raise training.warmup_ratio")
+
+    return DivergenceWatch()
+
+
+def _frozen_failure(step: int, args) -> RunFailed:
+    gc = bool(getattr(args, "activation_checkpointing", getattr(args, "gradient_checkpointing", False)))
+    cause = ("gradient checkpointing is on and the checkpointed layers' inputs do not require grad"
+             if gc else "the LoRA parameters are cut off from the loss (requires_grad=False or a detached graph)")
+    fix = ("keep non-reentrant checkpointing (use_reentrant=False) or call model.enable_input_require_grads(); "
+           "set training.gradient_checkpointing: false to confirm" if gc
+           else "make sure nothing sets requires_grad=False on the lora_ parameters or detaches their output")
+    return RunFailed(f"the LoRA weights did not move: every lora_B is still exactly zero after {step} optimizer "
+                     f"steps, so no gradient reaches them (likely: {cause}); no adapter was saved",
+                     where="training.gradient_checkpointing" if gc else "lora", fix=fix)
+
+
 def _drop_checkpoints_after(checkpoints: Path, step: int) -> None:
     """Checkpoints past the last finite loss may hold NaN weights: --resume must not pick them up."""
     import shutil
@@ -162,24 +252,171 @@ def _drop_checkpoints_after(checkpoints: Path, step: int) -> None:
             shutil.rmtree(ckpt, ignore_errors=True)
 
 
-def build_trainer(model, args, collator, *, train_dataset=None, eval_dataset=None):
+def _trainer_class():
     from transformers import Trainer
+    from transformers.trainer_utils import rotate_checkpoints
+
+    class AtomicCheckpointTrainer(Trainer):
+        """Trainer (transformers 5.x writes checkpoint-N in place) whose checkpoints appear whole or not
+        at all: written into checkpoints/.partial-checkpoint-N, then renamed into place. A crash or a second
+        Ctrl-C mid-save leaves the last good checkpoint as it was; `--resume` never picks up a partial one."""
+
+        _staging: str | None = None
+
+        def _get_output_dir(self, trial):
+            return self._staging or super()._get_output_dir(trial)
+
+        def _save_checkpoint(self, model, trial):
+            run_dir = Path(super()._get_output_dir(trial))
+            name = f"checkpoint-{self.state.global_step}"
+            staging = run_dir / f".partial-{name}"
+            if self.args.should_save:
+                shutil.rmtree(staging, ignore_errors=True)
+            self.accelerator.wait_for_everyone()
+            self._staging = str(staging)
+            try:
+                super()._save_checkpoint(model, trial)  # every rank writes its RNG state there too
+            finally:
+                self._staging = None
+            self.accelerator.wait_for_everyone()
+            if self.args.should_save:
+                final, old = run_dir / name, run_dir / f".old-{name}"
+                if final.exists():
+                    os.replace(final, old)
+                os.replace(staging / name, final)
+                shutil.rmtree(old, ignore_errors=True)
+                shutil.rmtree(staging, ignore_errors=True)
+                rotate_checkpoints(str(run_dir), save_total_limit=self.args.save_total_limit,
+                                   best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
+            self.accelerator.wait_for_everyone()
+
+    return AtomicCheckpointTrainer
+
+
+def build_trainer(model, args, collator, *, train_dataset=None, eval_dataset=None):
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-    trainer = Trainer(model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
-                      data_collator=collator)
+    trainer = _trainer_class()(model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
+                               data_collator=collator)
     for cb in (PrinterCallback, ProgressCallback):
         trainer.remove_callback(cb)  # they print raw dicts to stdout, which --json keeps clean
     return trainer
 
 
-def train_model(model, bundle, args, *, resume_from: str | None = None):
-    """Run the Trainer. Returns (trainer, summary dict)."""
+class StopRequest:
+    """Ctrl-C / SIGTERM while the Trainer runs: the first signal only sets a flag (the current step
+    finishes, a checkpoint is written, train_model raises TrainingInterrupted); a second one stops at once
+    (KeyboardInterrupt; the checkpoints already renamed into place stay whole)."""
+
+    def __init__(self):
+        self.signum: int | None = None
+        self.announced = False
+
+    def _handler(self, signum, frame):
+        if self.signum is not None:
+            raise KeyboardInterrupt
+        self.signum = signum  # no printing here: a signal handler may interrupt a write to stderr
+
+    @contextlib.contextmanager
+    def installed(self):
+        if threading.current_thread() is not threading.main_thread():
+            yield self
+            return
+        previous = {s: signal.signal(s, self._handler) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield self
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+
+
+def _stop_and_clock(stop: StopRequest, save_minutes: float | None):
+    from transformers import TrainerCallback
+
+    class StopAndClock(TrainerCallback):
+        """After each optimizer step: a checkpoint when save_minutes have passed since the last one, or
+        checkpoint and stop when a signal came. Every checkpoint's step is logged too, so that the loss log a
+        checkpoint carries covers every step before it (a resumed run's train_loss covers the whole run).
+        Under torchrun the ranks agree first (one all-reduce per step), or they would deadlock in the save."""
+
+        def __init__(self):
+            self.last_save = time.monotonic()
+            self.start_step = self.start_tokens = 0
+
+        def on_train_begin(self, args, state, control, **kw):
+            self.last_save = time.monotonic()
+            self.start_step, self.start_tokens = state.global_step, state.num_input_tokens_seen
+
+        def on_step_end(self, args, state, control, **kw):
+            due = save_minutes is not None and time.monotonic() - self.last_save >= save_minutes * 60
+            stop_now, due = _agree(args, stop.signum is not None, due)
+            if stop_now and state.global_step < state.max_steps:
+                if not stop.announced and state.is_world_process_zero:
+                    log.warn(f"{signal.Signals(stop.signum or signal.SIGINT).name}: finishing step "
+                             f"{state.global_step}, writing a checkpoint (again to stop at once)")
+                stop.announced = True
+                control.should_training_stop = True
+                due = True
+            if due:
+                control.should_save = True
+            if control.should_save:
+                control.should_log = True
+
+        def on_save(self, args, state, control, **kw):
+            self.last_save = time.monotonic()
+
+    return StopAndClock()
+
+
+def _agree(args, *flags: bool) -> tuple[bool, ...]:
+    """Alone: the flags. Under torchrun: each flag true on any rank → true on all."""
+    if log.world_size() == 1:
+        return flags
+    import torch
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        return flags
+    t = torch.tensor([float(f) for f in flags], device=args.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return tuple(bool(x) for x in t.tolist())
+
+
+def _latest_checkpoint(checkpoints: Path) -> str | None:
+    from transformers.trainer_utils import get_last_checkpoint
+
+    return get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() else None
+
+
+def whole_run_loss(log_history: list[dict], last_step: int) -> float | None:
+    """Mean training loss over every step of the run, from the loss log (each entry is the mean since the
+    previous one; a resumed run's log comes from its checkpoint). None when the log has a gap."""
+    total, prev = 0.0, 0
+    for entry in sorted((e for e in log_history if "loss" in e), key=lambda e: e["step"]):
+        total += entry["loss"] * (entry["step"] - prev)
+        prev = entry["step"]
+    return total / prev if prev and prev == last_step else None
+
+
+def train_model(model, bundle, args, *, resume_from: str | None = None, save_minutes: float | None = None):
+    """Run the Trainer. Returns (trainer, summary dict). Raises TrainingInterrupted on Ctrl-C / SIGTERM."""
     trainer = build_trainer(model, args, bundle.collator, train_dataset=bundle.train, eval_dataset=bundle.eval)
     trainer.add_callback(_progress_callback())
+    stop = StopRequest()
+    clock = _stop_and_clock(stop, save_minutes)
+    trainer.add_callback(clock)  # before the guards: their should_save = False must win
     trainer.add_callback(_nan_guard())
+    frozen, divergence = _frozen_guard(), _divergence_watch()
+    trainer.add_callback(frozen)
+    trainer.add_callback(divergence)
     start = time.perf_counter()
-    output = trainer.train(resume_from_checkpoint=resume_from)
+    try:
+        with stop.installed():
+            output = trainer.train(resume_from_checkpoint=resume_from)
+    except KeyboardInterrupt:  # the second signal (or Ctrl-C outside our handler): stop now
+        state = trainer.state
+        raise TrainingInterrupted(stop.signum or signal.SIGINT, step=state.global_step, max_steps=state.max_steps,
+                                  checkpoint=_latest_checkpoint(Path(args.output_dir)), immediate=True) from None
     seconds = time.perf_counter() - start
     history = [
         {k: entry[k] for k in ("step", "loss", "learning_rate", "grad_norm") if k in entry}
@@ -193,18 +430,38 @@ def train_model(model, bundle, args, *, resume_from: str | None = None):
         raise RunFailed(f"the training loss became NaN/inf at step {step}; no adapter was saved",
                         where="training.learning_rate",
                         fix="lower the learning rate, use precision fp32/bf16 instead of fp16, or check the data")
-    tokens = int(trainer.state.num_input_tokens_seen)
+    if frozen.frozen_at is not None:
+        raise _frozen_failure(frozen.frozen_at, args)
+    state = trainer.state
+    if stop.announced and state.global_step < state.max_steps:
+        raise TrainingInterrupted(stop.signum, step=state.global_step, max_steps=state.max_steps,
+                                  checkpoint=_latest_checkpoint(Path(args.output_dir)))
+    tokens = int(state.num_input_tokens_seen)
+    # A resumed run: Trainer's training_loss and our clock cover only this session's steps.
+    session_tokens = tokens - int(clock.start_tokens)
+    whole = whole_run_loss(state.log_history, state.global_step) if clock.start_step else None
+    train_loss = output.training_loss if whole is None else whole
     summary = {
-        "steps": trainer.state.global_step,
-        "epochs": round(trainer.state.epoch or 0.0, 4),
-        "train_loss": output.training_loss,
+        "steps": state.global_step,
+        "epochs": round(state.epoch or 0.0, 4),
+        "train_loss": train_loss,
         "first_loss": losses[0] if losses else None,
         "final_loss": losses[-1] if losses else None,
         "loss_history": history,
+        "diverged_at_step": divergence.diverged_at,
         "tokens_seen": tokens,
         "train_seconds": round(seconds, 3),
-        "train_tokens_per_second": round(tokens / seconds, 2) if seconds > 0 else None,
+        "train_tokens_per_second": round(session_tokens / seconds, 2) if seconds > 0 else None,
     }
+    if clock.start_step:
+        summary["resumed_at_step"] = clock.start_step
+        summary["session_tokens"] = session_tokens
+        loss_scope = ("train_loss (step-weighted mean of the whole loss log), " if whole is not None else "")
+        summary["note"] = (f"resumed at step {clock.start_step}: train_seconds, session_tokens and "
+                           f"train_tokens_per_second cover steps {clock.start_step + 1}-{state.global_step} (this "
+                           f"session); tokens_seen, {loss_scope}loss_history, first_loss and final_loss cover the "
+                           "whole run" + ("" if whole is not None else
+                                          "; the loss log has a gap, so train_loss covers this session only"))
     return trainer, summary
 
 

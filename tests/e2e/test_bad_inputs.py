@@ -30,6 +30,7 @@ class World:
     llama: Path
     bert: Path
     alpaca: Path
+    written: list = None  # what the cases wrote under root (the results fixture fills it in)
 
     def recipe(self, name: str, **sections) -> Path:
         """A good recipe on tiny llama + alpaca rows, with *sections* merged in (None deletes a key)."""
@@ -159,9 +160,16 @@ def world(tmp_path_factory, tiny_llama, tiny_bert_cls) -> World:
 @pytest.fixture(scope="module")
 def results(world):
     table = cases(world)
+    before = set(world.root.rglob("*"))
     with ThreadPoolExecutor(max_workers=3) as pool:
         procs = dict(zip(table, pool.map(lambda args: run_cli(*args, env=ENV), [a for a, _ in table.values()])))
+    world.written = sorted(str(p) for p in set(world.root.rglob("*")) - before)
     return {name: (table[name][1], procs[name]) for name in table}
+
+
+def test_no_mistake_wrote_anything(results, world):
+    # A failed check leaves no run dir (CONTRACT): not even recipe.yaml in a fresh one.
+    assert world.written == [], f"refused commands wrote: {world.written}"
 
 
 CASE_NAMES = [

@@ -25,10 +25,18 @@ def test_overwrite_drops_old_checkpoints_and_resume_refuses_another_recipes_stat
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["checkpoint-1", "checkpoint-2"]
 
     # --resume placed before the recipe still means "the latest checkpoint".
+    # The recipe comparison refuses first; --force (a changed recipe accepted) still meets the shape check.
     mismatch = run_cli("train", "--resume", SMOKE, "--output-dir", run, "--set", "lora.r=2")
     assert mismatch.returncode == 2
-    assert mismatch.stderr.startswith("error: --resume: checkpoint-2 was trained with r=4, the recipe now gives 2")
+    assert mismatch.stderr.startswith("error: --resume: the recipe changed since checkpoint-2 was written: "
+                                      "lora.r: 4 → 2")
     assert "Traceback" not in mismatch.stderr
+    recipe_before = (run / "recipe.yaml").read_text()
+    forced = run_cli("train", "--resume", SMOKE, "--output-dir", run, "--set", "lora.r=2", "--set",
+                     "training.max_steps=3", "--force")
+    assert forced.returncode == 2
+    assert "\nerror: --resume: checkpoint-2 was trained with r=4, the recipe now gives 2" in forced.stderr
+    assert (run / "recipe.yaml").read_text() == recipe_before  # a refused resume writes nothing
 
     again = run_cli("train", SMOKE, "--output-dir", run, "--set", "lora.r=2", "--set", "output.overwrite=true",
                     "--set", "training.max_steps=1")

@@ -117,7 +117,11 @@ def test_json_document_and_headline(tiny_dir, monkeypatch):
 
     report = json.loads(json.dumps(E.estimate(recipe(tiny_dir))))
     assert report["schema_version"] == 1
-    assert set(report) == {"schema_version", "model", "trainable", "plans", "device", "rule_of_thumb"}
+    assert set(report) == {"schema_version", "model", "trainable", "plans", "device", "rule_of_thumb", "disk"}
+    disk, comp = report["disk"], report["plans"][report["device"]["plan"]]["components"]
+    assert disk["adapter_bytes"] == comp["gradients"] and disk["checkpoints_kept"] == 2
+    assert disk["checkpoint_bytes"] == comp["gradients"] + comp["optimizer_states"] + E.CHECKPOINT_EXTRA
+    assert disk["total_bytes"] == disk["adapter_bytes"] + 3 * disk["checkpoint_bytes"]
     assert set(report["plans"]) == {"cuda", "cpu"}
     assert set(report["plans"]["cpu"]["components"]) == {"base_weights", "lora_weights", "gradients",
                                                          "optimizer_states", "activations", "runtime_overhead"}

@@ -8,8 +8,8 @@ import pytest
 import yaml
 
 from lorafit.errors import RecipeError
-from lorafit.recipe import (ALPACA_TEMPLATE, Recipe, apply_override, dump_recipe, load_recipe, recipe_schema,
-                            validate_recipe)
+from lorafit.recipe import (ALPACA_TEMPLATE, MAX_RECIPE_BYTES, Recipe, apply_override, dump_recipe, load_recipe,
+                            recipe_schema, redact, resolve_paths, validate_recipe)
 
 MINIMAL = {"model": {"name": "owner/model"}, "data": {"train": "owner/dataset"}}
 
@@ -46,7 +46,8 @@ def test_defaults_are_filled_in(tmp_path):
     assert recipe.data.columns.instruction == "instruction" and recipe.data.prompt_template == ALPACA_TEMPLATE
     assert recipe.training.learning_rate == 2e-4 and recipe.training.max_steps is None
     assert recipe.evaluation.compare_base is True
-    assert recipe.output.dir == "runs/lorafit-run" and recipe.output.overwrite is False
+    # output.dir is recorded absolute (issue 17): the resolved recipe reruns from any directory.
+    assert recipe.output.dir == str(Path.cwd() / "runs" / "lorafit-run") and recipe.output.overwrite is False
 
 
 def test_yaml_1_1_exponent_string_becomes_a_float(tmp_path):
@@ -219,7 +220,7 @@ def test_dump_recipe_round_trips(tmp_path):
     raw = minimal(lora={"r": 8, "target_modules": ["q_proj", "v_proj"], "layers_to_transform": [0, 3]},
                   training={"learning_rate": "3e-4", "max_steps": 10}, quantization={"bits": 4},
                   data={"format": "chat", "chat_template": "chatml", "columns": {"messages": "conversation"}})
-    recipe = validate_recipe(raw)
+    recipe = resolve_paths(validate_recipe(raw), tmp_path)  # as load_recipe gives it: output.dir absolute
     text = dump_recipe(recipe)
     assert list(yaml.safe_load(text)) == ["model", "quantization", "lora", "data", "training", "evaluation", "output"]
     again = load_recipe(write(tmp_path / "again.yaml", text))
@@ -294,3 +295,79 @@ def test_a_scalar_where_a_section_belongs_says_so():
     with pytest.raises(RecipeError) as err:
         validate_recipe({"model": {"name": "m"}, "data": {"train": "t.jsonl"}, "lora": 1})
     assert "lora: must be a section (a mapping with keys: r, alpha" in str(err.value)
+
+
+# ----------------------------------------------------------------------------------------------
+# Hostile recipes (issue 17): refused at once, with the place and the reason
+
+
+def _bomb(levels: int = 9) -> str:
+    lines = ['a0: &a0 ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]']
+    lines += [f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 9) + "]" for i in range(1, levels)]
+    return "\n".join(lines) + "\n"
+
+
+@pytest.mark.parametrize("name, text, message", [
+    ("alias bomb", _bomb(), "expands to more than 100,000 values"),
+    ("doubling bomb", "a0: &a0 [x, x]\n" + "".join(f"a{i}: &a{i} [*a{i - 1}, *a{i - 1}]\n" for i in range(1, 40)),
+     "expands to more than"),
+    ("deep flow", "model: " + "[" * 10_000 + "]" * 10_000 + "\n", "nested more than 32 levels"),
+    ("deep mapping", "model: " + "{a: " * 5_000 + "1" + "}" * 5_000 + "\n", "nested more than 32 levels"),
+    ("self reference", "model: &m {name: *m}\n", "refers to a value that contains it"),
+    ("many aliases", "x: &x 1\ny: [" + ", ".join(["*x"] * 101) + "]\n", "more than 100 aliases"),
+    ("huge", "# " + "x" * (MAX_RECIPE_BYTES + 10) + "\n", "larger than 1 MB"),
+])
+def test_hostile_recipes_are_refused_at_once(tmp_path, name, text, message):
+    import time
+
+    path = write(tmp_path / "r.yaml", text)
+    start = time.monotonic()
+    with pytest.raises(RecipeError, match=message) as info:
+        load_recipe(path)
+    assert time.monotonic() - start < 1.0, name
+    assert info.value.where.startswith(str(path)) and info.value.fix
+
+
+def test_an_ordinary_anchor_still_works(tmp_path):
+    recipe = load_recipe(write(tmp_path / "r.yaml", "model: {name: owner/model}\ndata: {train: owner/dataset}\n"
+                                                    "lora: {target_modules: &t [q_proj, v_proj], modules_to_save: *t}\n"))
+    assert recipe.lora.target_modules == recipe.lora.modules_to_save == ["q_proj", "v_proj"]
+
+
+@pytest.mark.parametrize("value, message", [
+    ("x" * 10_001, "longer than 10,000 characters"),
+    ("[" * 100 + "]" * 100, "nested more than 32"),
+    ("[&a [1,1], &b [*a,*a,*a,*a,*a,*a,*a,*a,*a,*a], &c [*b,*b,*b,*b,*b,*b,*b,*b,*b,*b], "
+     "&d [*c,*c,*c,*c,*c,*c,*c,*c,*c,*c], &e [*d,*d,*d,*d,*d,*d,*d,*d,*d,*d], &f [*e,*e,*e,*e,*e,*e,*e,*e,*e,*e]]",
+     "expands to more than"),
+])
+def test_set_values_are_capped_too(value, message):
+    with pytest.raises(RecipeError, match=message) as info:
+        apply_override({}, f"lora.target_modules={value}")
+    assert info.value.where == "--set lora.target_modules"
+
+
+def test_a_yaml_value_that_cannot_be_built_is_a_recipe_error(tmp_path):
+    with pytest.raises(RecipeError, match="invalid YAML value.*quote the value"):
+        load_recipe(write(tmp_path / "r.yaml", "model: {name: 2024-13-45}\ndata: {train: owner/dataset}\n"))
+    assert apply_override(raw := {}, "model.name=2024-13-45") is None and raw["model"]["name"] == "2024-13-45"
+
+
+@pytest.mark.parametrize("value", [float("inf"), float("-inf"), float("nan")])
+def test_infinite_or_nan_numbers_are_refused(value):
+    assert any("lora.alpha" in p and "finite" in p for p in problems(minimal(lora={"alpha": value})))
+
+
+def test_a_token_is_refused_and_never_echoed(monkeypatch):
+    token = "hf_abcdefghijklmnopqrstuvwxyz012345"
+    for raw in (minimal(output={"run_name": token}), minimal(lora={"target_modules": ["q_proj", token]})):
+        found = problems(raw)
+        assert "access token" in found[0] and token not in "\n".join(found)
+    monkeypatch.setenv("HF_TOKEN", "secret-value-without-prefix")
+    assert redact("x secret-value-without-prefix y " + token) == "x hf_*** y hf_***"
+    assert "access token" in problems(minimal(output={"run_name": "secret-value-without-prefix"}))[0]
+
+
+def test_allow_pickle_is_off_by_default():
+    assert validate_recipe(minimal()).model.allow_pickle is False
+    assert validate_recipe(minimal(model={"allow_pickle": True})).model.allow_pickle is True
