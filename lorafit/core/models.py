@@ -463,6 +463,8 @@ def load_model(spec: ModelSpec, quant: QuantizationSpec | None, dtype: str, *, n
         # Under torchrun each rank owns one GPU: load onto it, not onto cuda:0.
         torch.cuda.set_device(log.local_rank())
         kwargs["device_map"] = {"": log.local_rank()}
+    if not getattr(spec, "allow_pickle", False) and not kwargs.get("gguf_file"):
+        kwargs["use_safetensors"] = True  # a hub checkpoint too: pickles run code when unpickled
     if tasks.task(spec.task).labelled:
         if num_labels is not None:
             kwargs["num_labels"] = num_labels
@@ -474,6 +476,10 @@ def load_model(spec: ModelSpec, quant: QuantizationSpec | None, dtype: str, *, n
         model = tasks.auto_model_class(spec.task).from_pretrained(name, **kwargs)
     except (OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if kwargs.get("use_safetensors") and "safetensors" in str(e).lower():
+            raise ModelError(f"'{spec.name}' has no safetensors weights, only pickles ({first})", where="model.name",
+                             fix="convert it to safetensors, or set model.allow_pickle: true (read with "
+                                 "weights_only)") from None
         raise ModelError(f"cannot load '{spec.name}' as {spec.task}: {first}", where="model.name",
                          fix="check model.name and model.task") from None
     if quantized:

@@ -82,15 +82,22 @@ def _progress_callback():
     from transformers import TrainerCallback
 
     class Progress(TrainerCallback):
-        """On a terminal, one bar on stderr: step/total, loss, tokens/s, ETA. Elsewhere (CI logs, files),
-        one plain line per logging step instead of a bar redrawn thousands of times on one line."""
+        """On a terminal, one bar on stderr: step/total, loss, learning rate, grad norm, tokens/s, ETA; and
+        one for evaluation batches. Elsewhere (CI logs, files), one plain line per logging step and a few
+        per evaluation, instead of a bar redrawn thousands of times on one line.
+
+        The loss shown is the one just logged (on_log runs after on_step_end: reading the log history in
+        on_step_end would show a loss two steps old), and the last step is always logged."""
 
         def __init__(self):
             self.bar = None
+            self.eval_bar = None
+            self.eval_done = 0
             self.main = False
             self.start = None
             self.start_step = 0
             self.start_tokens = 0
+            self.last = "loss=-"
 
         def on_train_begin(self, args, state, control, **kw):
             self.main = state.is_world_process_zero
@@ -101,7 +108,7 @@ def _progress_callback():
                                 dynamic_ncols=True, leave=True)
 
         def _rate(self, state) -> tuple[float, float]:
-            elapsed = max(time.perf_counter() - self.start, 1e-9)
+            elapsed = max(time.perf_counter() - (self.start or time.perf_counter()), 1e-9)
             tps = (state.num_input_tokens_seen - self.start_tokens) / elapsed
             done = state.global_step - self.start_step
             eta = elapsed / done * (state.max_steps - state.global_step) if done else float("nan")
@@ -114,30 +121,54 @@ def _progress_callback():
             if self.bar is not None:
                 self.bar.update(state.global_step - self.bar.n)
                 tps, _ = self._rate(state)
-                self.bar.set_postfix_str(f"loss={self._last_loss(state)} tok/s={tps:,.0f}", refresh=False)
+                self.bar.set_postfix_str(f"{self.last} tok/s={tps:,.0f}", refresh=False)
 
         def on_log(self, args, state, control, logs=None, **kw):
-            if self.main and self.bar is None and logs and "loss" in logs:
-                tps, eta = self._rate(state)
-                eta_text = time.strftime("%H:%M:%S", time.gmtime(eta)) if math.isfinite(eta) else "-"
-                log.info(f"step {state.global_step}/{state.max_steps}  loss {logs['loss']:.4f}  "
-                         f"tok/s {tps:,.0f}  eta {eta_text}")
+            if not (self.main and logs and "loss" in logs):
+                return
+            parts = [f"loss {logs['loss']:.4f}"]
+            if "learning_rate" in logs:
+                parts.append(f"lr {logs['learning_rate']:.3g}")
+            if logs.get("grad_norm") is not None:
+                parts.append(f"grad_norm {logs['grad_norm']:.3g}")
+            self.last = "  ".join(parts)
+            tps, eta = self._rate(state)
+            if self.bar is not None:
+                self.bar.set_postfix_str(f"{self.last}  tok/s {tps:,.0f}", refresh=True)
+                return
+            eta_text = time.strftime("%H:%M:%S", time.gmtime(eta)) if math.isfinite(eta) else "-"
+            log.info(f"step {state.global_step}/{state.max_steps}  {self.last}  tok/s {tps:,.0f}  eta {eta_text}")
+
+        def on_prediction_step(self, args, state, control, eval_dataloader=None, **kw):
+            if not state.is_world_process_zero or eval_dataloader is None:
+                return
+            try:
+                total = len(eval_dataloader)
+            except TypeError:
+                return
+            self.eval_done += 1
+            if sys.stderr.isatty():
+                if self.eval_bar is None:
+                    self.eval_bar = tqdm(total=total, desc="eval", unit="batch", dynamic_ncols=True, leave=False)
+                self.eval_bar.update(1)
+            elif total >= 8 and self.eval_done % max(1, total // 4) == 0 and self.eval_done < total:
+                log.info(f"eval: {self.eval_done}/{total} batches")
 
         def on_evaluate(self, args, state, control, metrics=None, **kw):
-            if self.main and metrics and "eval_loss" in metrics:
-                line = f"step {state.global_step}: eval_loss={metrics['eval_loss']:.4f}"
+            if self.eval_bar is not None:
+                self.eval_bar.close()
+                self.eval_bar = None
+            self.eval_done = 0
+            key = next((k for k in (metrics or {}) if k.endswith("_loss")), None)
+            if state.is_world_process_zero and key is not None:
+                which = "base model (adapter off)" if key.startswith("base") else "eval"
+                line = f"step {state.global_step}: {which} loss {metrics[key]:.4f}"
                 self.bar.write(line) if self.bar is not None else log.info(line)
 
         def on_train_end(self, args, state, control, **kw):
             if self.bar is not None:
                 self.bar.close()
-
-        @staticmethod
-        def _last_loss(state):
-            for entry in reversed(state.log_history):
-                if "loss" in entry:
-                    return f"{entry['loss']:.4f}"
-            return "-"
+                self.bar = None
 
     return Progress()
 
