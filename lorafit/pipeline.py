@@ -16,7 +16,7 @@ from pathlib import Path
 from lorafit import __version__, log, render
 from lorafit.commands import estimate as est
 from lorafit.core import models, policies
-from lorafit.core.targets import load_config
+from lorafit.core.targets import build_meta_model, load_config, resolve_targets
 from lorafit.errors import LorafitError
 from lorafit.recipe import Recipe
 from lorafit.stages.data import build_datasets
@@ -123,11 +123,7 @@ def validate(recipe: Recipe, *, recipe_path: Path | None = None, show_example: i
     log.quiet_libraries()
     precision = policies.precision(recipe.training)
     spec = recipe.model
-    check_tracker(recipe.training.report_to)
-    models.check_model_files(spec)
-    warn_remote_code(spec)
-    config = load_config(spec.name, revision=spec.revision, trust_remote_code=spec.trust_remote_code,
-                         gguf_file=spec.gguf_file)
+    config = check_model(recipe)
     tokenizer = models.load_tokenizer(spec)
     policies.check_max_length(recipe.data, config, tokenizer, spec.name)
     data = build_datasets(recipe.data, tokenizer, spec.task, spec.num_labels)
@@ -245,21 +241,20 @@ def warn_remote_code(spec) -> None:
              "and pin model.revision to a commit so that it cannot change under you")
 
 
-def check_model(recipe: Recipe) -> None:
-    """validate's checks of the model, for train to run before the data, the weights and the run dir: the
-    tracker, the model's files and config, its code, and lora.target_modules resolved on the meta model."""
-    from lorafit.core.targets import build_meta_model, resolve_targets
-
+def check_model(recipe: Recipe):
+    """validate's checks of the model, which train runs before the data, the weights and the run dir: the
+    tracker, the model's files and config, its code, and lora.target_modules resolved on the meta model.
+    Returns the config."""
     spec = recipe.model
     check_tracker(recipe.training.report_to)
     models.check_model_files(spec)
     warn_remote_code(spec)
     config = load_config(spec.name, revision=spec.revision, trust_remote_code=spec.trust_remote_code,
                          gguf_file=spec.gguf_file)
-    num_labels = spec.num_labels if spec.num_labels is not None else (
-        getattr(config, "num_labels", 2) if spec.task in ("seq_cls", "token_cls") else None)
-    meta = build_meta_model(config, spec.task, trust_remote_code=spec.trust_remote_code, num_labels=num_labels)
+    meta = build_meta_model(config, spec.task, trust_remote_code=spec.trust_remote_code,
+                            num_labels=policies.config_num_labels(spec, config))
     resolve_targets(meta, recipe.lora.target_modules, model_name=spec.name)
+    return config
 
 
 @contextlib.contextmanager

@@ -46,8 +46,7 @@ def estimate(recipe: Recipe) -> dict:
     spec, lora = recipe.model, recipe.lora
     config = T.load_config(spec.name, revision=spec.revision, trust_remote_code=spec.trust_remote_code,
                            gguf_file=spec.gguf_file)
-    num_labels = spec.num_labels if spec.num_labels is not None else (
-        getattr(config, "num_labels", 2) if spec.task in ("seq_cls", "token_cls") else None)
+    num_labels = policies.config_num_labels(spec, config)
     meta = T.build_meta_model(config, spec.task, trust_remote_code=spec.trust_remote_code, num_labels=num_labels)
     keys, chosen = T.resolve_targets(meta, lora.target_modules, model_name=spec.name)
     count = T.count_trainable(meta, chosen, r=lora.r, task=spec.task, lora=lora)

@@ -79,6 +79,13 @@ def class_count(num_labels: int | None, label_names: list[str] | None) -> int | 
     return len(label_names) if label_names else None
 
 
+def config_num_labels(model: ModelSpec, config) -> int | None:
+    """Classes of a labelled task's head before any data is read: model.num_labels, else the config's."""
+    if not tasks.task(model.task).labelled:
+        return None
+    return model.num_labels if model.num_labels is not None else getattr(config, "num_labels", 2)
+
+
 def lora_config(spec: LoraSpec, task: str, target_keys: list[str], *, model=None, revision: str | None = None):
     """The peft LoraConfig a recipe asks for on *model*; *target_keys* from targets.resolve_targets."""
     from peft import LoraConfig
