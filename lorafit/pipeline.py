@@ -18,7 +18,7 @@ from lorafit.commands import estimate as est
 from lorafit.core import models, policies
 from lorafit.core.targets import build_meta_model, load_config, resolve_targets
 from lorafit.errors import LorafitError
-from lorafit.recipe import Recipe
+from lorafit.recipe import Recipe, redact
 from lorafit.stages.data import build_datasets
 from lorafit.stages.evaluate import evaluate_model
 from lorafit.stages.inject import inject_lora
@@ -123,7 +123,7 @@ def validate(recipe: Recipe, *, recipe_path: Path | None = None, show_example: i
     log.quiet_libraries()
     precision = policies.precision(recipe.training)
     spec = recipe.model
-    config = check_model(recipe)
+    config = check_model_source(recipe)  # the targets: resolved by the estimate's meta model below
     tokenizer = models.load_tokenizer(spec)
     policies.check_max_length(recipe.data, config, tokenizer, spec.name)
     data = build_datasets(recipe.data, tokenizer, spec.task, spec.num_labels)
@@ -184,8 +184,6 @@ _SECRET_VALUE = re.compile(r"\b(hf_[A-Za-z0-9]{20,}|sk-[A-Za-z0-9_-]{20,}|gh[pou
 def command_line(argv: list[str] | None = None) -> list[str]:
     """sys.argv for metrics.json, with anything token-like replaced by ***: a value following (or given to)
     an option or a --set key named like a secret, and strings shaped like hub/API tokens."""
-    from lorafit.recipe import redact  # hub tokens, and $HF_TOKEN's value wherever it appears
-
     argv = [redact(arg) for arg in (sys.argv if argv is None else argv)]
     out = [Path(argv[0]).name] if argv else []
     hide_next = False
@@ -241,16 +239,21 @@ def warn_remote_code(spec) -> None:
              "and pin model.revision to a commit so that it cannot change under you")
 
 
-def check_model(recipe: Recipe):
-    """validate's checks of the model, which train runs before the data, the weights and the run dir: the
-    tracker, the model's files and config, its code, and lora.target_modules resolved on the meta model.
-    Returns the config."""
+def check_model_source(recipe: Recipe):
+    """The tracker, the model's files and config, its code. Returns the config."""
     spec = recipe.model
     check_tracker(recipe.training.report_to)
     models.check_model_files(spec)
     warn_remote_code(spec)
-    config = load_config(spec.name, revision=spec.revision, trust_remote_code=spec.trust_remote_code,
-                         gguf_file=spec.gguf_file)
+    return load_config(spec.name, revision=spec.revision, trust_remote_code=spec.trust_remote_code,
+                       gguf_file=spec.gguf_file)
+
+
+def check_model(recipe: Recipe):
+    """validate's checks of the model, which train runs before the data, the weights and the run dir:
+    check_model_source, and lora.target_modules resolved on the meta model. Returns the config."""
+    spec = recipe.model
+    config = check_model_source(recipe)
     meta = build_meta_model(config, spec.task, trust_remote_code=spec.trust_remote_code,
                             num_labels=policies.config_num_labels(spec, config))
     resolve_targets(meta, recipe.lora.target_modules, model_name=spec.name)

@@ -389,12 +389,13 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
 _TOKEN = re.compile(r"hf_[A-Za-z0-9]{16,}")
 
 
-def redact(text: str) -> str:
-    """*text* with Hugging Face tokens (hf_..., and $HF_TOKEN's value) replaced by hf_***."""
+def redact(text: str, *secrets: str | None) -> str:
+    """*text* with Hugging Face tokens (hf_..., $HF_TOKEN's value, and *secrets*, e.g. the token the hub
+    login gave) replaced by hf_***."""
     import os
 
-    for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"):
-        token = os.environ.get(name, "").strip()
+    for token in (*(os.environ.get(n, "") for n in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")), *secrets):
+        token = (token or "").strip()
         if len(token) >= 8:
             text = text.replace(token, "hf_***")
     return _TOKEN.sub("hf_***", text)

@@ -135,7 +135,7 @@ def _merge_section(report: dict | None) -> list[str]:
         else:
             lines.append(f"The adapter itself moves the base's logits by up to {v['adapter_effect']:.3g}; the merge "
                          f"error is {v['merge_error_ratio']:.1%} of that (limit {v['max_merge_error_ratio']:.0%}: "
-                         f"{'passed' if v['merge_error_ratio'] < v['max_merge_error_ratio'] else 'failed'}).")
+                         f"{'passed' if v.get('effect_preserved', True) else 'failed'}).")
     if v.get("perplexity_adapter") is not None:
         base_ppl = f"base {v['perplexity_base']:.4f}, " if v.get("perplexity_base") is not None else ""
         lines.append(f"Perplexity: {base_ppl}base + adapter {v['perplexity_adapter']:.4f}, "

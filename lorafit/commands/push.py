@@ -18,6 +18,7 @@ from lorafit.commands.card import build_card
 from lorafit.core.adapters import find_adapter, holds_adapter
 from lorafit.core.models import adapter_hub_base
 from lorafit.errors import ModelError, PushError
+from lorafit.recipe import redact
 
 
 @dataclass
@@ -186,7 +187,7 @@ def _send(upload: Upload, repo_id: str, private: bool, revision: str | None) -> 
                                  commit_message=f"Upload {upload.kind} with lorafit")
     except HfHubHTTPError as e:
         status = getattr(getattr(e, "response", None), "status_code", None)
-        message = _scrub(str(e).splitlines()[0], token)
+        message = redact(str(e).splitlines()[0], token)
         if status in (401, 403):
             raise PushError(f"the hub refused the token ({status}): {message}", where=repo_id,
                             fix="use a token with write access to this namespace (HF_TOKEN or `hf auth login`)") from None
@@ -194,7 +195,3 @@ def _send(upload: Upload, repo_id: str, private: bool, revision: str | None) -> 
     url = getattr(info, "commit_url", None) or f"https://huggingface.co/{repo_id}"
     return {"dry_run": False, "repo_id": repo_id, "revision": revision, "kind": upload.kind, "files": len(ops),
             "url": url}
-
-
-def _scrub(text: str, token: str) -> str:
-    return text.replace(token, "hf_***") if token else text

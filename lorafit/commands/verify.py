@@ -82,7 +82,8 @@ def verify_merged(merged_dir: str | Path, source: AdapterSource, *, dtype: str) 
     # no effect to preserve: the ratio would be noise over ~0, so it is reported as not checked.
     negligible = math.isfinite(effect) and effect <= torch.finfo(getattr(torch, dtype)).eps * scale
     ratio = None if negligible or effect == 0 else diff / effect
-    if ratio is not None and not (math.isfinite(ratio) and ratio < MAX_EFFECT_RATIO):
+    preserved = None if ratio is None else bool(math.isfinite(ratio) and ratio < MAX_EFFECT_RATIO)
+    if preserved is False:
         failures.append(f"the adapter's effect is not preserved: merge error is {ratio:.0%} of it "
                         f"(limit {MAX_EFFECT_RATIO:.0%})" + (f"; {dtype} may have rounded a small adapter away, "
                                                              f"a float32 merge keeps it" if dtype != "float32"
@@ -90,7 +91,7 @@ def verify_merged(merged_dir: str | Path, source: AdapterSource, *, dtype: str) 
     result = {"prompts": len(prompts), "prompt_source": prompt_source, "tokens": sum(int(b.numel()) for b in batch),
               "max_abs_logit_diff": diff, "tolerance": tol, "max_abs_logit": scale,
               "adapter_effect": effect, "adapter_effect_negligible": bool(negligible),
-              "merge_error_ratio": ratio, "max_merge_error_ratio": MAX_EFFECT_RATIO,
+              "merge_error_ratio": ratio, "max_merge_error_ratio": MAX_EFFECT_RATIO, "effect_preserved": preserved,
               "perplexity_base": base_ppl, "perplexity_adapter": ref["ppl"], "perplexity_merged": merged["ppl"],
               "quantized": None}
     if causal and ref["ppl"] is not None:

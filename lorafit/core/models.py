@@ -594,13 +594,14 @@ def saved_num_labels(source: AdapterSource) -> int | None:
         return int(f.get_slice(heads[-1]).get_shape()[0]) if heads else None
 
 
-def load_adapter_tokenizer(source: AdapterSource):
-    """The tokenizer the adapter was trained with (saved beside it: pad token, chat template), else the base's."""
+def load_adapter_tokenizer(source: AdapterSource, base: ModelSpec | None = None):
+    """The tokenizer the adapter was trained with (saved beside it: pad token, chat template), else the
+    base's (*base*: its base_spec, when the caller has it already)."""
     from transformers import AutoTokenizer
 
     if has_tokenizer(source.adapter_dir):
         return AutoTokenizer.from_pretrained(str(source.adapter_dir))
-    return load_tokenizer(base_spec(source)[0])
+    return load_tokenizer(base or base_spec(source)[0])
 
 
 def load_adapted(source: AdapterSource, *, dtype: str | None = None, quantized: bool = True,
@@ -625,7 +626,7 @@ def load_adapted(source: AdapterSource, *, dtype: str | None = None, quantized: 
         except ModelError:  # trained in fp16 on a GPU, reloaded on a CPU: fp32 here
             precision = "fp32"
         dtype = policies.weights_dtype(spec, quant or QuantizationSpec(), precision)
-    tokenizer = load_adapter_tokenizer(source) if with_tokenizer else None
+    tokenizer = load_adapter_tokenizer(source, spec) if with_tokenizer else None
     model = load_model(spec, quant, dtype, num_labels=num_labels or saved_num_labels(source),
                        label_names=label_names, pad_token_id=tokenizer.pad_token_id if tokenizer else None,
                        device=device, with_tokenizer=with_tokenizer)
