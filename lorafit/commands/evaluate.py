@@ -16,7 +16,7 @@ from lorafit.core.prompts import infer_format
 from lorafit.errors import LorafitError
 from lorafit.recipe import Recipe, validate_recipe
 from lorafit.stages.data import build_datasets, read_rows
-from lorafit.stages.evaluate import evaluate_model
+from lorafit.stages.evaluate import batch_progress, evaluate_model
 from lorafit.stages.train import build_trainer
 
 
@@ -27,7 +27,8 @@ def _adapter_recipe(source, data: Path | None) -> Recipe:
         raise LorafitError(f"file not found: {data}", where="--data",
                            fix="pass a .jsonl, .json, .csv or .parquet file with the rows to evaluate on")
     overrides = [f"data.train={data}", "data.eval=null", "data.eval_fraction=0"] if data else []
-    recipe = source.run_recipe(overrides)
+    # Evaluation measures each row alone: a run trained with data.packing is evaluated unpacked.
+    recipe = source.run_recipe(overrides + ["data.packing=false"])
     if recipe is not None:
         return recipe
     if data is None:
@@ -53,7 +54,10 @@ def evaluate_adapter(path: Path, data: Path | None) -> dict:
     log.quiet_libraries()
     tokenizer = models.load_adapter_tokenizer(source)
     try:
-        bundle = build_datasets(recipe.data, tokenizer, recipe.model.task, recipe.model.num_labels)
+        # A classifier's rows are mapped onto the classes its head was trained with (the adapter's saved
+        # id2label), not a map rebuilt from these rows: a class missing from --data must not shift the ids.
+        bundle = build_datasets(recipe.data, tokenizer, recipe.model.task, recipe.model.num_labels,
+                                label_names=models.saved_label_names(source))
     except LorafitError as e:  # --data stands in for the run's data.train: name what the user typed
         if data is not None and e.where in ("data.train", recipe.data.train):
             e.where = f"--data {data}" if e.where == "data.train" else e.where
@@ -65,12 +69,38 @@ def evaluate_adapter(path: Path, data: Path | None) -> dict:
                            "and it had no data.eval)", where=str(path), fix="pass --data FILE with the rows to evaluate on")
     model, _ = models.load_adapted(source, num_labels=policies.class_count(recipe.model.num_labels, bundle.label_names),
                                    label_names=bundle.label_names)
-    args = TrainingArguments(output_dir=tempfile.mkdtemp(prefix="lorafit-eval-"),
-                             per_device_eval_batch_size=recipe.evaluation.batch_size or recipe.training.batch_size,
-                             report_to=[], disable_tqdm=True, remove_unused_columns=False,
-                             use_cpu=not torch.cuda.is_available(), save_strategy="no")
-    result = evaluate_model(build_trainer(model, args, bundle.collator), dataset, recipe.evaluation)
+    with tempfile.TemporaryDirectory(prefix="lorafit-eval-") as scratch:  # the Trainer's output_dir, removed after
+        args = TrainingArguments(output_dir=scratch,
+                                 per_device_eval_batch_size=recipe.evaluation.batch_size or recipe.training.batch_size,
+                                 report_to=[], disable_tqdm=True, remove_unused_columns=False,
+                                 use_cpu=not torch.cuda.is_available(), save_strategy="no")
+        trainer = build_trainer(model, args, bundle.collator)
+        trainer.add_callback(batch_progress())
+        result = evaluate_model(trainer, dataset, recipe.evaluation, recipe=recipe, tokenizer=tokenizer,
+                                label_names=bundle.label_names)
     # The rows measured: the whole --data file, else the run's held-out rows (data.eval or its eval split).
     result["data"] = str(data) if data else f"held-out rows of the run ({recipe.data.eval or 'its eval split'})"
     result["adapter"] = str(source.adapter_dir)
-    return json.loads(json.dumps(result, default=str))
+    result = json.loads(json.dumps(result, default=str))
+    if source.recipe_file is not None:  # a lorafit run: its report.md now shows these figures
+        report = _rewrite_report(source, result, data)  # None: not writable (warned), the figures still count
+        if report is not None:
+            result["report"] = str(report)
+    return result
+
+
+def _rewrite_report(source, result: dict, data: Path | None) -> Path | None:
+    """The run's report.md with this evaluation in place of training's (metrics.json is left as written)."""
+    from lorafit.recipe import load_recipe
+    from lorafit.stages.report import write_report
+
+    try:
+        metrics = json.loads((source.run_dir / "metrics.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        metrics = {}
+    evaluated = {k: v for k, v in result.items() if k not in ("data", "adapter")}
+    history = (metrics.get("eval") or {}).get("loss_history")
+    metrics["eval"] = {**evaluated, **({"loss_history": history} if history else {})}
+    where = f"--data {data}" if data else "the run's held-out rows"
+    return write_report(source.run_dir, load_recipe(source.recipe_file), metrics,
+                        evaluated_by=f"`lorafit evaluate` on {where}")

@@ -14,7 +14,7 @@ from pathlib import Path
 from lorafit import log
 from lorafit.core.adapters import AdapterSource
 from lorafit.core.models import load_adapted
-from lorafit.core.prompts import encode, row_text
+from lorafit.core.prompts import encode, row_text, seq2seq_pair, seq2seq_tokens
 from lorafit.errors import LorafitError
 from lorafit.stages.data import SUFFIXES, read_rows
 
@@ -54,8 +54,8 @@ def verify_merged(merged_dir: str | Path, source: AdapterSource, *, dtype: str) 
 
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(merged_dir))
     prompts, prompt_source, chat = eval_prompts(source, tokenizer)
-    batch = [torch.tensor([encode(p, tokenizer, chat=chat)[:MAX_PROMPT_TOKENS]]) for p in prompts]
-    causal = source.task.name == "causal_lm"
+    batch = _inputs(prompts, tokenizer, chat=chat, seq2seq=source.task.name == "seq2seq_lm")
+    causal = source.task.name in ("causal_lm", "seq2seq_lm")  # a perplexity to compare: the next tokens' loss
 
     log.info(f"verifying on {len(prompts)} prompts ({prompt_source})")
     adapted = load_adapted(source, dtype=dtype, quantized=False, device="cpu", with_tokenizer=False)[0]
@@ -88,7 +88,7 @@ def verify_merged(merged_dir: str | Path, source: AdapterSource, *, dtype: str) 
                         f"(limit {MAX_EFFECT_RATIO:.0%})" + (f"; {dtype} may have rounded a small adapter away, "
                                                              f"a float32 merge keeps it" if dtype != "float32"
                                                              and math.isfinite(ratio) and ratio < 0.95 else ""))
-    result = {"prompts": len(prompts), "prompt_source": prompt_source, "tokens": sum(int(b.numel()) for b in batch),
+    result = {"prompts": len(prompts), "prompt_source": prompt_source, "tokens": sum(int(b["input_ids"].numel()) for b in batch),
               "max_abs_logit_diff": diff, "tolerance": tol, "max_abs_logit": scale,
               "adapter_effect": effect, "adapter_effect_negligible": bool(negligible),
               "merge_error_ratio": ratio, "max_merge_error_ratio": MAX_EFFECT_RATIO, "effect_preserved": preserved,
@@ -123,10 +123,14 @@ def _score(model, batch, causal: bool) -> dict:
 
     logits, nll, count = [], 0.0, 0
     with torch.no_grad():
-        for ids in batch:
-            out = model(input_ids=ids).logits.float()
+        for inputs in batch:
+            out = model(**inputs).logits.float()
             logits.append(out[0])
-            if causal and ids.shape[1] > 1:
+            ids = inputs["input_ids"]
+            if "labels" in inputs:  # encoder-decoder: the decoder's logits score the target
+                nll += float(torch.nn.functional.cross_entropy(out[0], inputs["labels"][0], reduction="sum"))
+                count += inputs["labels"].shape[1]
+            elif causal and ids.shape[1] > 1:
                 loss = torch.nn.functional.cross_entropy(out[0, :-1], ids[0, 1:], reduction="sum")
                 nll += float(loss)
                 count += ids.shape[1] - 1
@@ -161,12 +165,31 @@ def eval_prompts(source: AdapterSource, tokenizer) -> tuple[list[str], str, bool
             # The held-out split is drawn at random; the tail of the train file is the nearest guess.
             rows = rows[:MAX_PROMPTS] if key == "eval" else rows[-MAX_PROMPTS:]
             try:
-                texts = [t for t in (row_text(r, recipe.data, tokenizer) for r in rows) if t.strip()]
+                texts = [t for t in (_row(r, recipe.data, tokenizer) for r in rows)
+                         if (t[0] if isinstance(t, tuple) else t).strip()]
             except LorafitError:  # a row or template that no longer renders: built-in text still proves the merge
                 texts = []
             if texts:
                 return texts[:MAX_PROMPTS], f"{key} data {path.name}", recipe.data.format == "chat"
     return list(BUILTIN_PROMPTS), "built-in text", False
+
+
+def _row(row: dict, spec, tokenizer) -> str | tuple[str, str]:
+    """A row as the model reads it: its whole text, or (source, target) for an encoder-decoder."""
+    return seq2seq_pair(row, spec) if spec.format == "seq2seq" else row_text(row, spec, tokenizer)
+
+
+def _inputs(prompts: list, tokenizer, *, chat: bool, seq2seq: bool) -> list[dict]:
+    """Model inputs per prompt, as training built them: input_ids, and for an encoder-decoder the target as
+    labels (the decoder reads it shifted right), built-in text serving as both source and target."""
+    import torch
+
+    if not seq2seq:
+        return [{"input_ids": torch.tensor([encode(p, tokenizer, chat=chat)[:MAX_PROMPT_TOKENS]])} for p in prompts]
+    pairs = [p if isinstance(p, tuple) else (p, p) for p in prompts]
+    inputs, labels = seq2seq_tokens([s for s, _ in pairs], [t for _, t in pairs], tokenizer)
+    return [{"input_ids": torch.tensor([i[:MAX_PROMPT_TOKENS]]), "labels": torch.tensor([t[:MAX_PROMPT_TOKENS]])}
+            for i, t in zip(inputs, labels)]
 
 
 def _find_data_file(name: str | None, run_dir: Path | None) -> Path | None:

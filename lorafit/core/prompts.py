@@ -104,7 +104,20 @@ def chat_messages(row, loc, spec) -> list[dict]:
     return [{"role": m["role"], "content": m["content"]} for m in messages[: turns[-1] + 1]]
 
 
-FORMATS = {"text": _text_segments, "alpaca": _alpaca_segments, "completion": _completion_segments}
+def _seq2seq_segments(row, loc, spec, render):
+    """The source is the encoder's input, the target the decoder's labels: two sequences, not one text."""
+    return [(column(row, loc, spec, "source", "encoder input"), False),
+            (column(row, loc, spec, "target", "target text to learn"), True)]
+
+
+def seq2seq_pair(row: dict, spec: DataSpec, loc: str = "row") -> tuple[str, str]:
+    """A seq2seq row's (source, target), checked."""
+    (source, _), (target, _) = _seq2seq_segments(row, loc, spec, None)
+    return source, target
+
+
+FORMATS = {"text": _text_segments, "alpaca": _alpaca_segments, "completion": _completion_segments,
+           "seq2seq": _seq2seq_segments}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -212,6 +225,10 @@ def infer_format(row: dict) -> str | None:
         return "completion"
     if {"text", "label"} <= keys:
         return "classification"
+    if {"tokens", "tags"} <= keys:
+        return "tokens"
+    if {"source", "target"} <= keys:
+        return "seq2seq"
     if "text" in keys:
         return "text"
     return None
@@ -258,6 +275,8 @@ def inference_prompt(prompt: str, tokenizer, spec: DataSpec | None, *, system: s
         row = {cols.instruction: prompt, cols.output: ""}
     elif fmt == "completion":
         row = {cols.prompt: prompt, cols.completion: ""}
+    elif fmt == "seq2seq":  # the encoder reads the source as it is
+        return prompt
     else:  # text (and classification): the whole row is the input
         return prompt
     return "".join(text for text, is_response in FORMATS[fmt](row, "prompt", spec, None) if not is_response)
@@ -269,6 +288,9 @@ def row_text(row: dict, spec: DataSpec, tokenizer, loc: str = "row") -> str:
         return chat_renderer(spec, tokenizer)(chat_messages(row, loc, spec), False)
     if spec.format == "classification":
         return column(row, loc, spec, "text", "text to classify") or ""
+    if spec.format == "tokens":  # the words as running text (merge --verify scores the whole sequence)
+        words = row.get(spec.columns.tokens)
+        return " ".join(w for w in words if isinstance(w, str)) if isinstance(words, list) else ""
     return "".join(text for text, _ in FORMATS[spec.format](row, loc, spec, None))
 
 
@@ -281,6 +303,28 @@ def encode(text: str, tokenizer, *, chat: bool = False) -> list[int]:
         return ids
     bos = bos_id(tokenizer)
     return ids if bos is None or ids[:1] == [bos] else [bos] + ids
+
+
+def seq2seq_tokens(sources: list[str], targets: list[str] | None, tokenizer) -> tuple[list[list[int]], list[list[int]]]:
+    """Encoder ids and labels of seq2seq rows, untruncated, as training builds them: the source with the
+    tokenizer's own special tokens (T5 closes it with EOS, BART wraps it in <s> ... </s>, as pre-training
+    did), the target through ``text_target`` with EOS last, so the model learns where to stop."""
+    inputs = tokenizer(list(sources))["input_ids"] if sources else []
+    if targets is None:
+        return inputs, []
+    labels = tokenizer(text_target=list(targets))["input_ids"] if targets else []
+    eos = tokenizer.eos_token_id
+    if eos is not None:  # a tokenizer without a post-processor adds nothing: EOS must still be learnt
+        labels = [ids if ids[-1:] == [eos] else ids + [eos] for ids in labels]
+    return inputs, labels
+
+
+def cut_source(ids: list[int], max_length: int, eos: int | None) -> list[int]:
+    """A seq2seq source cut to *max_length*, keeping its closing EOS (the encoder was pre-trained on closed
+    inputs): training's cut, and inference's."""
+    if len(ids) > max_length and eos is not None and ids[-1:] == [eos]:
+        return ids[: max_length - 1] + ids[-1:]
+    return ids[:max_length]
 
 
 def bos_id(tokenizer) -> int | None:

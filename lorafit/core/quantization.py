@@ -47,8 +47,11 @@ def silence_bitsandbytes() -> None:
         warnings.filterwarnings("ignore", message=pattern)
 
 
-def bnb_config(spec):
-    """transformers.BitsAndBytesConfig for the recipe's quantization section, or None when bits is null."""
+def bnb_config(spec, *, fsdp: bool = False):
+    """transformers.BitsAndBytesConfig for the recipe's quantization section, or None when bits is null.
+
+    Under FSDP the 4-bit weights are stored in the compute dtype (bnb_4bit_quant_storage): FSDP flattens and
+    shards every parameter of a unit together, and refuses to mix uint8 storage with bf16/fp16 parameters."""
     if spec.bits is None:
         return None
     silence_bitsandbytes()
@@ -59,7 +62,8 @@ def bnb_config(spec):
         return BitsAndBytesConfig(load_in_8bit=True)
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=spec.quant_type,
                               bnb_4bit_use_double_quant=spec.double_quant,
-                              bnb_4bit_compute_dtype=getattr(torch, spec.compute_dtype))
+                              bnb_4bit_compute_dtype=getattr(torch, spec.compute_dtype),
+                              **({"bnb_4bit_quant_storage": getattr(torch, spec.compute_dtype)} if fsdp else {}))
 
 
 def cpu_safe(model) -> None:

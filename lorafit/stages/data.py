@@ -24,7 +24,8 @@ from typing import Any, Callable
 
 from lorafit import log
 from lorafit.core.models import is_hub_id
-from lorafit.core.prompts import FORMATS, IGNORE, bos_id, chat_messages, chat_renderer, chat_tokens, column, kind
+from lorafit.core.prompts import (FORMATS, IGNORE, bos_id, chat_messages, chat_renderer, chat_tokens, column,
+                                  cut_source, kind, seq2seq_tokens)
 from lorafit.errors import DataError
 from lorafit.recipe import DataSpec
 
@@ -57,6 +58,12 @@ def read_rows(path: str, *, where: str = "data.train", split: str = "train") -> 
     """The rows of a local .jsonl/.json/.csv/.parquet file or of a cached hub dataset (as dicts)."""
     rows = _read(path, where, split).rows
     return rows if isinstance(rows, list) else rows.to_list()
+
+
+def read_located(path: str, *, where: str = "data.train", split: str = "train") -> tuple[list[dict], list[str]]:
+    """(rows, their "file:line" locations), for commands that check rows one by one (predict)."""
+    src = _read(path, where, split)
+    return (src.rows if isinstance(src.rows, list) else src.rows.to_list()), src.locs
 
 
 def _read(path: str, where: str, split: str) -> _Source:
@@ -210,6 +217,23 @@ def _tokenize_causal(batch: dict, tokenizer, spec: DataSpec, bos: int | None, eo
     return out
 
 
+def _tokenize_seq2seq(batch: dict, tokenizer, spec: DataSpec, bos: int | None, eos: int | None) -> dict:
+    """(source, target) segments → encoder input_ids and decoder labels (core.prompts.seq2seq_tokens), each
+    cut to data.max_length: the source keeps its closing EOS (the encoder was pre-trained on closed inputs);
+    a target cut loses its EOS, counted like a causal row's (eos_cut)."""
+    inputs, targets = seq2seq_tokens([t[0] for t in batch["texts"]], [t[1] for t in batch["texts"]], tokenizer)
+    out = {"input_ids": [], "labels": [], "truncated": [], "masked": [], "length": [], "eos_cut": []}
+    n = spec.max_length
+    for ids, labels in zip(inputs, targets):
+        out["truncated"].append(len(ids) > n or len(labels) > n)
+        out["length"].append(max(len(ids), len(labels)))
+        out["eos_cut"].append(len(labels) > n)
+        out["input_ids"].append(cut_source(ids, n, eos))
+        out["labels"].append(labels[:n])  # every target token is trained: the decoder predicts all of them
+        out["masked"].append(not labels)
+    return out
+
+
 def _finish_chat(batch: dict, spec: DataSpec) -> dict:
     out = {"truncated": [], "masked": [], "input_ids": [], "labels": [], "length": [], "eos_cut": []}
     for ids, labels in zip(batch["input_ids"], batch["labels"]):
@@ -252,7 +276,8 @@ def _causal_dataset(src: _Source, spec: DataSpec, tokenizer, bos, eos):
         ds = records.map(_finish_chat, batched=True, fn_kwargs=dict(spec=spec),
                          new_fingerprint=_fingerprint(src, spec, tokenizer), desc="tokenize")
     else:
-        ds = records.map(_tokenize_causal, batched=True, remove_columns=["texts", "is_response"],
+        tokenize = _tokenize_seq2seq if spec.format == "seq2seq" else _tokenize_causal
+        ds = records.map(tokenize, batched=True, remove_columns=["texts", "is_response"],
                          fn_kwargs=dict(tokenizer=tokenizer, spec=spec, bos=bos, eos=eos),
                          new_fingerprint=_fingerprint(src, spec, tokenizer), desc="tokenize")
     truncated, masked = sum(ds["truncated"]), ds["masked"]
@@ -358,6 +383,135 @@ def _label_map(sources: list[_Source], spec: DataSpec, num_labels: int | None) -
     return ids, names
 
 
+def _given_map(sources: list[_Source], names: list[str], values, what: str) -> tuple[dict, list[str]]:
+    """Labels or tags → the ids of a trained head's classes *names* (its id2label order); an integer id
+    counts as itself. A value the head has no class for is the data's mistake, at its file:line."""
+    ids: dict = {n: i for i, n in enumerate(names)}
+    ids.update({i: i for i in range(len(names))})
+    shown = ", ".join(names[:20]) + (", ..." if len(names) > 20 else "")
+    for src in sources:
+        for r, loc in zip(src.rows, src.locs):
+            for v in values(r, loc):
+                if v not in ids:
+                    raise DataError(f"{what} {v!r} is not one of the adapter's {len(names)} classes ({shown})",
+                                    where=loc, fix=f"evaluate on rows whose {what}s the adapter was trained on")
+    return ids, list(names)
+
+
+# ----------------------------------------------------------------------------------------------
+# token_cls: rows of words with one tag each, labels on each word's first sub-token
+
+
+def word_tags(row: dict, loc: str, spec: DataSpec) -> tuple[list[str], list[int | str]]:
+    """A tokens-format row's (words, tags), checked: lists of the same length, words strings, tags names or ids."""
+    words = _word_list(row, loc, spec)
+    name = spec.columns.tags
+    if name not in row:
+        column(row, loc, spec, "tags", "list of tags, one per word")
+    tags = row[name]
+    if not isinstance(tags, list):
+        raise DataError(f"column '{name}' must be a list of tags (one per word), got {kind(tags)}", where=loc,
+                        fix=f"check data.columns.tags (now '{name}')")
+    if len(tags) != len(words):
+        raise DataError(f"{len(words)} tokens but {len(tags)} tags", where=loc,
+                        fix=f"give exactly one tag per word in '{spec.columns.tokens}' and '{name}'")
+    out: list[int | str] = []
+    for tag in tags:
+        if isinstance(tag, str) and tag.strip().isdigit():
+            tag = int(tag)
+        if isinstance(tag, bool) or not isinstance(tag, (int, str)) or tag == "":
+            raise DataError(f"tag must be a tag name (B-PER, O, ...) or an integer id, got {kind(tag)}",
+                            where=loc, fix=f"check the column '{name}'")
+        out.append(tag)
+    return words, out
+
+
+def _word_list(row: dict, loc: str, spec: DataSpec) -> list[str]:
+    name = spec.columns.tokens
+    if name not in row:
+        column(row, loc, spec, "tokens", "list of words")
+    words = row[name]
+    if not isinstance(words, list) or not all(isinstance(w, str) for w in words):
+        raise DataError(f"column '{name}' must be a list of words (strings), got "
+                        f"{kind(words) if not isinstance(words, list) else 'a list holding non-strings'}",
+                        where=loc, fix="split each row's text into words: [\"EU\", \"rejects\", \"German\", ...]")
+    if not words:
+        raise DataError(f"column '{name}' is an empty list: nothing to tag", where=loc, fix="drop the row")
+    return words
+
+
+def read_words(row: dict, loc: str, spec: DataSpec) -> list[str]:
+    """The words of a row to tag (predict: tags may be absent)."""
+    return _word_list(row, loc, spec)
+
+
+def _tag_map(sources: list[_Source], spec: DataSpec, num_labels: int | None) -> tuple[dict, list[str]]:
+    """Tag → id from the train rows: names sorted with O first, or ids 0..max (model.num_labels wins)."""
+    train, *rest = sources
+    seen: dict = {}
+    for r, loc in zip(train.rows, train.locs):
+        for tag in word_tags(r, loc, spec)[1]:
+            seen.setdefault(tag, loc)
+    kinds = {type(t) for t in seen}
+    if len(kinds) > 1:
+        tag, loc = next((t, loc) for t, loc in seen.items() if isinstance(t, int))
+        raise DataError(f"tag {tag!r} mixes tag names and integer ids", where=loc,
+                        fix="use either names or ids for every tag")
+    if kinds == {int}:
+        for tag, loc in seen.items():
+            if tag < 0 or (num_labels is not None and tag >= num_labels):
+                bound = f"[0, {num_labels})" if num_labels else "≥ 0"
+                raise DataError(f"tag {tag} is out of range {bound}", where=loc, fix="fix the tag or set model.num_labels")
+        names = [str(i) for i in range(num_labels or max(seen) + 1)]
+        ids = {i: i for i in range(len(names))}
+    else:
+        names = sorted(seen, key=lambda t: (t != "O", t))
+        if num_labels is not None and len(names) > num_labels:
+            raise DataError(f"{len(names)} tag names in the data but model.num_labels is {num_labels}: "
+                            f"{', '.join(names)}", where=train.name, fix="raise model.num_labels or fix the tags")
+        ids = {n: i for i, n in enumerate(names)}
+    for src in rest:
+        for r, loc in zip(src.rows, src.locs):
+            for tag in word_tags(r, loc, spec)[1]:
+                if tag not in ids:
+                    raise DataError(f"tag {tag!r} does not occur in the train data ({', '.join(names)})",
+                                    where=loc, fix="every eval tag must also be in data.train")
+    return ids, names
+
+
+def align_labels(word_ids: list[int | None], labels: list[int]) -> list[int]:
+    """Word labels → sub-token labels: each word's first sub-token carries its label; its other sub-tokens
+    and special tokens (word id None) are IGNORE, so that a word counts once in loss and metrics."""
+    out, previous = [], None
+    for w in word_ids:
+        out.append(IGNORE if w is None or w == previous else labels[w])
+        previous = w
+    return out
+
+
+def encode_words(tokenizer, words: list[list[str]], max_length: int):
+    """Pre-split rows tokenized as words (is_split_into_words): a fast tokenizer's encoding, with word_ids."""
+    if not getattr(tokenizer, "is_fast", False):
+        raise DataError(f"token_cls needs a fast tokenizer (word_ids), and {type(tokenizer).__name__} is not one",
+                        where="model.name", fix="use a model that ships tokenizer.json")
+    try:
+        return tokenizer(words, is_split_into_words=True, truncation=True, max_length=max_length)
+    except (ValueError, AssertionError) as e:  # RoBERTa/GPT-2 style BPE wants add_prefix_space for words
+        raise DataError(f"the tokenizer refuses pre-split words: {str(e).splitlines()[0]}", where="model.name",
+                        fix="save the tokenizer with add_prefix_space=True beside the model") from None
+
+
+def _tokens_dataset(src: _Source, spec: DataSpec, tokenizer, tag_ids: dict) -> tuple[Any, int, dict]:
+    import datasets
+
+    rows = [word_tags(r, loc, spec) for r, loc in zip(src.rows, src.locs)]
+    enc = encode_words(tokenizer, [w for w, _ in rows], spec.max_length)
+    full = encode_words(tokenizer, [w for w, _ in rows], 10**9)["input_ids"]
+    labels = [align_labels(enc.word_ids(i), [tag_ids[t] for t in tags]) for i, (_, tags) in enumerate(rows)]
+    ds = datasets.Dataset.from_dict({"input_ids": enc["input_ids"], "labels": labels})
+    return ds, sum(len(f) > spec.max_length for f in full), {"lengths": [len(f) for f in full]}
+
+
 _COLUMNS_VERSION = 2  # bump when the tokenize maps' output columns change: cached hub-dataset maps go stale
 
 
@@ -379,7 +533,8 @@ def _fingerprint(src: _Source, spec: DataSpec, tokenizer) -> str:
 # The data doctor: what build_datasets reports beyond hard errors. Every count above 0 is a warning (fatal
 # under data.strict); the thresholds and their reasons are in docs/data.md.
 _REQUIRED = {"text": ("text",), "alpaca": ("instruction", "output"), "completion": ("prompt", "completion"),
-             "chat": ("messages",), "classification": ("text", "label")}
+             "chat": ("messages",), "classification": ("text", "label"), "tokens": ("tokens", "tags"),
+             "seq2seq": ("source", "target")}
 _COMPARED = {**_REQUIRED, "alpaca": ("instruction", "input", "output")}
 
 
@@ -454,11 +609,18 @@ def _doctor_warnings(stats: dict, spec: DataSpec, dropped: list[str], eos_cut: l
     return warnings
 
 
-def build_datasets(spec: DataSpec, tokenizer, task: str = "causal_lm", num_labels: int | None = None) -> DataBundle:
-    """Read, check, tokenize and split ``spec``'s data for ``task`` (causal_lm or seq_cls)."""
-    if task not in ("causal_lm", "seq_cls"):
+def build_datasets(spec: DataSpec, tokenizer, task: str = "causal_lm", num_labels: int | None = None, *,
+                   label_names: list[str] | None = None) -> DataBundle:
+    """Read, check, tokenize and split ``spec``'s data for ``task`` (causal_lm, seq_cls or token_cls).
+    *label_names*: the classes (seq_cls) or tags (token_cls) of a head already trained (evaluate: the adapter's
+    saved id2label): rows are mapped onto those ids, never a map rebuilt from the rows."""
+    if task not in ("causal_lm", "seq_cls", "token_cls", "seq2seq_lm"):
         raise DataError(f"task '{task}' is not supported by the data stage yet", where="model.task",
-                        fix="use causal_lm or seq_cls")
+                        fix="use causal_lm, seq_cls, token_cls or seq2seq_lm")
+    if (task == "seq2seq_lm") != (spec.format == "seq2seq"):
+        raise DataError(f"format '{spec.format}' does not fit task '{task}'", where="data.format",
+                        fix="seq2seq_lm needs format seq2seq (source and target columns), and format seq2seq "
+                            "needs task seq2seq_lm")
     if (task == "seq_cls") != (spec.format == "classification"):
         raise DataError(f"format '{spec.format}' does not fit task '{task}'", where="data.format",
                         fix="seq_cls needs format classification; causal_lm needs text/alpaca/chat/completion")
@@ -470,14 +632,23 @@ def build_datasets(spec: DataSpec, tokenizer, task: str = "causal_lm", num_label
     if spec.eval:
         sources.append(_read(spec.eval, "data.eval", "validation"))
 
-    label_names, dropped, truncated = None, [], 0
+    given, label_names, dropped, truncated, parts = label_names, None, [], 0, []
     doctor = {"lengths": [], "eos_cut": []}
     if task == "seq_cls":
-        label_ids, label_names = _label_map(sources, spec, num_labels)
+        label_ids, label_names = (_given_map(sources, given, lambda r, loc: [_label(r, loc, spec)], "label")
+                                  if given else _label_map(sources, spec, num_labels))
         built = [_classification_dataset(s, spec, tokenizer, label_ids) for s in sources]
         truncated = sum(t for _, t, _ in built)
         parts = [ds for ds, _, _ in built]
         for _, _, d in built:
+            doctor["lengths"] += d["lengths"]
+    elif task == "token_cls":
+        tag_ids, label_names = (_given_map(sources, given, lambda r, loc: word_tags(r, loc, spec)[1], "tag")
+                                if given else _tag_map(sources, spec, num_labels))
+        for src in sources:
+            ds, t, d = _tokens_dataset(src, spec, tokenizer, tag_ids)
+            parts.append(ds)
+            truncated += t
             doctor["lengths"] += d["lengths"]
     else:
         eos = tokenizer.eos_token_id
@@ -524,7 +695,12 @@ def build_datasets(spec: DataSpec, tokenizer, task: str = "causal_lm", num_label
                         fix="fix the data, or set data.strict: false to train despite the warnings")
     for warning in stats["warnings"]:
         log.warn(warning)
-    return DataBundle(train, evaluation, make_collator(tokenizer, task), stats, label_names)
+    bundle = DataBundle(train, evaluation, make_collator(tokenizer, task), stats, label_names)
+    if getattr(spec, "packing", False) and task == "causal_lm":
+        from lorafit.stages.packing import pack_bundle
+
+        bundle = pack_bundle(bundle, spec.max_length, tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
+    return bundle
 
 
 def make_collator(tokenizer, task: str) -> Callable:

@@ -15,6 +15,7 @@ class Injection:
     adapted_modules: int        # matrices that got an A and a B
     trainable_params: int
     total_params: int
+    saved_modules: tuple[str, ...] = ()  # trained in full (modules_to_save: a seq_cls / token_cls head)
 
     @property
     def trainable_percent(self) -> float:
@@ -29,4 +30,6 @@ def inject_lora(model, spec: LoraSpec, task: str, *, model_name: str = "model", 
     peft_model = get_peft_model(model, lora_config(spec, task, keys, model=model, revision=revision))
     trainable, total = peft_model.get_nb_trainable_parameters()
     adapted = sum(1 for name, _ in peft_model.named_modules() if name.endswith(".lora_A"))
-    return peft_model, Injection(keys, adapted, int(trainable), int(total))
+    saved = tuple(name.removeprefix("base_model.model.") for name, m in peft_model.named_modules()
+                  if type(m).__name__ == "ModulesToSaveWrapper")
+    return peft_model, Injection(keys, adapted, int(trainable), int(total), saved)

@@ -126,21 +126,39 @@ def write_recipe(run_dir: Path, recipe: Recipe) -> None:
     write_text_atomic(run_dir / "recipe.yaml", dump_recipe(recipe))
 
 
-def save_adapter(model, tokenizer, run_dir: Path, *, expected_modules: int) -> Path:
-    """Write adapter/ via a temporary sibling and an atomic rename, after checking what was written."""
+def save_label_config(model, directory: Path) -> None:
+    """A classification head's classes travel with the adapter: the trained model's config.json (num_labels,
+    id2label, label2id, pad_token_id) beside adapter_config.json. peft records none of them, and a head
+    reloaded with the base's own config would have the wrong size and no class names."""
+    from lorafit.core import tasks
+
+    config = getattr(model, "peft_config", {}).get("default")
+    if config is not None and tasks.from_peft_type(getattr(config, "task_type", None)).labelled:
+        model.config.to_json_file(str(Path(directory) / "config.json"))
+
+
+def save_adapter(model, tokenizer, run_dir: Path, *, expected_modules: int, state_dict: dict | None = None) -> Path:
+    """Write adapter/ via a temporary sibling and an atomic rename, after checking what was written.
+    *state_dict*: the full state gathered from sharded training (core.distributed.gather_adapter_state);
+    peft keeps the adapter's part of it. None: the live weights, whole in this process."""
     from safetensors import safe_open
 
     final = run_dir / "adapter"
     tmp = run_dir / f".adapter.partial-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        model.save_pretrained(str(tmp), safe_serialization=True)
+        model.save_pretrained(str(tmp), safe_serialization=True,
+                              **({"state_dict": state_dict} if state_dict is not None else {}))
         tokenizer.save_pretrained(str(tmp))
+        save_label_config(model, tmp)
         weights = tmp / "adapter_model.safetensors"
         if not (tmp / "adapter_config.json").is_file() or not weights.is_file():
             raise LorafitError(f"peft wrote no adapter files to {tmp}")
         with safe_open(str(weights), "pt") as f:
             n_a = sum(1 for k in f.keys() if "lora_A" in k)
+            empty = [k for k in f.keys() if 0 in f.get_slice(k).get_shape()]
+        if empty:  # a shard's empty placeholder saved instead of the gathered tensor
+            raise LorafitError(f"the saved adapter holds {len(empty)} empty tensors (first: {empty[0]})")
         if n_a < expected_modules:  # e.g. an empty adapter gathered from sharded training
             raise LorafitError(f"the saved adapter holds {n_a} LoRA matrices, expected {expected_modules}")
         old = run_dir / f".adapter.old-{os.getpid()}"

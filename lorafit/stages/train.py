@@ -27,9 +27,11 @@ _NEVER = 10**9  # "only at the end": Trainer saves/evaluates at the last step fo
 
 
 def training_arguments(spec: TrainingSpec, evaluation: EvaluationSpec, *, output_dir: Path, precision: str,
-                       gradient_checkpointing: bool, has_eval: bool, run_name: str):
+                       gradient_checkpointing: bool, has_eval: bool, run_name: str, packed: bool = False):
     import torch
     from transformers import TrainingArguments
+
+    from lorafit.core import distributed
 
     return TrainingArguments(
         output_dir=str(output_dir),
@@ -65,6 +67,9 @@ def training_arguments(spec: TrainingSpec, evaluation: EvaluationSpec, *, output
         include_num_input_tokens_seen="non_padding",
         ddp_find_unused_parameters=False,
         dataloader_num_workers=0,
+        # Similar lengths in a batch: dynamic padding then pads little. Packed blocks are near-equal already.
+        train_sampling_strategy="group_by_length" if spec.group_by_length and not packed else "random",
+        **distributed.trainer_kwargs(spec.distributed),
     )
 
 
@@ -164,6 +169,13 @@ def _progress_callback():
                 which = "base model (adapter off)" if key.startswith("base") else "eval"
                 line = f"step {state.global_step}: {which} loss {metrics[key]:.4f}"
                 self.bar.write(line) if self.bar is not None else log.info(line)
+
+        def on_predict(self, args, state, control, metrics=None, **kw):
+            # Trainer.predict (the evaluate stage's classification metrics): the batch count starts again.
+            if self.eval_bar is not None:
+                self.eval_bar.close()
+                self.eval_bar = None
+            self.eval_done = 0
 
         def on_train_end(self, args, state, control, **kw):
             if self.bar is not None:
@@ -293,6 +305,19 @@ def _trainer_class():
         Ctrl-C mid-save leaves the last good checkpoint as it was; `--resume` never picks up a partial one."""
 
         _staging: str | None = None
+
+        def _track_num_input_tokens(self, inputs):
+            # A packed batch has no attention_mask: count its real tokens from the position ids, so that
+            # train_tokens_per_second stays non-pad tokens per second.
+            if "attention_mask" in inputs or "position_ids" not in inputs or \
+                    self.args.include_num_input_tokens_seen != "non_padding":
+                return super()._track_num_input_tokens(inputs)
+            import torch
+
+            from lorafit.stages.packing import real_tokens
+
+            count = torch.as_tensor(real_tokens(inputs["position_ids"]), device=self.args.device, dtype=torch.int64)
+            self.state.num_input_tokens_seen += self.accelerator.gather(count).sum().item()
 
         def _get_output_dir(self, trial):
             return self._staging or super()._get_output_dir(trial)

@@ -44,6 +44,13 @@ def build_tokenizer(family: str = "llama", vocab_size: int = 384):
     if family == "gpt2":  # no BOS added; pad is unset, eos = <|endoftext|>
         fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>",
                                        unk_token="<|endoftext|>")
+    elif family in ("t5", "bart"):  # encoder-decoder: EOS closes every text (BART also opens with BOS)
+        bos = family == "bart"
+        tok.post_processor = processors.TemplateProcessing(
+            single=("<s> " if bos else "") + "$A </s>", pair=("<s> " if bos else "") + "$A </s> $B:1 </s>:1",
+            special_tokens=[("<s>", ids["<s>"]), ("</s>", ids["</s>"])])
+        fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>" if bos else None, eos_token="</s>",
+                                       pad_token="<pad>", unk_token="[UNK]", mask_token="[MASK]" if bos else None)
     elif family == "bert":
         tok.post_processor = processors.TemplateProcessing(
             single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
@@ -105,6 +112,19 @@ def tiny_config(family: str, vocab_size: int, **overrides):
     elif family == "gpt_neox":
         cfg = tf.GPTNeoXConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                                max_position_embeddings=512, **common)
+    elif family == "t5":  # gated-GELU feed-forward (wi_0, wi_1, wo) as in flan-t5; gated=False: T5 v1.0's wi, wo
+        gated = overrides.pop("gated", True)
+        # T5 draws its weights from initializer_factor (std d_model^-0.5 and the like), not initializer_range:
+        # a factor of 2 lets LoRA fit a few examples as the other families' std 0.2 does (measured: 1 fits worse).
+        cfg = tf.T5Config(vocab_size=vocab_size, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4,
+                          feed_forward_proj="gated-gelu" if gated else "relu", dropout_rate=0.0,
+                          initializer_factor=2.0, pad_token_id=3, eos_token_id=2, decoder_start_token_id=3)
+    elif family == "bart":  # init_std 0.1: LoRA fits a few examples best there (0.05 and 0.2-0.4 fit worse)
+        cfg = tf.BartConfig(vocab_size=vocab_size, d_model=64, encoder_layers=2, decoder_layers=2,
+                            encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=128,
+                            decoder_ffn_dim=128, max_position_embeddings=512, dropout=0.0, init_std=0.1,
+                            bos_token_id=1, eos_token_id=2, pad_token_id=3, decoder_start_token_id=2,
+                            forced_eos_token_id=2)
     elif family == "bert":
         cfg = tf.BertConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                             max_position_embeddings=512, pad_token_id=3, **common)
@@ -121,10 +141,10 @@ def build_tiny_model(out_dir: str | Path, family: str = "llama", task: str = "ca
     import torch
 
     out = Path(out_dir)
-    tokenizer = build_tokenizer("bert" if family == "bert" else ("gpt2" if family == "gpt2" else "llama"))
+    tokenizer = build_tokenizer(family if family in ("bert", "gpt2", "t5", "bart") else "llama")
     cfg = tiny_config(family, len(tokenizer), **config_overrides)
     auto = tasks.auto_model_class(task)
-    if task != "causal_lm":
+    if tasks.task(task).labelled:
         cfg.num_labels = config_overrides.get("num_labels", 2)
     torch.manual_seed(seed)
     model = auto.from_config(cfg)

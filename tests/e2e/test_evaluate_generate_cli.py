@@ -1,11 +1,8 @@
-"""`lorafit evaluate`, `lorafit generate` and the demo, on one real tiny run."""
+"""`lorafit evaluate` and `lorafit generate` on one real tiny run (the demo: tests/e2e/test_demo.py)."""
 
 from __future__ import annotations
 
 import json
-import re
-import subprocess
-import sys
 
 import pytest
 
@@ -52,15 +49,3 @@ def test_generate_uses_the_adapter(smoke_run):
                    "--max-new-tokens", "8")
     assert tuned.returncode == 0 and base.returncode == 0, tuned.stderr + base.stderr
     assert tuned.stdout.strip() and tuned.stdout != base.stdout
-
-
-def test_demo_prints_before_and_after(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "lorafit.tools.demo", str(tmp_path / "demo")], capture_output=True,
-                          text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr
-    assert "before / after" in proc.stdout and "base   :" in proc.stdout and "adapter:" in proc.stdout
-    last = proc.stdout.strip().splitlines()[-1]
-    match = re.match(r"held-out loss: base ([\d.]+) → adapter ([\d.]+)", last)
-    assert match, last
-    assert float(match.group(2)) < float(match.group(1))
-    assert (tmp_path / "demo" / "adapter" / "adapter_model.safetensors").is_file()

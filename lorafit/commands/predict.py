@@ -1,0 +1,145 @@
+"""`lorafit predict`: one prediction per input row, in input order, written as JSONL.
+
+Rows are read and checked like training data (``file:line`` errors, before any weights load), rendered as
+training rendered them (the run's data section: format, columns, templates, max_length), and run through
+base + adapter loaded as every other command loads it (core.models.load_adapted), in batches.
+
+What each task writes per row:
+  seq_cls     {"label": class name (or id when the adapter has no names), "score": its probability}
+  token_cls   {"tokens": the row's words, "tags": one tag per word (null past data.max_length)}
+  causal_lm   {"generated": greedy continuation of the row's prompt}
+  seq2seq_lm  {"generated": greedy output for the row's source text}
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+from lorafit import log
+from lorafit.core import models
+from lorafit.core.adapters import find_adapter
+from lorafit.core.generation import generate_greedy, prompt_ids, stop_ids
+from lorafit.core.prompts import column, infer_format
+from lorafit.errors import LorafitError
+from lorafit.recipe import DataSpec
+from lorafit.stages.data import encode_words, read_located, read_words
+
+_DEFAULT_NAME = re.compile(r"LABEL_\d+")
+
+
+def predict(path: str | Path, data: str | Path, output: str | Path, *, batch_size: int = 8,
+            max_new_tokens: int = 64) -> dict:
+    """Predict every row of *data* with the adapter at *path*; write *output* (JSONL) atomically."""
+    source = find_adapter(path)  # before the heavy imports: a wrong path fails at once
+    data, output = Path(data), Path(output)
+    if output.exists() and data.exists() and output.resolve() == data.resolve():
+        raise LorafitError(f"{output} is also the --data file", where="--output",
+                           fix="write the predictions to another file")
+    if output.is_dir():  # checked now: os.replace onto a folder would fail after the whole run
+        raise LorafitError(f"{output} is a folder", where="--output",
+                           fix=f"name a file, e.g. --output {output / 'predictions.jsonl'}")
+    if not output.parent.is_dir():
+        raise LorafitError(f"no folder {output.parent}", where="--output", fix="create it, or write elsewhere")
+    rows, locs = read_located(str(data), where="--data")
+    task = source.task.name
+    spec = _data_spec(source, data, rows[0], task)
+    log.quiet_libraries()
+    model, tokenizer = models.load_adapted(source)
+    if tokenizer.pad_token_id is None and tokenizer.eos_token_id is not None:
+        tokenizer.pad_token = tokenizer.eos_token  # batches need a pad id (training set the same)
+    if task in ("seq_cls", "token_cls"):
+        run = _classify if task == "seq_cls" else _tag
+        # Rows are checked before the first batch runs: a bad row fails in seconds.
+        inputs = [column(r, loc, spec, "text", "text to classify") if task == "seq_cls" else read_words(r, loc, spec)
+                  for r, loc in zip(rows, locs)]
+        predictions = run(model, tokenizer, inputs, spec.max_length, batch_size)
+    else:  # each row's prompt (an encoder-decoder: its source) as training rendered and tokenized it
+        seq2seq = bool(getattr(model.config, "is_encoder_decoder", False))
+        prompts = [prompt_ids(r, tokenizer, spec, seq2seq=seq2seq, loc=loc) for r, loc in zip(rows, locs)]
+        generated = generate_greedy(model, tokenizer, prompts, max_new_tokens=max_new_tokens,
+                                    stop=stop_ids(tokenizer, spec), batch_size=batch_size, desc="predict")
+        predictions = [{"generated": g} for g in generated]
+    _write_jsonl(output, predictions)
+    return {"task": task, "rows": len(predictions), "data": str(data), "output": str(output),
+            "adapter": str(source.adapter_dir), "format": spec.format}
+
+
+def _data_spec(source, data: Path, first: dict, task: str) -> DataSpec:
+    """The run's data section (so rows render exactly as in training), else one fitted to the task and the rows."""
+    try:
+        recipe = source.run_recipe()
+    except LorafitError:
+        recipe = None
+    if recipe is not None:
+        return recipe.data.model_copy(update={"train": str(data), "eval": None})
+    fmt = {"seq_cls": "classification", "token_cls": "tokens", "seq2seq_lm": "seq2seq"}.get(task) or infer_format(first)
+    if fmt in (None, "classification", "tokens", "seq2seq") and task != "seq2seq_lm":
+        fmt = "completion" if "prompt" in first else "text"
+    return DataSpec(train=str(data), format=fmt)
+
+
+def _label(model, index: int):
+    """A class as the user knows it: its name, or its integer id when the classes had no names."""
+    name = (getattr(model.config, "id2label", None) or {}).get(index)
+    if name is None or _DEFAULT_NAME.fullmatch(str(name)):
+        return index
+    return int(name) if str(name).isdigit() else name
+
+
+def _batches(n: int, size: int):
+    return [range(i, min(i + size, n)) for i in range(0, n, size)]
+
+
+def _classify(model, tokenizer, texts: list[str], max_length: int, batch_size: int) -> list[dict]:
+    import torch
+
+    out = []
+    batches = _batches(len(texts), batch_size)
+    with log.Progress("predict", total=len(batches)) as progress, torch.no_grad():
+        for batch in batches:
+            enc = tokenizer([texts[i] for i in batch], truncation=True, max_length=max_length, padding=True,
+                            return_tensors="pt").to(model.device)
+            probs = model(**enc).logits.float().softmax(-1)
+            score, index = probs.max(-1)
+            out += [{"label": _label(model, int(i)), "score": round(float(s), 6)} for i, s in zip(index, score)]
+            progress.update()
+    return out
+
+
+def _tag(model, tokenizer, words: list[list[str]], max_length: int, batch_size: int) -> list[dict]:
+    """One tag per word: the class of its first sub-token (as training labelled it); null past max_length."""
+    import torch
+
+    out = []
+    batches = _batches(len(words), batch_size)
+    with log.Progress("predict", total=len(batches)) as progress, torch.no_grad():
+        for batch in batches:
+            enc = encode_words(tokenizer, [words[i] for i in batch], max_length)
+            padded = tokenizer.pad({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]},
+                                   padding_side="right", return_tensors="pt").to(model.device)
+            classes = model(**padded).logits.argmax(-1).tolist()
+            for k, i in enumerate(batch):
+                tags: list = [None] * len(words[i])
+                seen = set()
+                for position, w in enumerate(enc.word_ids(k)):
+                    if w is not None and w not in seen:
+                        seen.add(w)
+                        tags[w] = _label(model, classes[k][position])
+                out.append({"tokens": words[i], "tags": tags})
+            progress.update()
+    return out
+
+
+def _write_jsonl(path: Path, predictions: list[dict]) -> None:
+    """Temp file then rename: a failed or interrupted run never leaves a half-written output."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with tmp.open("w", encoding="utf-8") as f:
+            for p in predictions:
+                f.write(json.dumps(p, ensure_ascii=False) + "\n")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)

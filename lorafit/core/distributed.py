@@ -1,0 +1,129 @@
+"""Several processes: `lorafit train --nproc N` relaunching itself under torchrun, the recipe's
+training.distributed strategy turned into TrainingArguments (accelerate does the rest), and the adapter
+gathered whole from sharded training before it is saved.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import sys
+
+from lorafit import log
+from lorafit.errors import LorafitError
+
+# Set in the workers `--nproc` starts (beside torchrun's own LOCAL_RANK/WORLD_SIZE): a worker never relaunches.
+LAUNCHED_ENV = "LORAFIT_LAUNCHED"
+
+FSDP_DEFAULTS = {"version": 2, "auto_wrap_policy": "TRANSFORMER_BASED_WRAP", "state_dict_type": "FULL_STATE_DICT",
+                 "cpu_ram_efficient_loading": False}
+
+
+def deepspeed_defaults(zero_stage: int) -> dict:
+    """A ZeRO config whose batch, precision and clipping values transformers fills in from TrainingArguments."""
+    return {"zero_optimization": {"stage": zero_stage, "overlap_comm": True, "contiguous_gradients": True,
+                                  "stage3_gather_16bit_weights_on_model_save": True},
+            "bf16": {"enabled": "auto"}, "fp16": {"enabled": "auto"}, "gradient_clipping": "auto",
+            "train_micro_batch_size_per_gpu": "auto", "train_batch_size": "auto",
+            "gradient_accumulation_steps": "auto"}
+
+
+def under_launcher() -> bool:
+    """True inside a process started by torchrun / accelerate launch (ours or the user's)."""
+    return "LOCAL_RANK" in os.environ or os.environ.get(LAUNCHED_ENV) == "1"
+
+
+def check(spec) -> None:
+    """training.distributed, before anything loads: what this machine can run (validate and train)."""
+    import importlib.util
+
+    import torch
+
+    where = "training.distributed.strategy"
+    if spec.config is not None and spec.strategy == "ddp":
+        raise LorafitError("a config file is read only by fsdp and deepspeed", where="training.distributed.config",
+                           fix="set training.distributed.strategy: fsdp or deepspeed, or config: null")
+    if spec.config is not None and not os.path.isfile(spec.config):
+        raise LorafitError(f"config file not found: {spec.config}", where="training.distributed.config",
+                           fix="give the path of a JSON file, or null for lorafit's defaults")
+    if spec.strategy == "deepspeed" and importlib.util.find_spec("deepspeed") is None:
+        raise LorafitError("deepspeed is not installed", where=where,
+                           fix=f"install it ({sys.executable} -m pip install deepspeed) or use strategy ddp / fsdp")
+    if spec.strategy != "ddp" and not torch.cuda.is_available():
+        raise LorafitError(f"{spec.strategy} shards the model over CUDA GPUs and there is none here (accelerate runs "
+                           "FSDP and DeepSpeed on accelerators only; on CPU it would silently fall back to plain "
+                           "data parallel)", where=where,
+                           fix="use strategy ddp on CPU (`lorafit train RECIPE --nproc N` still runs N processes)")
+
+
+def trainer_kwargs(spec) -> dict:
+    """TrainingArguments keywords for the strategy (ddp: none; torchrun and accelerate do the rest)."""
+    if spec.strategy == "fsdp":
+        return {"fsdp": True, "fsdp_config": spec.config or dict(FSDP_DEFAULTS)}
+    if spec.strategy == "deepspeed":
+        return {"deepspeed": spec.config or deepspeed_defaults(spec.zero_stage)}
+    return {}
+
+
+def gather_adapter_state(trainer) -> dict | None:
+    """Sharded training (FSDP, ZeRO-3): every rank must call this; the main process gets the full state dict
+    (accelerate gathers the shards), the others None. Unsharded: None everywhere (the live weights are whole)."""
+    accelerator = trainer.accelerator
+    ds = getattr(accelerator.state, "deepspeed_plugin", None)
+    sharded = trainer.is_fsdp_enabled or (trainer.is_deepspeed_enabled and ds is not None and ds.zero_stage == 3)
+    if not sharded:
+        return None
+    # The wrapped model: under DeepSpeed the engine (accelerate's ZeRO-3 gather is a method of it; trainer.model
+    # is the bare PeftModel), under FSDP the FSDP module (the same object as trainer.model).
+    wrapped = trainer.model_wrapped
+    gather = getattr(wrapped, "_zero3_consolidated_16bit_state_dict", None) if trainer.is_deepspeed_enabled else None
+    if gather is not None and "exclude_frozen_parameters" in inspect.signature(gather).parameters:
+        # Only the trainable (adapter, head) parameters: the frozen base is never gathered onto rank 0.
+        state = gather(exclude_frozen_parameters=True)
+    else:
+        state = accelerator.get_state_dict(wrapped)
+    return state if trainer.is_world_process_zero() else None
+
+
+def launch_args(train_argv: list[str], *, nproc: int, nnodes: int = 1, node_rank: int = 0,
+                master_addr: str | None = None, master_port: int | None = None) -> list[str]:
+    """torchrun's command line for `lorafit train ...` on this node (the same as a user would write)."""
+    args = ["--nproc_per_node", str(nproc), "--nnodes", str(nnodes), "--node_rank", str(node_rank)]
+    if master_addr is not None:
+        args += ["--master_addr", master_addr]
+    if master_port is not None:
+        args += ["--master_port", str(master_port)]
+    return args + ["-m", "lorafit", "train", *train_argv]
+
+
+def launch(train_argv: list[str], **how) -> int:
+    """Run `lorafit train` under torchrun (torch.distributed.run, in this process: it starts the workers and
+    watches them) and return the exit code to leave with: a worker's own code (2 for a user's mistake, 130/143
+    after Ctrl-C / SIGTERM, which torchrun forwards to the workers), never torchrun's blanket 1."""
+    import logging
+    import signal
+
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args, run
+
+    if under_launcher():
+        raise LorafitError(f"already running under a launcher (WORLD_SIZE={log.world_size()})", where="--nproc",
+                           fix="drop --nproc (and --nnodes ...) when starting lorafit with torchrun yourself")
+    # The workers say what went wrong; torchrun's own failure reports would repeat it as a traceback.
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+    os.environ[LAUNCHED_ENV] = "1"
+    try:
+        run(parse_args(launch_args(train_argv, **how)))
+    except ChildFailedError as e:
+        failures = sorted(e.failures.items())
+        code = next((f.exitcode for _, f in failures if f.exitcode and f.exitcode > 0), None)
+        if code is not None:
+            return code
+        signum = -failures[0][1].exitcode if failures else signal.SIGTERM  # a worker killed by a signal
+        return 128 + signum
+    except SignalException as e:
+        return 128 + int(e.sigval)
+    finally:
+        os.environ.pop(LAUNCHED_ENV, None)
+    return 0
