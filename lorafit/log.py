@@ -43,6 +43,9 @@ def quiet_libraries() -> None:
     transformers.utils.logging.set_verbosity_error()
     # Deprecation notices about names lorafit (or peft) uses internally are not the user's concern.
     warnings.filterwarnings("ignore", category=FutureWarning, message=r".*is deprecated and will be removed in v6.*")
+    # peft, saving each checkpoint offline, cannot ask the hub whether the base's vocabulary changed; lorafit
+    # never resizes embeddings, so its guess ("not modified") is right.
+    warnings.filterwarnings("ignore", message=r"Could not find a config file in .* vocabulary was not modified")
 
 
 class Progress:

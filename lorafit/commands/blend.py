@@ -21,7 +21,7 @@ from pathlib import Path
 
 from lorafit import log
 from lorafit.commands.card import build_blend_card
-from lorafit.commands.generate import check_same_base, parse_adapters
+from lorafit.commands.generate import check_same_base, find_named, parse_adapters
 from lorafit.core import models
 from lorafit.core.adapters import BLEND_FILE, AdapterSource, find_adapter
 from lorafit.errors import LorafitError, ModelError
@@ -40,12 +40,7 @@ def blend(adapters: list[str], weights: str | list[float], output: str | Path, *
     weights = parse_weights(weights, len(pairs))
     check_method(method, density, len(pairs))
     output = Path(output)
-    named = []
-    for name, directory in pairs:
-        try:
-            named.append((name, find_adapter(directory)))
-        except ModelError as e:
-            raise ModelError(e.message, where=f"--adapter {name}={directory}", fix=e.fix) from None
+    named = find_named(pairs)
     check_output(output, [s for _, s in named], overwrite=overwrite)
     check_same_base(named)
     module_ranks = check_blendable(named, method)

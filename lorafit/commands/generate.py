@@ -175,6 +175,17 @@ def _same_base(a: str, b: str) -> bool:
     return pa.exists() and pb.exists() and pa.resolve() == pb.resolve()
 
 
+def find_named(pairs: list[tuple[str, Path]], option: str = "--adapter") -> list[tuple[str, AdapterSource]]:
+    """NAME=DIR pairs → (name, AdapterSource); a bad DIR names the option it came from."""
+    named = []
+    for name, directory in pairs:
+        try:
+            named.append((name, find_adapter(directory)))
+        except ModelError as e:
+            raise ModelError(e.message, where=f"{option} {name}={directory}", fix=e.fix) from None
+    return named
+
+
 def check_same_base(named: list[tuple[str, AdapterSource]], option: str = "--adapter") -> None:
     """Adapters served (or blended) on one base must have been trained on that base, for the same task."""
     first_name, first = named[0]
@@ -200,12 +211,7 @@ class Served:
 
 def load_adapters(pairs: list[tuple[str, Path]], option: str = "--adapter") -> Served:
     """Load the base once with the first adapter, then every other one beside it (peft load_adapter)."""
-    named = []
-    for name, directory in pairs:
-        try:
-            named.append((name, find_adapter(directory)))
-        except ModelError as e:
-            raise ModelError(e.message, where=f"{option} {name}={directory}", fix=e.fix) from None
+    named = find_named(pairs, option)
     check_same_base(named, option)
     first_name, first = named[0]
     model, tokenizer = models.load_adapted(first, adapter_name=first_name)

@@ -353,33 +353,45 @@ def _label(row: dict, loc: str, spec: DataSpec) -> int | str:
 
 
 def _label_map(sources: list[_Source], spec: DataSpec, num_labels: int | None) -> tuple[dict, list[str]]:
+    """Label → id from the train rows: names sorted, or ids 0..max (model.num_labels wins)."""
+    return _class_map(sources, lambda r, loc: [_label(r, loc, spec)], "label", num_labels, sort_key=None)
+
+
+def _class_map(sources: list[_Source], values, what: str, num_labels: int | None, sort_key) -> tuple[dict, list[str]]:
+    """Class value → id from the train rows (values(row, loc) → the row's labels or tags): names sorted by
+    sort_key, or integer ids 0..max; every eval value must occur in train. Mixed kinds, out-of-range ids and
+    more names than model.num_labels are the data's mistake, at file:line."""
     train, *rest = sources
-    seen = [(_label(r, loc, spec), loc) for r, loc in zip(train.rows, train.locs)]
-    kinds = {type(v) for v, _ in seen}
+    seen: dict = {}
+    for r, loc in zip(train.rows, train.locs):
+        for v in values(r, loc):
+            seen.setdefault(v, loc)
+    kinds = {type(v) for v in seen}
     if len(kinds) > 1:
-        v, loc = next((v, loc) for v, loc in seen if type(v) is not type(seen[0][0]))
-        raise DataError(f"label {v!r} mixes class names and integer ids", where=loc,
-                        fix="use either names or ids for every row")
+        first = type(next(iter(seen)))
+        v, loc = next((v, loc) for v, loc in seen.items() if type(v) is not first)
+        raise DataError(f"{what} {v!r} mixes {what} names and integer ids", where=loc,
+                        fix=f"use either names or ids for every {what}")
     if kinds == {int}:
-        for v, loc in seen:
+        for v, loc in seen.items():
             if v < 0 or (num_labels is not None and v >= num_labels):
                 bound = f"[0, {num_labels})" if num_labels else "≥ 0"
-                raise DataError(f"label {v} is out of range {bound}", where=loc,
-                                fix="fix the label or set model.num_labels")
-        names = [str(i) for i in range(num_labels or max(v for v, _ in seen) + 1)]
+                raise DataError(f"{what} {v} is out of range {bound}", where=loc,
+                                fix=f"fix the {what} or set model.num_labels")
+        names = [str(i) for i in range(num_labels or max(seen) + 1)]
         ids = {i: i for i in range(len(names))}
     else:
-        names = sorted({v for v, _ in seen})
+        names = sorted(seen, key=sort_key)
         if num_labels is not None and len(names) > num_labels:
-            raise DataError(f"{len(names)} class names in the data but model.num_labels is {num_labels}: "
-                            f"{', '.join(names)}", where=train.name, fix="raise model.num_labels or fix the labels")
+            raise DataError(f"{len(names)} {what} names in the data but model.num_labels is {num_labels}: "
+                            f"{', '.join(names)}", where=train.name, fix=f"raise model.num_labels or fix the {what}s")
         ids = {n: i for i, n in enumerate(names)}
     for src in rest:
         for r, loc in zip(src.rows, src.locs):
-            v = _label(r, loc, spec)
-            if v not in ids:
-                raise DataError(f"label {v!r} does not occur in the train data ({', '.join(names)})",
-                                where=loc, fix="every eval class must also be in data.train")
+            for v in values(r, loc):
+                if v not in ids:
+                    raise DataError(f"{what} {v!r} does not occur in the train data ({', '.join(names)})",
+                                    where=loc, fix=f"every eval {what} must also be in data.train")
     return ids, names
 
 
@@ -447,36 +459,8 @@ def read_words(row: dict, loc: str, spec: DataSpec) -> list[str]:
 
 def _tag_map(sources: list[_Source], spec: DataSpec, num_labels: int | None) -> tuple[dict, list[str]]:
     """Tag → id from the train rows: names sorted with O first, or ids 0..max (model.num_labels wins)."""
-    train, *rest = sources
-    seen: dict = {}
-    for r, loc in zip(train.rows, train.locs):
-        for tag in word_tags(r, loc, spec)[1]:
-            seen.setdefault(tag, loc)
-    kinds = {type(t) for t in seen}
-    if len(kinds) > 1:
-        tag, loc = next((t, loc) for t, loc in seen.items() if isinstance(t, int))
-        raise DataError(f"tag {tag!r} mixes tag names and integer ids", where=loc,
-                        fix="use either names or ids for every tag")
-    if kinds == {int}:
-        for tag, loc in seen.items():
-            if tag < 0 or (num_labels is not None and tag >= num_labels):
-                bound = f"[0, {num_labels})" if num_labels else "≥ 0"
-                raise DataError(f"tag {tag} is out of range {bound}", where=loc, fix="fix the tag or set model.num_labels")
-        names = [str(i) for i in range(num_labels or max(seen) + 1)]
-        ids = {i: i for i in range(len(names))}
-    else:
-        names = sorted(seen, key=lambda t: (t != "O", t))
-        if num_labels is not None and len(names) > num_labels:
-            raise DataError(f"{len(names)} tag names in the data but model.num_labels is {num_labels}: "
-                            f"{', '.join(names)}", where=train.name, fix="raise model.num_labels or fix the tags")
-        ids = {n: i for i, n in enumerate(names)}
-    for src in rest:
-        for r, loc in zip(src.rows, src.locs):
-            for tag in word_tags(r, loc, spec)[1]:
-                if tag not in ids:
-                    raise DataError(f"tag {tag!r} does not occur in the train data ({', '.join(names)})",
-                                    where=loc, fix="every eval tag must also be in data.train")
-    return ids, names
+    return _class_map(sources, lambda r, loc: word_tags(r, loc, spec)[1], "tag", num_labels,
+                      sort_key=lambda t: (t != "O", t))
 
 
 def align_labels(word_ids: list[int | None], labels: list[int]) -> list[int]:
