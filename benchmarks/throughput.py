@@ -2,7 +2,8 @@
 
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/throughput.py [--quick] [--workdir DIR] [--output FILE]
 
-Every contender trains the same Llama-shaped model (random weights: hidden 256, 4 layers, LoRA r=16 on all
+Every contender trains the same Llama-shaped model (random weights: hidden 256, 4 layers by default, --hidden and
+--layers to change; LoRA r=16 on all
 seven projections) for one epoch on the same rows (log-normal lengths, median ~60 tokens, a tail to ~750,
 truncated at max_length 512), batch 8, fp32, seed 42, with the same prompt template (the rows are rendered
 to plain text once, here, and every contender trains on that text). Each runs in its own subprocess, one
@@ -49,7 +50,7 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 # ----------------------------------------------------------------------------------------------- set-up
 
 
-def build_model(out: Path) -> None:
+def build_model(out: Path, hidden: int = 256, layers: int = 4) -> None:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -57,8 +58,10 @@ def build_model(out: Path) -> None:
 
     tok = build_tokenizer("llama")
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=256, intermediate_size=688, num_hidden_layers=4,
-                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=1024,
+    heads = max(1, hidden // 64)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=hidden * 43 // 16,  # 688 at 256
+                      num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
+                      max_position_embeddings=1024,
                       bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
                       tie_word_embeddings=False)
     LlamaForCausalLM(cfg).save_pretrained(out)
@@ -255,7 +258,9 @@ def run_contender(name: str, workdir: Path, max_steps: int | None) -> dict:
 
 def table(results: dict) -> list[str]:
     base = results.get("peft-script", {})
-    lines = [f"{'contender':<16} {'tokens/s':>10} {'×':>6} {'wall s':>8} {'×':>6} {'peak RSS MB':>12} {'eval loss':>10}"]
+    ideal = results.get("ideal", {}).get("train_tokens_per_second")
+    lines = [f"{'contender':<16} {'tokens/s':>10} {'×':>6} {'of ideal':>9} {'wall s':>8} {'×':>6} {'peak RSS MB':>12} "
+             f"{'eval loss':>10}"]
     for name, r in results.items():
         if "train_tokens_per_second" not in r:
             lines.append(f"{name:<16} {r.get('skipped') or r.get('failed')}")
@@ -264,7 +269,9 @@ def table(results: dict) -> list[str]:
         wall_ratio = base["wall_seconds"] / r["wall_seconds"] if "wall_seconds" in base else 0
         r["ratio_tokens_per_second"], r["ratio_wall"] = round(tps_ratio, 3), round(wall_ratio, 3)
         loss = f"{r['eval_loss']:.4f}" if r.get("eval_loss") is not None else "-"
-        lines.append(f"{name:<16} {r['train_tokens_per_second']:>10,.0f} {tps_ratio:>5.2f}× {r['wall_seconds']:>8.1f} "
+        of_ideal = f"{r['train_tokens_per_second'] / ideal:.0%}" if ideal else "-"
+        lines.append(f"{name:<16} {r['train_tokens_per_second']:>10,.0f} {tps_ratio:>5.2f}× {of_ideal:>9} "
+                     f"{r['wall_seconds']:>8.1f} "
                      f"{wall_ratio:>5.2f}× {r['peak_rss_mb']:>12,.0f} {loss:>10}")
     lines.append("× : against peft-script (tokens/s: higher is faster; wall: its wall time / this one's)")
     return lines
@@ -278,6 +285,8 @@ def main() -> None:
     parser.add_argument("--only", default=",".join(CONTENDERS), help="comma-separated contenders to run")
     parser.add_argument("--workdir", type=Path, default=None, help="where the model, data and runs go (kept)")
     parser.add_argument("--output", type=Path, default=None, help="results JSON (default WORKDIR/throughput.json)")
+    parser.add_argument("--hidden", type=int, default=256, help="hidden size of the model (default 256; a new workdir)")
+    parser.add_argument("--layers", type=int, default=4, help="decoder layers of the model (default 4; a new workdir)")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -288,7 +297,7 @@ def main() -> None:
     workdir.mkdir(parents=True, exist_ok=True)
     rows = args.rows or (64 if args.quick else 400)
     if not (workdir / "model" / "config.json").is_file():
-        build_model(workdir / "model")
+        build_model(workdir / "model", args.hidden, args.layers)
     data = build_data(workdir, rows, workdir / "model")
     print(f"data: {data['train_rows']} train rows, {data['train_tokens']:,} tokens (median {data['median_tokens']}, "
           f"longest {data['max_tokens_before_truncation']} before truncation at {MAX_LENGTH}), "
@@ -301,7 +310,9 @@ def main() -> None:
     print("\n".join(lines))
     import platform
 
-    doc = {"data": data, "batch_size": BATCH, "max_length": MAX_LENGTH, "quick": args.quick,
+    model = json.loads((workdir / "model" / "config.json").read_text())
+    doc = {"model": {k: model[k] for k in ("hidden_size", "intermediate_size", "num_hidden_layers")},
+           "data": data, "batch_size": BATCH, "max_length": MAX_LENGTH, "quick": args.quick,
            "machine": {"cpu": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
                        "python": platform.python_version()}, "results": results}
     out = args.output or workdir / "throughput.json"

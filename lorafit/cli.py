@@ -54,6 +54,15 @@ def _print_json(doc) -> None:
     sys.stdout.write(json.dumps(doc, indent=2, default=str) + "\n")
 
 
+def _emit(doc, lines, as_json: bool) -> None:
+    """A command's result: *doc* as one JSON document with --json, else the text lines: *lines*, or
+    lines(doc) when it is a render function (called only then)."""
+    if as_json:
+        _print_json(doc)
+    else:
+        _out(lines(doc) if callable(lines) else lines)
+
+
 def _console():
     from rich.console import Console
 
@@ -215,10 +224,7 @@ def evaluate(
     from lorafit.commands.evaluate import evaluate_adapter
 
     report = evaluate_adapter(run_or_adapter, data)
-    if as_json:
-        _print_json(report)
-    else:
-        _out(render.evaluate_lines(report))
+    _emit(report, render.evaluate_lines, as_json)
 
 
 @app.command()
@@ -238,10 +244,7 @@ def merge(
 
     report = run_merge(adapter_dir, output, base=base, dtype=dtype, verify=verify,
                        low_memory=low_memory, max_shard_size=max_shard_size, force=force)
-    if as_json:
-        _print_json(report)
-    else:
-        _out(render.merge_lines(report))
+    _emit(report, render.merge_lines, as_json)
     if verify and not report.get("verify", {}).get("passed", True):
         raise typer.Exit(1)
 
@@ -260,10 +263,7 @@ def push(
     from lorafit.commands.push import push as run_push
 
     result = run_push(path, repo_id=repo_id, private=private, revision=revision, merged=merged, dry_run=dry_run)
-    if as_json:
-        _print_json(result)
-    else:
-        _out(render.push_lines(result))
+    _emit(result, render.push_lines, as_json)
 
 
 @app.command()
@@ -323,10 +323,7 @@ def blend(
     from lorafit.commands.blend import blend as run_blend
 
     result = run_blend(adapter, weights, output, method=method, density=density, seed=seed, overwrite=overwrite)
-    if as_json:
-        _print_json(result)
-    else:
-        _out(render.blend_lines(result))
+    _emit(result, render.blend_lines, as_json)
 
 
 @app.command()
@@ -342,10 +339,7 @@ def predict(
     from lorafit.commands.predict import predict as run_predict
 
     report = run_predict(adapter_dir, data, output, batch_size=batch_size, max_new_tokens=max_new_tokens)
-    if as_json:
-        _print_json(report)
-    else:
-        _out(render.predict_lines(report))
+    _emit(report, render.predict_lines, as_json)
 
 
 @app.command()

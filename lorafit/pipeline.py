@@ -15,7 +15,7 @@ from pathlib import Path
 
 from lorafit import __version__, log, render
 from lorafit.commands import estimate as est
-from lorafit.core import distributed, models, policies
+from lorafit.core import distributed, flops, models, policies
 from lorafit.core.targets import build_meta_model, load_config, resolve_targets
 from lorafit.errors import LorafitError
 from lorafit.recipe import Recipe, redact
@@ -44,7 +44,7 @@ def train(recipe: Recipe, *, resume: str | None = None, force: bool = False) -> 
     checkpoint = find_checkpoint(run_dir / "checkpoints", resume)
     forced_changes = check_resume(run_dir, recipe, checkpoint, force=force)  # --force: resumed despite these
     precision = policies.precision(recipe.training)
-    check_model(recipe)  # validate's model checks, in milliseconds: before data, weights, or any write
+    config = check_model(recipe)  # validate's model checks, in milliseconds: before data, weights, or any write
 
     # Data first: a bad row should fail in seconds, before gigabytes of weights load. Under torchrun the
     # main process converts and tokenizes first; the others then agree on the data or stop.
@@ -61,17 +61,18 @@ def train(recipe: Recipe, *, resume: str | None = None, force: bool = False) -> 
 
     # load → quantize → inject. Seeded first: a new head's initial weights and LoRA's A are part of the run.
     set_seed(recipe.training.seed)
-    model = models.load_model(model_spec, recipe.quantization,
-                              policies.weights_dtype(model_spec, recipe.quantization, precision),
+    dtype = policies.weights_dtype(model_spec, recipe.quantization, precision)
+    model = models.load_model(model_spec, recipe.quantization, dtype,
                               num_labels=num_labels, label_names=data.label_names, pad_token_id=tokenizer.pad_token_id,
-                              fsdp=recipe.training.distributed.strategy == "fsdp")
+                              fsdp=recipe.training.distributed.strategy == "fsdp",
+                              attn_implementation=policies.attention(model_spec, dtype, config))
     use_gc = policies.gradient_checkpointing(recipe)
     if recipe.quantization.bits is not None:
         model = prepare_quantized(model, recipe.quantization, gradient_checkpointing=use_gc)
     model, injection = inject_lora(model, recipe.lora, recipe.model.task, model_name=recipe.model.name,
                                    revision=recipe.model.revision)
     if recipe.data.packing:
-        packing.prepare_model(model)  # attention that honours packed position ids; no KV cache in the forward
+        packing.prepare_model(model, data.collator)  # attention that keeps rows apart; no KV cache in the forward
     if checkpoint:
         check_checkpoint(checkpoint, model)
     start_run_dir(run_dir, recipe, resume=resume)  # the first write: every refusal above leaves the dir as it was
@@ -82,11 +83,16 @@ def train(recipe: Recipe, *, resume: str | None = None, force: bool = False) -> 
         log.info(f"head: {', '.join(injection.saved_modules)} trained in full (peft modules_to_save){labels}")
 
     # train → evaluate
+    use_liger = policies.liger(recipe.training, recipe.model.task, config.model_type)
     args = training_arguments(recipe.training, recipe.evaluation, output_dir=run_dir / "checkpoints",
                               precision=precision, gradient_checkpointing=use_gc, has_eval=data.eval is not None,
-                              run_name=recipe.output.run_name or run_dir.name, packed=recipe.data.packing)
+                              run_name=recipe.output.run_name or run_dir.name, packed=recipe.data.packing,
+                              liger=use_liger)
     trainer, summary = train_model(model, data, args, resume_from=checkpoint,
                                    save_minutes=recipe.training.save_minutes)
+    summary.update(flops.train_throughput(model, data.train, task=recipe.model.task, precision=precision,
+                                          tokens_per_second=summary["train_tokens_per_second"],
+                                          world_size=log.world_size()))
     warn_if_untrained(summary)
     eval_metrics = evaluate_model(trainer, data.eval, recipe.evaluation, recipe=recipe, tokenizer=tokenizer,
                                   label_names=data.label_names)
@@ -100,6 +106,9 @@ def train(recipe: Recipe, *, resume: str | None = None, force: bool = False) -> 
         "target_modules": injection.target_keys,
         "precision": precision,
         "gradient_checkpointing": use_gc,
+        "attn_implementation": models.attention_implementation(model),
+        "compile": recipe.training.compile,
+        "liger": use_liger,
         "train": summary,
         "eval": eval_metrics,
         "data": data.stats,
@@ -270,6 +279,10 @@ def check_model_source(recipe: Recipe):
                          gguf_file=spec.gguf_file)
     if recipe.data.packing:
         packing.check_model_type(config.model_type)
+    # The CUDA levers asked for explicitly: refused here, before any weights load, where they cannot run.
+    policies.check_attention(spec, policies.weights_dtype(spec, recipe.quantization,
+                                                          policies.precision(recipe.training)), config)
+    policies.check_liger(recipe.training, config.model_type)
     return config
 
 

@@ -62,6 +62,13 @@ class ModelSpec(Section):
     base_id: Optional[str] = Field(
         None, description="Hub id of the local base (model.name a directory or a .gguf file), recorded as the adapter's "
                           "base and pushed instead of a local path; a GGUF's own metadata supplies it when unset.")
+    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2", "flash_attention_3"] = Field(
+        "auto", description="Attention kernel of training. auto: flash_attention_2 where it can run (a CUDA GPU, the "
+                            "flash_attn package installed, the weights in bf16/fp16 and a model class that supports "
+                            "it), else transformers' default (sdpa where the model has it, else eager). "
+                            "flash_attention_2 / flash_attention_3 (Hopper; the flash_attn_interface module) are "
+                            "refused before any weights load where they cannot run. metrics.json records the one "
+                            "used; docs/performance.md.")
 
     @field_validator("base_id")
     @classmethod
@@ -236,9 +243,21 @@ class TrainingSpec(Section):
     seed: int = Field(42, description="Seed of initialisation, dropout and data order.")
     report_to: Literal["none", "tensorboard", "wandb", "mlflow"] = Field("none", description="Experiment tracker.")
     group_by_length: bool = Field(
-        True, description="Draw rows of similar length into the same batch (transformers' length-grouped sampler; "
-                          "the order stays random between groups), so that dynamic padding pads little. false: "
-                          "uniformly shuffled batches. Ignored with data.packing (blocks are near-equal already).")
+        True, description="Batch rows of nearly equal length together, so that dynamic padding pads little: each "
+                          "epoch sorts the rows by length (jittered ±5 %, so batches differ between epochs), cuts "
+                          "them into batches and shuffles the batches, the longest first. false: uniformly shuffled "
+                          "batches. Ignored with data.packing (blocks are near-equal already).")
+    compile: bool = Field(
+        False, description="torch.compile the model (transformers' torch_compile, inductor backend): faster steps "
+                           "on a GPU once compiled, at the cost of compile time at start (tens of seconds to "
+                           "minutes, more while new batch shapes appear) and a C/C++ compiler on the machine. On "
+                           "a CPU it does not pay. Not measured on a GPU by lorafit yet; docs/performance.md.")
+    liger: Union[Literal["auto"], bool] = Field(
+        "auto", description="Liger kernels (transformers' use_liger_kernel: fused RMSNorm, SwiGLU, RoPE and a "
+                            "cross-entropy fused with the lm_head, which never materialises the logits). auto: on "
+                            "for causal_lm where there is a CUDA GPU, the liger_kernel package and kernels for the "
+                            "model type; true: required (refused before training where that is not so); false: "
+                            "off. metrics.json records whether it was used.")
     distributed: DistributedSpec = Field(
         default_factory=lambda: DistributedSpec(),
         description="Several processes (`lorafit train --nproc N`, or an external torchrun): how the model is spread "

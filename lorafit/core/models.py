@@ -484,15 +484,18 @@ def load_tokenizer(spec: ModelSpec):
 
 def load_model(spec: ModelSpec, quant: QuantizationSpec | None, dtype: str, *, num_labels: int | None = None,
                label_names: list[str] | None = None, pad_token_id: int | None = None, device: str | None = None,
-               with_tokenizer: bool = True, fsdp: bool = False):
+               with_tokenizer: bool = True, fsdp: bool = False, attn_implementation: str | None = None):
     """The base model in *dtype* (policies.weights_dtype), on the GPU when there is one (unless *device* is
-    "cpu"), quantized through bitsandbytes when *quant* asks for it (then made CPU-safe). A local
+    "cpu"), quantized through bitsandbytes when *quant* asks for it (then made CPU-safe), with
+    *attn_implementation* (policies.attention; None: transformers' default). A local
     directory must hold tokenizer files too unless *with_tokenizer* is False (merge needs weights only)."""
     import torch
 
     check_model_files(spec, tokenizer=with_tokenizer)
     name, kwargs = _source(spec)
     kwargs["dtype"] = getattr(torch, dtype)
+    if attn_implementation is not None:
+        kwargs["attn_implementation"] = attn_implementation
     quantized = quant is not None and quant.bits is not None
     if quantized:
         silence_bitsandbytes()
@@ -515,8 +518,15 @@ def load_model(spec: ModelSpec, quant: QuantizationSpec | None, dtype: str, *, n
             kwargs["label2id"] = {n: i for i, n in enumerate(names)}
     try:
         model = tasks.auto_model_class(spec.task).from_pretrained(name, **kwargs)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, ImportError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if attn_implementation and ("attention" in first.lower() or isinstance(e, ImportError)):
+            # What check_attention cannot see before loading (e.g. a GPU too old for the kernel).
+            other = "sdpa" if attn_implementation.startswith("flash") else "auto (transformers' default)"
+            raise ModelError(f"cannot load '{spec.name}' with attn_implementation {attn_implementation}: {first}",
+                             where="model.attn_implementation", fix=f"set model.attn_implementation: {other}") from None
+        if isinstance(e, ImportError):
+            raise
         if kwargs.get("use_safetensors") and "safetensors" in str(e).lower():
             raise ModelError(f"'{spec.name}' has no safetensors weights, only pickles ({first})", where="model.name",
                              fix="convert it to safetensors, or set model.allow_pickle: true (read with "
@@ -697,3 +707,9 @@ def load_adapted(source: AdapterSource, *, dtype: str | None = None, quantized: 
                          where=f"base model {source.base}",
                          fix="pass the base model the adapter was trained on with --base") from None
     return model.eval(), tokenizer
+
+
+def attention_implementation(model) -> str:
+    """The attention implementation a loaded model (or peft model) runs with, as transformers resolved it."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return getattr(base.config, "_attn_implementation", None) or "eager"

@@ -133,3 +133,110 @@ def check_max_length(data: DataSpec, config, tokenizer, model_name: str) -> None
         raise RecipeError(f"{data.max_length} tokens is above the context of {model_name} ({found[0]} tokens, "
                           f"its {found[1]})", where="data.max_length",
                           fix=f"set data.max_length to {found[0]} or less")
+
+
+# ----------------------------------------------------------------------------------------------
+# CUDA speed levers (docs/performance.md, "On CUDA"): decided here, refused at validate time where they
+# cannot run, so that a run never loads gigabytes of weights to fail on a missing kernel.
+
+# FlashAttention implementations → the module each needs.
+FLASH_ATTENTION = {"flash_attention_2": "flash_attn", "flash_attention_3": "flash_attn_interface"}
+_FLASH_INSTALL = {
+    "flash_attention_2": "{python} -m pip install flash-attn --no-build-isolation",
+    "flash_attention_3": "build FlashAttention-3 from the hopper/ directory of github.com/Dao-AILab/flash-attention",
+}
+HALF_DTYPES = ("bfloat16", "float16")
+
+
+def has_module(name: str) -> bool:
+    """*name* can be imported (looked up, not imported: flash_attn and liger_kernel pull in CUDA/Triton)."""
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def supports_flash_attention(config, task: str) -> bool | None:
+    """Whether the class transformers builds for *config* and *task* has a FlashAttention path; None when
+    that cannot be told without loading it (remote code, a config transformers does not map)."""
+    try:
+        model_class = tasks.auto_model_class(task)._model_mapping[type(config)]
+    except Exception:  # KeyError, or a mapping that cannot import its class
+        return None
+    return bool(getattr(model_class, "_supports_flash_attn", False))
+
+
+def attention(model: ModelSpec, dtype: str, config=None, device: str | None = None) -> str | None:
+    """The attn_implementation training passes to from_pretrained; None leaves transformers' default (sdpa
+    where the model has it, else eager). auto → flash_attention_2 where it can run: CUDA, the flash_attn
+    package, half-precision weights, and a model class known to support it."""
+    if model.attn_implementation != "auto":
+        return model.attn_implementation
+    if ((device or this_device()) == "cuda" and dtype in HALF_DTYPES and has_module("flash_attn")
+            and config is not None and supports_flash_attention(config, model.task)):
+        return "flash_attention_2"
+    return None
+
+
+def check_attention(model: ModelSpec, dtype: str, config=None, device: str | None = None) -> None:
+    """An explicit flash_attention_* that cannot run here: refused before any weights load."""
+    import sys
+
+    impl = model.attn_implementation
+    if impl not in FLASH_ATTENTION:
+        return
+    where = "model.attn_implementation"
+    if (device or this_device()) != "cuda":
+        raise RecipeError(f"{impl} needs a CUDA GPU, and this machine has none", where=where,
+                          fix="set model.attn_implementation: sdpa (or auto, which picks FlashAttention only where "
+                              "it can run)")
+    module = FLASH_ATTENTION[impl]
+    if not has_module(module):
+        raise RecipeError(f"{impl} needs the {module} module, which is not installed", where=where,
+                          fix=_FLASH_INSTALL[impl].format(python=sys.executable)
+                          + ", or set model.attn_implementation: sdpa")
+    if dtype not in HALF_DTYPES:
+        raise RecipeError(f"{impl} runs in bf16/fp16 only, and the weights load in {dtype}", where=where,
+                          fix="set training.precision: bf16 (or auto), or model.attn_implementation: sdpa")
+    if config is not None and supports_flash_attention(config, model.task) is False:
+        raise RecipeError(f"transformers has no FlashAttention path for model type '{config.model_type}' "
+                          f"({model.task})", where=where, fix="set model.attn_implementation: sdpa or auto")
+
+
+def liger_supports(model_type: str | None) -> bool:
+    """liger_kernel has kernels for *model_type* (its own table; False when it is not installed)."""
+    if not model_type or not has_module("liger_kernel"):
+        return False
+    try:
+        from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
+    except Exception:  # ImportError, or Triton failing to initialise
+        return False
+    return model_type in MODEL_TYPE_TO_APPLY_LIGER_FN
+
+
+def liger(training: TrainingSpec, task: str, model_type: str | None, device: str | None = None) -> bool:
+    """Whether the Trainer applies Liger kernels (use_liger_kernel). auto: causal_lm on CUDA with the package
+    and kernels for the model type; true: on (check_liger refused already where it cannot run)."""
+    if training.liger is False:
+        return False
+    if training.liger is True:
+        return True
+    return task == "causal_lm" and (device or this_device()) == "cuda" and liger_supports(model_type)
+
+
+def check_liger(training: TrainingSpec, model_type: str | None, device: str | None = None) -> None:
+    """training.liger: true where Liger cannot run: refused before training."""
+    import sys
+
+    if training.liger is not True:
+        return
+    where, off = "training.liger", "set training.liger: auto (on only where it can run) or false"
+    if (device or this_device()) != "cuda":
+        raise RecipeError("Liger kernels (Triton) need a CUDA GPU, and this machine has none", where=where, fix=off)
+    if not has_module("liger_kernel"):
+        raise RecipeError("the liger_kernel package is not installed", where=where,
+                          fix=f"install it ({sys.executable} -m pip install liger-kernel), or {off}")
+    if not liger_supports(model_type):
+        raise RecipeError(f"liger_kernel has no kernels for model type '{model_type}'", where=where, fix=off)

@@ -386,13 +386,19 @@ def _class_map(sources: list[_Source], values, what: str, num_labels: int | None
             raise DataError(f"{len(names)} {what} names in the data but model.num_labels is {num_labels}: "
                             f"{', '.join(names)}", where=train.name, fix=f"raise model.num_labels or fix the {what}s")
         ids = {n: i for i, n in enumerate(names)}
-    for src in rest:
+    _check_values(rest, values, ids, lambda v: f"{what} {v!r} does not occur in the train data ({', '.join(names)})",
+                  fix=f"every eval {what} must also be in data.train")
+    return ids, names
+
+
+def _check_values(sources: list[_Source], values, ids: dict, message, fix: str) -> None:
+    """Every value of every row of *sources* (values(row, loc) → the row's labels or tags) must be a key of
+    *ids*; the first that is not is the data's mistake: DataError(message(value)) at its file:line."""
+    for src in sources:
         for r, loc in zip(src.rows, src.locs):
             for v in values(r, loc):
                 if v not in ids:
-                    raise DataError(f"{what} {v!r} does not occur in the train data ({', '.join(names)})",
-                                    where=loc, fix=f"every eval {what} must also be in data.train")
-    return ids, names
+                    raise DataError(message(v), where=loc, fix=fix)
 
 
 def _given_map(sources: list[_Source], names: list[str], values, what: str) -> tuple[dict, list[str]]:
@@ -401,12 +407,9 @@ def _given_map(sources: list[_Source], names: list[str], values, what: str) -> t
     ids: dict = {n: i for i, n in enumerate(names)}
     ids.update({i: i for i in range(len(names))})
     shown = ", ".join(names[:20]) + (", ..." if len(names) > 20 else "")
-    for src in sources:
-        for r, loc in zip(src.rows, src.locs):
-            for v in values(r, loc):
-                if v not in ids:
-                    raise DataError(f"{what} {v!r} is not one of the adapter's {len(names)} classes ({shown})",
-                                    where=loc, fix=f"evaluate on rows whose {what}s the adapter was trained on")
+    _check_values(sources, values, ids,
+                  lambda v: f"{what} {v!r} is not one of the adapter's {len(names)} classes ({shown})",
+                  fix=f"evaluate on rows whose {what}s the adapter was trained on")
     return ids, list(names)
 
 

@@ -5,7 +5,9 @@ How: each block is its rows flattened by transformers' DataCollatorWithFlattenin
 at 0 on every row, the first token of each row gets label -100, so the last token of a row never learns
 to predict the next row). The batch carries ``position_ids`` and no ``attention_mask``: transformers 5's
 masking utilities then find the row boundaries from the position ids (``find_packed_sequence_indices``)
-and build a block-diagonal causal mask for sdpa/eager (flash-attention reads the same position ids).
+and build a block-diagonal causal mask for sdpa/eager. FlashAttention (CUDA) takes its varlen path from
+the same position ids, but only for a batch of one sequence: with flash_attention_2/3 the collator puts
+every block of a batch back to back in one row, without padding (``prepare_model`` switches it).
 That detection is skipped when a KV cache exists, hence ``use_cache = False`` in ``prepare_model``.
 
 Blocks of a batch are right-padded to the longest with a pad id at position 0 each: every pad token is
@@ -14,7 +16,8 @@ a position > 0 (a row of one token has nothing to train and is dropped by the da
 tokens of a block are exactly those up to its last nonzero position (``real_tokens``).
 
 Verified by tests/unit/test_packing.py on every model type in PACKABLE_MODEL_TYPES with sdpa and eager:
-the summed token loss of a packed batch equals the rows' losses computed one by one.
+the summed token loss of a packed batch equals the rows' losses computed one by one; for FlashAttention, by
+its gpu-marked test of the same (on the tiny Llama, bf16), which runs only where CUDA and the package are.
 """
 
 from __future__ import annotations
@@ -32,6 +35,9 @@ PACKABLE_MODEL_TYPES = frozenset({
 })
 # Attention implementations checked on CPU by the same tests.
 PACKABLE_ATTENTION = frozenset({"sdpa", "eager"})
+# FlashAttention's varlen path (rows cut at the position-id restarts of a one-row batch); checked on CUDA by
+# the gpu-marked test in the same file.
+PACKABLE_FLASH_ATTENTION = frozenset({"flash_attention_2", "flash_attention_3"})
 
 _FIX = "set data.packing: false (batches are then length-grouped and dynamically padded, nearly as fast)"
 
@@ -43,16 +49,20 @@ def check_model_type(model_type: str) -> None:
                            f"verified: {', '.join(sorted(PACKABLE_MODEL_TYPES))}", where="data.packing", fix=_FIX)
 
 
-def prepare_model(model) -> None:
+def prepare_model(model, collator=None) -> None:
     """The loaded model: its attention implementation must honour packed position ids, and no KV cache may
-    be built in the forward (transformers skips packed-sequence detection when one exists)."""
+    be built in the forward (transformers skips packed-sequence detection when one exists). With
+    FlashAttention, *collator* (a PackedCollator) then flattens each batch into one row."""
     config = model.config if not hasattr(model, "get_base_model") else model.get_base_model().config
     check_model_type(config.model_type)
     impl = getattr(config, "_attn_implementation", None) or "eager"
-    if impl not in PACKABLE_ATTENTION:
+    if impl not in PACKABLE_ATTENTION | PACKABLE_FLASH_ATTENTION:
         raise LorafitError(f"packing is not verified with attn_implementation '{impl}'; verified: "
-                           f"{', '.join(sorted(PACKABLE_ATTENTION))}", where="data.packing", fix=_FIX)
+                           f"{', '.join(sorted(PACKABLE_ATTENTION | PACKABLE_FLASH_ATTENTION))}",
+                           where="data.packing", fix=_FIX)
     config.use_cache = False
+    if isinstance(collator, PackedCollator):
+        collator.flatten = impl in PACKABLE_FLASH_ATTENTION
 
 
 def pack_rows(dataset, max_length: int):
@@ -90,17 +100,25 @@ def pack_rows(dataset, max_length: int):
 class PackedCollator:
     """Blocks (they carry position_ids) → a [batch, longest block] batch with position_ids and no attention
     mask; pad tokens each at position 0 with label -100. Rows without position_ids (the eval split, which
-    stays unpacked so that its loss is measured as without packing) go to the usual padding collator."""
+    stays unpacked so that its loss is measured as without packing) go to the usual padding collator.
 
-    def __init__(self, pad_token_id: int, unpacked):
+    *flatten* (FlashAttention, set by prepare_model): the blocks back to back in a [1, total] batch instead,
+    no padding; transformers' flash path finds the rows from the position ids only in a batch of one. The
+    first token of every row has label -100 already, so no row learns across the seam."""
+
+    def __init__(self, pad_token_id: int, unpacked, flatten: bool = False):
         self.pad = pad_token_id
         self.unpacked = unpacked
+        self.flatten = flatten
 
     def __call__(self, features: list[dict[str, Any]]) -> dict:
         import torch
 
         if "position_ids" not in features[0]:
             return self.unpacked(features)
+        if self.flatten:
+            return {key: torch.as_tensor([x for f in features for x in f[key]], dtype=torch.long)[None]
+                    for key in ("input_ids", "labels", "position_ids")}
         longest = max(len(f["input_ids"]) for f in features)
         out = {"input_ids": torch.full((len(features), longest), self.pad, dtype=torch.long),
                "labels": torch.full((len(features), longest), IGNORE, dtype=torch.long),

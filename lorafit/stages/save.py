@@ -31,10 +31,11 @@ def check_run_dir(spec: OutputSpec, *, resume: str | None) -> Path:
 
 
 # What may change between a run and its resume: run length, logging/eval/save frequency, trackers, the
-# run directory, the final evaluation, and memory-only switches. Everything else shapes the adapter.
+# run directory, the final evaluation, and memory- or speed-only switches. Everything else shapes the adapter.
 RESUME_FREE = ("training.epochs", "training.max_steps", "training.logging_steps", "training.eval_steps",
                "training.save_steps", "training.save_minutes", "training.save_total_limit", "training.report_to",
-               "training.gradient_checkpointing", "output.", "evaluation.")
+               "training.gradient_checkpointing", "training.compile", "training.liger", "model.attn_implementation",
+               "output.", "evaluation.")
 
 
 def check_resume(run_dir: Path, recipe: Recipe, checkpoint: str | None, *, force: bool) -> list[str]:

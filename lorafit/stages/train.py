@@ -27,7 +27,9 @@ _NEVER = 10**9  # "only at the end": Trainer saves/evaluates at the last step fo
 
 
 def training_arguments(spec: TrainingSpec, evaluation: EvaluationSpec, *, output_dir: Path, precision: str,
-                       gradient_checkpointing: bool, has_eval: bool, run_name: str, packed: bool = False):
+                       gradient_checkpointing: bool, has_eval: bool, run_name: str, packed: bool = False,
+                       liger: bool = False):
+    """*liger*: policies.liger's decision (it needs the model type and the machine, not only the spec)."""
     import torch
     from transformers import TrainingArguments
 
@@ -69,6 +71,8 @@ def training_arguments(spec: TrainingSpec, evaluation: EvaluationSpec, *, output
         dataloader_num_workers=0,
         # Similar lengths in a batch: dynamic padding then pads little. Packed blocks are near-equal already.
         train_sampling_strategy="group_by_length" if spec.group_by_length and not packed else "random",
+        torch_compile=spec.compile,  # inductor; compiled when the Trainer prepares the model
+        use_liger_kernel=liger,
         **distributed.trainer_kwargs(spec.distributed),
     )
 
@@ -305,6 +309,20 @@ def _trainer_class():
         Ctrl-C mid-save leaves the last good checkpoint as it was; `--resume` never picks up a partial one."""
 
         _staging: str | None = None
+
+        def _get_train_sampler(self, train_dataset=None):
+            # training.group_by_length: the whole epoch sorted by length (stages/sampler.py), not transformers'
+            # megabatches of 50 batches, which leave several times the padding.
+            dataset = train_dataset if train_dataset is not None else self.train_dataset
+            if self.args.train_sampling_strategy != "group_by_length" or \
+                    "input_ids" not in (getattr(dataset, "column_names", None) or ()):
+                return super()._get_train_sampler(train_dataset)
+            from lorafit.stages.sampler import length_bucketed_sampler, row_lengths
+
+            config = getattr(self.accelerator.unwrap_model(self.model), "config", None)
+            seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
+            return length_bucketed_sampler(row_lengths(dataset, bool(getattr(config, "is_encoder_decoder", False))),
+                                           self._train_batch_size, seed)
 
         def _track_num_input_tokens(self, inputs):
             # A packed batch has no attention_mask: count its real tokens from the position ids, so that
