@@ -51,9 +51,10 @@ def train(recipe: Recipe, *, resume: str | None = None, force: bool = False) -> 
     with main_process_first():
         model_spec = models.materialize_gguf(recipe.model)  # the recipe keeps naming the GGUF file
         tokenizer = models.load_tokenizer(model_spec)
-        policies.check_max_length(recipe.data, load_config(model_spec.name, revision=model_spec.revision,
-                                                           trust_remote_code=model_spec.trust_remote_code),
-                                  tokenizer, recipe.model.name)
+        model_config = load_config(model_spec.name, revision=model_spec.revision,
+                                   trust_remote_code=model_spec.trust_remote_code)
+        policies.check_max_length(recipe.data, model_config, tokenizer, recipe.model.name)
+        policies.check_prompts(recipe, model_config, tokenizer)
         data = build_datasets(recipe.data, tokenizer, recipe.model.task, recipe.model.num_labels)
     check_ranks_agree(data.stats)
     log.info(f"data: {render.data_summary(data.stats)}")
@@ -90,9 +91,9 @@ def train(recipe: Recipe, *, resume: str | None = None, force: bool = False) -> 
                               liger=use_liger)
     trainer, summary = train_model(model, data, args, resume_from=checkpoint,
                                    save_minutes=recipe.training.save_minutes)
-    summary.update(flops.train_throughput(model, data.train, task=recipe.model.task, precision=precision,
-                                          tokens_per_second=summary["train_tokens_per_second"],
-                                          world_size=log.world_size()))
+    summary.update(flops.train_throughput_or_none(model, data.train, task=recipe.model.task, precision=precision,
+                                                  tokens_per_second=summary["train_tokens_per_second"],
+                                                  world_size=log.world_size()))
     warn_if_untrained(summary)
     eval_metrics = evaluate_model(trainer, data.eval, recipe.evaluation, recipe=recipe, tokenizer=tokenizer,
                                   label_names=data.label_names)
@@ -151,6 +152,7 @@ def validate(recipe: Recipe, *, recipe_path: Path | None = None, show_example: i
     config = check_model_source(recipe)  # the targets: resolved by the estimate's meta model below
     tokenizer = models.load_tokenizer(spec)
     policies.check_max_length(recipe.data, config, tokenizer, spec.name)
+    policies.check_prompts(recipe, config, tokenizer)
     data = build_datasets(recipe.data, tokenizer, spec.task, spec.num_labels)
     # The estimate builds the meta model and resolves the targets (raising on a name that matches
     # nothing): one pass serves the targets and the memory plan.

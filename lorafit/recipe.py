@@ -285,7 +285,8 @@ class EvaluationSpec(Section):
         "generated rows plus 8 tokens (64 without references)."))
     prompts: list[str] = Field(default_factory=list, max_length=64, description=(
         "Prompts (causal_lm) answered by the base and by the adapter, shown side by side in report.md and "
-        "metrics.json; rendered in data.format as training rendered its rows."))
+        "metrics.json; rendered in data.format as training rendered its rows. Each must leave room in the "
+        "model's context for evaluation.max_new_tokens (64 when unset): checked before training."))
     report_samples: int = Field(5, ge=0, le=100, description=(
         "Eval rows shown in report.md (prompt, reference, base, adapter) and kept in metrics.json."))
 

@@ -109,7 +109,9 @@ def attention_length(dataset) -> float:
         tokens = len(positions)
         squares = pc.sum(pc.add(pc.multiply(positions, 2), 1)).as_py() or 0
     else:
-        lengths = pc.list_value_length(columns["input_ids"])
+        import pyarrow as pa
+
+        lengths = pc.cast(pc.list_value_length(columns["input_ids"]), pa.int64())  # int32 squares overflow at 46k
         tokens = pc.sum(lengths).as_py() or 0
         squares = pc.sum(pc.multiply(lengths, lengths)).as_py() or 0
     return squares / tokens if tokens else 0.0
@@ -148,6 +150,18 @@ def train_throughput(model, dataset, *, task: str, tokens_per_second: float | No
         "model_tflops_per_second": _significant(achieved),
         "mfu": _significant(achieved / (peak * world_size)) if achieved is not None and peak else None,
     }
+
+
+def train_throughput_or_none(model, dataset, **kwargs) -> dict:
+    """train_throughput, or nulls with a warning: it runs between training and saving the adapter, and a figure
+    it cannot compute must never cost the run."""
+    try:
+        return train_throughput(model, dataset, **kwargs)
+    except Exception as e:  # an unusual config or dataset: no figure, the adapter still saved
+        from lorafit import log
+
+        log.warn(f"model FLOPs not computed ({type(e).__name__}: {e}); metrics.json has no MFU for this run")
+        return {"model_flops_per_token": None, "model_tflops_per_second": None, "mfu": None}
 
 
 def _significant(x: float | None, digits: int = 4) -> float | None:

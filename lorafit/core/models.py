@@ -479,7 +479,34 @@ def load_tokenizer(spec: ModelSpec):
     if len(tokenizer) == 0 or tokenizer.eos_token_id is None and tokenizer.sep_token_id is None:
         raise ModelError(f"the tokenizer of '{spec.name}' is empty or has no EOS token", where="model.name",
                          fix="check the tokenizer files")
+    if spec.task == "token_cls" and prefix_space_for_words(tokenizer):
+        log.info("tokenizer: byte-level BPE given words one by one (token_cls): add_prefix_space on, so that each "
+                 "word is tokenized as in running text (saved with the adapter)")
     return tokenizer
+
+
+def prefix_space_for_words(tokenizer) -> bool:
+    """Byte-level BPE (RoBERTa, GPT-2, BART) keeps a word's leading space inside its first token ("Ġworld"); words
+    handed over one by one (token_cls, is_split_into_words) lose it, so every word would be tokenized as if it
+    began the text, unlike anything pretraining saw (transformers 5 no longer refuses this). Turns on the
+    add_prefix_space of a tokenizer whose pre-tokenizer is ByteLevel alone; True when it changed it. A ByteLevel
+    inside a Sequence (a regex Split first, as Llama 3) is left as it is: a prefix there would go before every
+    piece of the split, not only before each word."""
+    import json
+
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return False
+    doc = json.loads(backend.to_str())
+    pre = doc.get("pre_tokenizer") or {}
+    if pre.get("type") != "ByteLevel" or pre.get("add_prefix_space"):
+        return False
+    from tokenizers import Tokenizer
+
+    pre["add_prefix_space"] = True
+    tokenizer._tokenizer = Tokenizer.from_str(json.dumps(doc))
+    tokenizer.add_prefix_space = True
+    return True
 
 
 def load_model(spec: ModelSpec, quant: QuantizationSpec | None, dtype: str, *, num_labels: int | None = None,
@@ -520,7 +547,7 @@ def load_model(spec: ModelSpec, quant: QuantizationSpec | None, dtype: str, *, n
         model = tasks.auto_model_class(spec.task).from_pretrained(name, **kwargs)
     except (OSError, ValueError, ImportError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        if attn_implementation and ("attention" in first.lower() or isinstance(e, ImportError)):
+        if attn_implementation and any(w in first.lower() for w in ("attention", "flash")):
             # What check_attention cannot see before loading (e.g. a GPU too old for the kernel).
             other = "sdpa" if attn_implementation.startswith("flash") else "auto (transformers' default)"
             raise ModelError(f"cannot load '{spec.name}' with attn_implementation {attn_implementation}: {first}",

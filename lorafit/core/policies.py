@@ -135,6 +135,29 @@ def check_max_length(data: DataSpec, config, tokenizer, model_name: str) -> None
                           fix=f"set data.max_length to {found[0]} or less")
 
 
+
+def check_prompts(recipe: Recipe, config, tokenizer) -> None:
+    """evaluation.prompts that, rendered as training renders its rows, leave no room in the model's context
+    for evaluation.max_new_tokens (64 when unset): refused before training, not after it (GPT-2-style
+    position embeddings would fail on them; rotary ones would answer past what the model knows)."""
+    spec = recipe.evaluation
+    if not spec.prompts or recipe.model.task != "causal_lm":
+        return
+    found = context_limit(config, tokenizer)
+    if not found:
+        return
+    from lorafit.core.generation import prompt_ids
+
+    new = spec.max_new_tokens or 64
+    for i, prompt in enumerate(spec.prompts):
+        n = len(prompt_ids(prompt, tokenizer, recipe.data))
+        if n + new > found[0]:
+            raise RecipeError(f"this prompt is {n} tokens as the model is asked it; with {new} new tokens that is "
+                              f"above the context of {recipe.model.name} ({found[0]} tokens, its {found[1]})",
+                              where=f"evaluation.prompts[{i}]",
+                              fix=f"shorten it to at most {max(found[0] - new, 0)} tokens"
+                                  + (", or lower evaluation.max_new_tokens" if found[0] > n else ""))
+
 # ----------------------------------------------------------------------------------------------
 # CUDA speed levers (docs/performance.md, "On CUDA"): decided here, refused at validate time where they
 # cannot run, so that a run never loads gigabytes of weights to fail on a missing kernel.
@@ -175,9 +198,30 @@ def attention(model: ModelSpec, dtype: str, config=None, device: str | None = No
     if model.attn_implementation != "auto":
         return model.attn_implementation
     if ((device or this_device()) == "cuda" and dtype in HALF_DTYPES and has_module("flash_attn")
-            and config is not None and supports_flash_attention(config, model.task)):
+            and config is not None and supports_flash_attention(config, model.task)
+            and flash_attention_runs("flash_attention_2")):
         return "flash_attention_2"
     return None
+
+
+# FlashAttention-2 needs an Ampere or newer GPU (compute capability 8), FlashAttention-3 a Hopper (9).
+FLASH_MIN_CAPABILITY = {"flash_attention_2": 8, "flash_attention_3": 9}
+
+
+def flash_attention_runs(impl: str) -> bool:
+    """This GPU is new enough for *impl*, and its module really imports (a build for another torch passes
+    find_spec, then fails with undefined symbols). Called only where CUDA is present: it imports the module."""
+    import importlib
+
+    import torch
+
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < FLASH_MIN_CAPABILITY[impl]:
+        return False
+    try:
+        importlib.import_module(FLASH_ATTENTION[impl])
+    except Exception:  # ImportError, OSError (undefined symbol), a CUDA mismatch
+        return False
+    return True
 
 
 def check_attention(model: ModelSpec, dtype: str, config=None, device: str | None = None) -> None:
@@ -197,6 +241,10 @@ def check_attention(model: ModelSpec, dtype: str, config=None, device: str | Non
         raise RecipeError(f"{impl} needs the {module} module, which is not installed", where=where,
                           fix=_FLASH_INSTALL[impl].format(python=sys.executable)
                           + ", or set model.attn_implementation: sdpa")
+    if not flash_attention_runs(impl):
+        raise RecipeError(f"{impl} does not run here: it needs a GPU of compute capability "
+                          f"{FLASH_MIN_CAPABILITY[impl]}.0 or newer and a {module} build that imports with this torch",
+                          where=where, fix="set model.attn_implementation: sdpa (or auto)")
     if dtype not in HALF_DTYPES:
         raise RecipeError(f"{impl} runs in bf16/fp16 only, and the weights load in {dtype}", where=where,
                           fix="set training.precision: bf16 (or auto), or model.attn_implementation: sdpa")

@@ -12,6 +12,7 @@ from typing import Any, Callable
 
 from lorafit import log
 from lorafit.core import metrics as M
+from lorafit.core import policies
 from lorafit.core.generation import generate_greedy, prompt_ids, stop_ids
 from lorafit.recipe import EvaluationSpec, Recipe
 
@@ -133,6 +134,9 @@ def generation_metrics(ctx: EvalContext, split: Callable[[dict], tuple[list[int]
     # Long enough for the longest reference and its end token; an answer that runs past it is wrong anyway.
     max_new = spec.max_new_tokens or (max(len(r) for _, r in pairs) + 8 if pairs else 64)
     model = ctx.trainer.model.eval()
+    context = policies.context_limit(getattr(model, "config", None), tok)
+    if context:  # never past the context: an eval row near data.max_length plus its answer may reach it
+        max_new = max(1, min(max_new, context[0] - max(len(p) for p in prompts)))
 
     def run(which: str) -> list[str]:
         with ctx.trainer.autocast_smart_context_manager():

@@ -321,8 +321,16 @@ def _trainer_class():
 
             config = getattr(self.accelerator.unwrap_model(self.model), "config", None)
             seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
-            return length_bucketed_sampler(row_lengths(dataset, bool(getattr(config, "is_encoder_decoder", False))),
-                                           self._train_batch_size, seed)
+            self._bucketed = length_bucketed_sampler(
+                row_lengths(dataset, bool(getattr(config, "is_encoder_decoder", False))), self._train_batch_size, seed)
+            return self._bucketed
+
+        def _run_epoch(self, model, epoch, *args, **kwargs):
+            # The epoch reaches the sampler here: under several processes (or a resume, whose skipping wrapper
+            # hides it) accelerate's set_epoch does not find it, and a resumed epoch must replay its own order.
+            if getattr(self, "_bucketed", None) is not None:
+                self._bucketed.set_epoch(epoch)
+            return super()._run_epoch(model, epoch, *args, **kwargs)
 
         def _track_num_input_tokens(self, inputs):
             # A packed batch has no attention_mask: count its real tokens from the position ids, so that

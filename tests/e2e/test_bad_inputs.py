@@ -96,6 +96,9 @@ def cases(w: World) -> dict:
         "dropout out of range": ([v, w.recipe("dropout", lora={"dropout": 1.5})], ["lora.dropout", "[0, 1)"]),
         "eval_fraction too large": ([v, w.recipe("frac", data={"eval_fraction": 0.9})],
                                     ["data.eval_fraction", "[0, 0.5]", "0.1 holds out 10 %"]),
+        "evaluation prompt past the context": ([v, w.recipe("longprompt", evaluation={"prompts": ["word " * 600]})],
+                                               ["evaluation.prompts[0]", "above the context", "(512 tokens",
+                                                "shorten it to at most 448 tokens"]),
         "several mistakes at once": ([v, w.recipe("many", lora={"r": 0, "dropout": 1.5})],
                                      ["lora.r", "lora.dropout"]),
         "YAML syntax error": ([v, bad_yaml], [f"{bad_yaml}:4", "invalid YAML", "mapping values", "quot"]),
@@ -179,6 +182,7 @@ CASE_NAMES = [
     "missing column", "target module that does not exist", "unknown target preset", "model dir missing",
     "model without tokenizer files", "model with config but no weights", "seq_cls with format alpaca",
     "--set unknown key", "--set without '='", "--set wrong type", "every prompt longer than max_length",
+    "evaluation prompt past the context",
     "chat rows without an assistant turn", "train: resume with no checkpoint",
     "train: target module that does not exist", "train: unknown recipe key",
 ]

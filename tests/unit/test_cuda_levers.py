@@ -32,8 +32,10 @@ def _doc(tmp_path: Path, model: Path, *, model_extra: dict | None = None, **trai
 
 
 def _fake_modules(monkeypatch, *present: str):
+    """*present* installed, and (FlashAttention) importable on a GPU new enough for it."""
     real = policies.has_module
     monkeypatch.setattr(policies, "has_module", lambda name: name in present or real(name))
+    monkeypatch.setattr(policies, "flash_attention_runs", lambda impl: policies.FLASH_ATTENTION[impl] in present)
 
 
 # ---------------------------------------------------------------------------- recipe fields
@@ -106,6 +108,28 @@ def test_explicit_flash_attention_is_refused_where_it_cannot_run(monkeypatch):
                                  "bfloat16", tiny_config("t5", 384), device="cuda")
     for impl in ("auto", "sdpa", "eager"):  # nothing to refuse
         policies.check_attention(ModelSpec(name="x", attn_implementation=impl), "float32", llama, device="cpu")
+
+
+def test_flash_attention_on_a_gpu_too_old_or_a_build_that_does_not_import(monkeypatch):
+    """Installed (find_spec finds it) but not runnable: a T4/V100 (compute capability < 8), or a flash_attn
+    built for another torch. auto falls back to the default; an explicit choice is refused before loading."""
+    llama = tiny_config("llama", 384)
+    monkeypatch.setattr(policies, "has_module", lambda name: True)
+    monkeypatch.setattr(policies, "flash_attention_runs", lambda impl: False)
+    assert policies.attention(ModelSpec(name="x"), "float16", llama, device="cuda") is None
+    with pytest.raises(RecipeError, match=r"^model.attn_implementation: flash_attention_2 does not run here: it needs "
+                                          r"a GPU of compute capability 8.0 or newer .*; set "
+                                          r"model.attn_implementation: sdpa"):
+        policies.check_attention(ModelSpec(name="x", attn_implementation="flash_attention_2"), "float16", llama,
+                                 device="cuda")
+
+
+def test_flash_attention_runs_is_false_without_cuda():
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    assert policies.flash_attention_runs("flash_attention_2") is False
 
 
 def test_validate_and_train_refuse_before_loading_weights(tmp_path, tiny_llama):

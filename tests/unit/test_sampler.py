@@ -75,3 +75,36 @@ def test_lorafit_trainer_batches_come_from_length_buckets(tiny_llama, tmp_path):
     expected = _batches(bucketed_order(lengths, 4, seed=11, epoch=0), 4)
     assert widths == [(len(b), max(lengths[i] for i in b)) for b in expected]
     assert sum(rows * width for rows, width in widths) < 1.12 * sum(lengths)
+
+
+def test_each_epoch_of_a_real_run_follows_its_own_bucketed_order(tiny_llama, tmp_path):
+    """Two epochs through lorafit's Trainer: the rows reach the model in bucketed_order(epoch 0) then
+    bucketed_order(epoch 1) — the epoch is handed to the sampler by the Trainer itself (_run_epoch), which
+    a resume under several processes relies on."""
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq
+
+    from lorafit.recipe import EvaluationSpec, TrainingSpec
+    from lorafit.stages.train import _trainer_class, training_arguments
+
+    lengths = [40 + i for i in range(16)]  # distinct, and within the ±5 % jitter of their neighbours
+    rows = [[5 + (j % 50) for j in range(n)] for n in lengths]
+    dataset = Dataset.from_dict({"input_ids": rows, "attention_mask": [[1] * n for n in lengths], "labels": rows})
+    args = training_arguments(TrainingSpec(batch_size=4, seed=5, epochs=2, save_steps=None, save_minutes=None,
+                                           logging_steps=100), EvaluationSpec(), output_dir=tmp_path,
+                              precision="fp32", gradient_checkpointing=False, has_eval=False, run_name="t")
+    seen = []
+    collate = DataCollatorForSeq2Seq(AutoTokenizer.from_pretrained(tiny_llama), label_pad_token_id=-100)
+
+    def record(features):
+        seen.extend(len(f["input_ids"]) for f in features)
+        return collate(features)
+
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_llama), LoraConfig(r=2, target_modules=["q_proj"]))
+    trainer = _trainer_class()(model=model, args=args, train_dataset=dataset, data_collator=record)
+    trainer.train()
+    expected = [lengths[i] for epoch in (0, 1) for i in bucketed_order(lengths, 4, seed=5, epoch=epoch)]
+    assert seen == expected
+    assert seen[:16] != seen[16:] and sorted(seen[:16]) == sorted(seen[16:]) == lengths

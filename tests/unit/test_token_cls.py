@@ -138,3 +138,31 @@ def test_token_metrics_in_row_order_and_integer_tags_score_token_accuracy_only(t
     assert set(out["metrics"]) == {"token_accuracy"} and "integer ids" in out["note"]
     assert [s["reference"] for s in out["samples"]] == [" ".join(str(t) for t in r["tags"]) for r in rows]
     assert [len(s["adapter"].split()) for s in out["samples"]] == [len(r["tokens"]) for r in rows]
+
+
+def test_byte_level_bpe_words_keep_their_leading_space(tiny_gpt2, tmp_path):
+    """RoBERTa/GPT-2-style tokenizers given words one by one: each word is tokenized as in running text
+    (add_prefix_space turned on for token_cls, and saved so); other tasks and other tokenizers are untouched."""
+    from transformers import AutoTokenizer
+
+    from lorafit.core.models import load_tokenizer
+    from lorafit.recipe import ModelSpec
+    from lorafit.stages.data import encode_words
+
+    plain = load_tokenizer(ModelSpec(name=str(tiny_gpt2)))
+    assert plain("hello")["input_ids"] != plain(" hello")["input_ids"]  # the space is part of the first token
+    words = load_tokenizer(ModelSpec(name=str(tiny_gpt2), task="token_cls"))
+    ids = encode_words(words, [["hello", "world"]], 64)["input_ids"][0]
+    assert ids == plain(" hello world")["input_ids"]
+    words.save_pretrained(tmp_path)  # the adapter's copy: predict tokenizes as training did
+    assert AutoTokenizer.from_pretrained(tmp_path)(["hello", "world"], is_split_into_words=True)["input_ids"] == ids
+    # A ByteLevel behind a regex Split (Llama 3 style) is left alone: a prefix would go before every piece.
+    from tokenizers import Regex, pre_tokenizers
+
+    from lorafit.core.models import prefix_space_for_words
+
+    plain.backend_tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(r"\w+|[^\w\s]+"), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    before = plain.backend_tokenizer.to_str()
+    assert prefix_space_for_words(plain) is False and plain.backend_tokenizer.to_str() == before
