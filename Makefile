@@ -22,7 +22,7 @@ $(BIN)/lorafit: pyproject.toml Makefile
 install: $(BIN)/lorafit
 
 test: install
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=15
 
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow"
