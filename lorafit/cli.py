@@ -363,6 +363,9 @@ def _optional_resume_value(argv: list[str]) -> list[str]:
 
 
 def main() -> None:
+    from lorafit.core import libs
+
+    libs.prepare()  # before any library loads: their chatter off, bitsandbytes' hub-kernel look-up offline
     debug = os.environ.get("LORAFIT_DEBUG") == "1" or "--debug" in sys.argv
     try:
         code = app(args=_optional_resume_value(sys.argv[1:]), prog_name="lorafit", standalone_mode=False)

@@ -31,23 +31,6 @@ def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def quiet_libraries() -> None:
-    """Our progress bar and warnings are the ones users read: silence the libraries' chatter."""
-    import warnings
-
-    import datasets
-    import transformers
-
-    datasets.disable_progress_bars()
-    transformers.utils.logging.disable_progress_bar()
-    transformers.utils.logging.set_verbosity_error()
-    # Deprecation notices about names lorafit (or peft) uses internally are not the user's concern.
-    warnings.filterwarnings("ignore", category=FutureWarning, message=r".*is deprecated and will be removed in v6.*")
-    # peft, saving each checkpoint offline, cannot ask the hub whether the base's vocabulary changed; lorafit
-    # never resizes embeddings, so its guess ("not modified") is right.
-    warnings.filterwarnings("ignore", message=r"Could not find a config file in .* vocabulary was not modified")
-
-
 class Progress:
     """Batches of a long loop (evaluation, generation) on stderr, in the style of training's progress: a bar
     on a terminal; elsewhere a line at each quarter of a loop of 8 batches or more (no line for short ones).

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from lorafit import __version__, log, render
 from lorafit.commands import estimate as est
-from lorafit.core import distributed, flops, models, policies
+from lorafit.core import distributed, flops, libs, models, policies, quantization
 from lorafit.core.targets import build_meta_model, load_config, resolve_targets
 from lorafit.errors import LorafitError
 from lorafit.recipe import Recipe, redact
@@ -39,7 +39,7 @@ class TrainResult:
 def train(recipe: Recipe, *, resume: str | None = None, force: bool = False) -> TrainResult:
     from transformers import set_seed
 
-    log.quiet_libraries()
+    libs.quiet_libraries()
     run_dir = check_run_dir(recipe.output, resume=resume)
     checkpoint = find_checkpoint(run_dir / "checkpoints", resume)
     forced_changes = check_resume(run_dir, recipe, checkpoint, force=force)  # --force: resumed despite these
@@ -70,6 +70,7 @@ def train(recipe: Recipe, *, resume: str | None = None, force: bool = False) -> 
     use_gc = policies.gradient_checkpointing(recipe)
     if recipe.quantization.bits is not None:
         model = prepare_quantized(model, recipe.quantization, gradient_checkpointing=use_gc)
+        log.info(f"quantization: {quantization.describe(recipe.quantization, policies.this_device())}")
     model, injection = inject_lora(model, recipe.lora, recipe.model.task, model_name=recipe.model.name,
                                    revision=recipe.model.revision)
     if recipe.data.packing:
@@ -146,7 +147,7 @@ class ValidationReport:
 
 def validate(recipe: Recipe, *, recipe_path: Path | None = None, show_example: int | None = None) -> ValidationReport:
     """Every check of a training run that needs no weights and no training. Writes nothing."""
-    log.quiet_libraries()
+    libs.quiet_libraries()
     precision = policies.precision(recipe.training)
     spec = recipe.model
     config = check_model_source(recipe)  # the targets: resolved by the estimate's meta model below

@@ -22,7 +22,7 @@ from pathlib import Path
 from lorafit import log
 from lorafit.commands.card import build_blend_card
 from lorafit.commands.generate import check_same_base, find_named, parse_adapters
-from lorafit.core import models
+from lorafit.core import libs, models
 from lorafit.core.adapters import BLEND_FILE, AdapterSource, find_adapter
 from lorafit.errors import LorafitError, ModelError
 
@@ -45,7 +45,7 @@ def blend(adapters: list[str], weights: str | list[float], output: str | Path, *
     check_same_base(named)
     module_ranks = check_blendable(named, method)
 
-    log.quiet_libraries()
+    libs.quiet_libraries()
     import torch
 
     internal = [f"source{i}" for i in range(len(named))]  # the user's names may clash with peft's "default"
@@ -76,7 +76,8 @@ def blend(adapters: list[str], weights: str | list[float], output: str | Path, *
     tmp = output.parent / f".{output.name}.partial-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        model.save_pretrained(str(tmp), selected_adapters=["default"], safe_serialization=True)
+        model.save_pretrained(str(tmp), selected_adapters=["default"], safe_serialization=True,
+                              save_embedding_layers=False)
         tokenizer.save_pretrained(str(tmp))
         (tmp / BLEND_FILE).write_text(json.dumps(record, indent=2, default=str) + "\n", encoding="utf-8")
         (tmp / "README.md").write_text(build_blend_card(record, name=output.name), encoding="utf-8")

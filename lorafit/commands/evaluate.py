@@ -9,8 +9,7 @@ import json
 import tempfile
 from pathlib import Path
 
-from lorafit import log
-from lorafit.core import models, policies
+from lorafit.core import libs, models, policies
 from lorafit.core.adapters import find_adapter
 from lorafit.core.prompts import infer_format
 from lorafit.errors import LorafitError
@@ -51,7 +50,7 @@ def evaluate_adapter(path: Path, data: Path | None) -> dict:
     import torch
     from transformers import TrainingArguments
 
-    log.quiet_libraries()
+    libs.quiet_libraries()
     tokenizer = models.load_adapter_tokenizer(source)
     try:
         # A classifier's rows are mapped onto the classes its head was trained with (the adapter's saved

@@ -10,8 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from lorafit import log
-from lorafit.core import models, policies
+from lorafit.core import libs, models, policies
 from lorafit.core.adapters import AdapterSource, find_adapter, holds_adapter
 from lorafit.core.generation import generate_greedy, is_chat, prompt_ids, prompt_tokens, render_prompt, stop_ids
 from lorafit.errors import LorafitError, ModelError
@@ -248,7 +247,7 @@ def generate(model_or_adapter: str | Path | None, prompt: str, *, adapters: list
                 raise LorafitError(f"adapter '{name}' was trained on data.format {recipe.data.format}, which has no "
                                    "system prompt", where="--system",
                                    fix="drop --system (put the instruction into --prompt), or use a chat-trained adapter")
-    log.quiet_libraries()
+    libs.quiet_libraries()
     if pairs is None:  # a plain model: no adapter to switch
         model, tokenizer, recipe = load_for_inference(model_or_adapter)
         asked = [(None, None, tokenizer, recipe)]

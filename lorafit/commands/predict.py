@@ -19,7 +19,7 @@ import re
 from pathlib import Path
 
 from lorafit import log
-from lorafit.core import models
+from lorafit.core import libs, models
 from lorafit.core.adapters import find_adapter
 from lorafit.core.generation import generate_greedy, prompt_ids, stop_ids
 from lorafit.core.prompts import column, infer_format
@@ -46,7 +46,7 @@ def predict(path: str | Path, data: str | Path, output: str | Path, *, batch_siz
     rows, locs = read_located(str(data), where="--data")
     task = source.task.name
     spec = _data_spec(source, data, rows[0], task)
-    log.quiet_libraries()
+    libs.quiet_libraries()
     model, tokenizer = models.load_adapted(source)
     if tokenizer.pad_token_id is None and tokenizer.eos_token_id is not None:
         tokenizer.pad_token = tokenizer.eos_token  # batches need a pad id (training set the same)

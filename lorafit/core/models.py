@@ -19,7 +19,7 @@ from pathlib import Path
 from lorafit import log
 from lorafit.core import policies, tasks
 from lorafit.core.adapters import AdapterSource
-from lorafit.core.quantization import bnb_config, cpu_safe, silence_bitsandbytes
+from lorafit.core.quantization import bnb_config, cpu_safe
 from lorafit.errors import LorafitError, ModelError
 from lorafit.recipe import ModelSpec, QuantizationSpec, TrainingSpec
 
@@ -525,7 +525,6 @@ def load_model(spec: ModelSpec, quant: QuantizationSpec | None, dtype: str, *, n
         kwargs["attn_implementation"] = attn_implementation
     quantized = quant is not None and quant.bits is not None
     if quantized:
-        silence_bitsandbytes()
         kwargs["quantization_config"] = bnb_config(quant, fsdp=fsdp)
     if (device or policies.this_device()) == "cuda" and torch.cuda.is_available():
         # Under torchrun each rank owns one GPU: load onto it, not onto cuda:0.

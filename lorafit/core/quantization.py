@@ -1,4 +1,4 @@
-"""bitsandbytes for every model load: its config from the recipe, its noise silenced, its CPU trap disarmed.
+"""bitsandbytes for every model load: its config from the recipe, its CPU trap disarmed (its noise: core.libs).
 
 Used wherever a base is loaded quantized (training, evaluation, generation, merge --verify's gap to the
 quantized model). On CPU, Linear4bit repacks its weights for a fast AVX512-BF16 inference kernel the
@@ -8,43 +8,7 @@ wrong gradients. ``cpu_safe`` turns the repack off. (Paged optimizers need CUDA:
 
 from __future__ import annotations
 
-import logging
-import re
-import warnings
-
-# Messages bitsandbytes emits on every import / forward that tell the user nothing actionable.
-_NOISE = [
-    r".*inputs will be cast from .* to float16 during quantization",  # MatMul8bitLt, once per forward
-    r".*Input type into Linear4bit is torch\.float16, but bnb_4bit_compute_dtype=torch\.float32.*",
-    r".*compiled without GPU support.*",
-    r".*XPU/CPU can run without native library.*",
-    r".*No supported devices found for bitsandbytes.*",
-    r".*bitsandbytes library load error.*",
-    r".*8-bit optimizers.*(GPU|CUDA) (support|not available).*",
-]
-_NOISE_RE = re.compile("|".join(f"(?:{p})" for p in _NOISE), re.DOTALL)
-_silenced = False
-
-
-class _NoiseFilter(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not _NOISE_RE.match(record.getMessage())
-
-
-def silence_bitsandbytes() -> None:
-    """Drop bitsandbytes' import chatter and per-forward cast notices; real warnings still show. Idempotent."""
-    global _silenced
-    if _silenced:
-        return
-    _silenced = True
-    noise = _NoiseFilter()
-    for name in ("bitsandbytes", "bitsandbytes.cextension", "bitsandbytes.autograd._functions",
-                 "bitsandbytes.nn.modules", "bitsandbytes.optim.optimizer", "transformers.integrations.bitsandbytes",
-                 "transformers.quantizers.quantizer_bnb_4bit", "transformers.quantizers.quantizer_bnb_8bit"):
-        # A filter on the logger itself: records of child loggers skip their parents' filters.
-        logging.getLogger(name).addFilter(noise)
-    for pattern in _NOISE:
-        warnings.filterwarnings("ignore", message=pattern)
+from lorafit.core import libs
 
 
 def bnb_config(spec, *, fsdp: bool = False):
@@ -54,7 +18,7 @@ def bnb_config(spec, *, fsdp: bool = False):
     shards every parameter of a unit together, and refuses to mix uint8 storage with bf16/fp16 parameters."""
     if spec.bits is None:
         return None
-    silence_bitsandbytes()
+    libs.prepare()
     import torch
     from transformers import BitsAndBytesConfig
 
@@ -64,6 +28,15 @@ def bnb_config(spec, *, fsdp: bool = False):
                               bnb_4bit_use_double_quant=spec.double_quant,
                               bnb_4bit_compute_dtype=getattr(torch, spec.compute_dtype),
                               **({"bnb_4bit_quant_storage": getattr(torch, spec.compute_dtype)} if fsdp else {}))
+
+
+def describe(spec, device: str) -> str:
+    """The one line lorafit says when it quantizes (what bitsandbytes would otherwise say in its own words)."""
+    from importlib import metadata
+
+    kind = "8-bit" if spec.bits == 8 else f"4-bit {spec.quant_type}" + (" + double quant" if spec.double_quant else "")
+    version = metadata.version("bitsandbytes")
+    return f"base weights in {kind}, compute {spec.compute_dtype}, bitsandbytes {version} on {device}"
 
 
 def cpu_safe(model) -> None:

@@ -148,7 +148,8 @@ def save_adapter(model, tokenizer, run_dir: Path, *, expected_modules: int, stat
     tmp = run_dir / f".adapter.partial-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        model.save_pretrained(str(tmp), safe_serialization=True,
+        # save_embedding_layers=False: lorafit never resizes embeddings, and peft would ask the hub (core.libs).
+        model.save_pretrained(str(tmp), safe_serialization=True, save_embedding_layers=False,
                               **({"state_dict": state_dict} if state_dict is not None else {}))
         tokenizer.save_pretrained(str(tmp))
         save_label_config(model, tmp)

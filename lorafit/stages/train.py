@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from lorafit import log
-from lorafit.core import policies
+from lorafit.core import libs, policies
 from lorafit.errors import LorafitError, RunFailed, TrainingInterrupted
 from lorafit.recipe import EvaluationSpec, TrainingSpec
 
@@ -357,7 +357,8 @@ def _trainer_class():
             self.accelerator.wait_for_everyone()
             self._staging = str(staging)
             try:
-                super()._save_checkpoint(model, trial)  # every rank writes its RNG state there too
+                with libs.no_vocabulary_lookup():  # peft would ask the hub at each checkpoint (core.libs)
+                    super()._save_checkpoint(model, trial)  # every rank writes its RNG state there too
             finally:
                 self._staging = None
             self.accelerator.wait_for_everyone()

@@ -8,7 +8,7 @@ import warnings
 import pytest
 
 from lorafit.recipe import QuantizationSpec
-from lorafit.core import policies, quantization
+from lorafit.core import libs, policies, quantization
 from lorafit.stages import quantize
 
 
@@ -127,8 +127,8 @@ def test_8bit_trains(tiny_llama, caplog):
 
 
 def test_silence_keeps_real_warnings():
-    quantization.silence_bitsandbytes()
-    quantization.silence_bitsandbytes()  # idempotent
+    libs.prepare()
+    libs.prepare()  # idempotent
     logger = logging.getLogger("bitsandbytes.autograd._functions")
     records = []
     handler = logging.Handler()

@@ -1,0 +1,142 @@
+"""The libraries as lorafit runs them: their chatter kept out of lorafit's output, their network look-ups
+kept to what a command needs.
+
+``prepare()`` runs first in every process (cli.main, and every entry that loads a model); it imports
+nothing heavy. What it handles, each found on a real run:
+
+- bitsandbytes, imported (by peft, at every command) on a CPU with AVX512-BF16, asks the hub for a compiled
+  kernel (``kernels-community/quantization-bitsandbytes``) through the ``kernels`` package: a network
+  request at every start, then "Skipping publisher trust check ..." and "Failed to load CPU
+  gemm_4bit_forward ... Set trust_remote_code=True ..." on stderr. lorafit never runs that kernel (it turns
+  the AVX512-BF16 path off, core.quantization.cpu_safe) and never downloads code unasked: the look-up runs
+  with the hub offline, and its two lines are dropped.
+- peft, saving an adapter whose base is a hub id, asks the hub whether the base's vocabulary changed, and
+  offline says "Unable to fetch remote file ... Name or service not known". lorafit never resizes
+  embeddings: ``save_adapter`` passes ``save_embedding_layers=False``; the Trainer's checkpoints save
+  inside ``no_vocabulary_lookup()``.
+- bitsandbytes' import notices and per-forward cast warnings, transformers' and datasets' progress bars,
+  deprecation notices about names lorafit or peft use internally.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.abc
+import importlib.machinery
+import logging
+import os
+import re
+import sys
+import warnings
+
+# Messages that tell a lorafit user nothing they can act on: (logger names they come through, pattern).
+_NOISE = [
+    r".*inputs will be cast from .* to float16 during quantization",  # MatMul8bitLt, once per forward
+    r".*Input type into Linear4bit is torch\.float16, but bnb_4bit_compute_dtype=torch\.float32.*",
+    r".*compiled without GPU support.*",
+    r".*XPU/CPU can run without native library.*",
+    r".*No supported devices found for bitsandbytes.*",
+    r".*bitsandbytes library load error.*",
+    r".*8-bit optimizers.*(GPU|CUDA) (support|not available).*",
+    r".*Failed to load CPU gemm_4bit_forward.*",         # bitsandbytes' hub-kernel look-up failed (see above)
+    r".*Skipping publisher trust check for .*",          # kernels, asked offline
+    r".*Unable to fetch remote file .*",                 # peft's vocabulary look-up, offline
+    r".*Could not find a config file in .* vocabulary was not modified.*",  # the same, HF_HUB_OFFLINE set
+]
+_NOISE_RE = re.compile("|".join(f"(?:{p})" for p in _NOISE), re.DOTALL)
+# Filters sit on the logger that emits: a record of a child logger skips its parents' filters.
+_NOISY_LOGGERS = ("bitsandbytes", "bitsandbytes.cextension", "bitsandbytes.autograd._functions",
+                  "bitsandbytes.nn.modules", "bitsandbytes.optim.optimizer", "bitsandbytes.backends.cpu.ops",
+                  "bitsandbytes.backends.mps.ops", "kernels._internals.hf_hub", "peft.utils.other",
+                  "transformers.integrations.bitsandbytes", "transformers.quantizers.quantizer_bnb_4bit",
+                  "transformers.quantizers.quantizer_bnb_8bit")
+# The bitsandbytes modules that look a kernel up on the hub when imported (CPU with AVX512-BF16; Apple MPS).
+_KERNEL_LOOKUP_MODULES = ("bitsandbytes.backends.cpu.ops", "bitsandbytes.backends.mps.ops")
+_prepared = False
+
+
+class _NoiseFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not _NOISE_RE.match(record.getMessage())
+
+
+class _OfflineKernelLookup(importlib.abc.MetaPathFinder):
+    """Runs the import of bitsandbytes' kernel-lookup modules with the hub offline (kernels reads
+    huggingface_hub.constants.HF_HUB_OFFLINE when it is called): the look-up then fails at once, without a
+    request, and bitsandbytes keeps its own CPU code."""
+
+    def find_spec(self, name, path=None, target=None):
+        if name not in _KERNEL_LOOKUP_MODULES:
+            return None
+        spec = importlib.machinery.PathFinder.find_spec(name, path)
+        if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
+            return spec
+        exec_module = spec.loader.exec_module
+
+        def exec_offline(module):
+            with _hub_offline():
+                exec_module(module)
+
+        spec.loader.exec_module = exec_offline
+        return spec
+
+
+@contextlib.contextmanager
+def _hub_offline():
+    try:
+        from huggingface_hub import constants
+    except ImportError:
+        yield
+        return
+    saved = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = saved
+
+
+def prepare() -> None:
+    """Before any library is imported: filters on the loggers and warnings above, and the offline kernel
+    look-up. Cheap (imports nothing heavy); idempotent."""
+    global _prepared
+    if _prepared:
+        return
+    _prepared = True
+    noise = _NoiseFilter()
+    for name in _NOISY_LOGGERS:
+        logging.getLogger(name).addFilter(noise)
+    for pattern in _NOISE:
+        warnings.filterwarnings("ignore", message=pattern)
+    # Deprecation notices about names lorafit (or peft) uses internally are not the user's concern.
+    warnings.filterwarnings("ignore", category=FutureWarning, message=r".*is deprecated and will be removed in v6.*")
+    if not any(isinstance(f, _OfflineKernelLookup) for f in sys.meta_path):
+        sys.meta_path.insert(0, _OfflineKernelLookup())
+
+
+def quiet_libraries() -> None:
+    """Our progress bar and warnings are the ones users read: the libraries' bars and chatter off."""
+    prepare()
+    import datasets
+    import transformers
+
+    datasets.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+
+
+@contextlib.contextmanager
+def no_vocabulary_lookup():
+    """peft's save_pretrained, when it is not told whether embeddings were saved, asks the hub whether the
+    base's vocabulary changed (a request per save, a warning offline). lorafit never resizes embeddings:
+    the Trainer's checkpoint saves, which cannot pass save_embedding_layers, run inside this (peft reads
+    HF_HUB_OFFLINE from the environment at each save)."""
+    saved = os.environ.get("HF_HUB_OFFLINE")
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop("HF_HUB_OFFLINE", None)
+        else:
+            os.environ["HF_HUB_OFFLINE"] = saved
