@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import gc
+import io
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -69,8 +73,47 @@ def tiny_bart(tiny_models) -> Path:
     return tiny_models("bart", "seq2seq_lm")
 
 
+_IN_PROCESS = threading.Lock()
+
+
 def run_cli(*args, cwd=None, env=None, timeout=600) -> subprocess.CompletedProcess:
-    """Run the real CLI in a subprocess, as a user would."""
+    """Run the CLI in this process, as `lorafit ARGS` would run: argv, *env* added to the environment, *cwd*;
+    returns its exit code, stdout and stderr as a finished subprocess would. No interpreter start and no
+    re-import of torch/transformers per call: the suite's default. *timeout* is the subprocess runner's.
+
+    Where the process itself is under test (signals, torchrun, the installed entry point, variables read at
+    import such as HF_HOME), use run_cli_process."""
+    from lorafit import cli
+
+    argv = [str(a) for a in args]
+    out, err = io.StringIO(), io.StringIO()
+    code = 0
+    with _IN_PROCESS:  # one call at a time: stdout, stderr, argv, cwd and the environment are the process's
+        saved_env, saved_cwd, saved_argv = os.environ.copy(), os.getcwd(), sys.argv
+        os.environ.update({k: str(v) for k, v in (env or {}).items()})
+        os.environ.pop("LORAFIT_DEBUG", None)
+        sys.argv = ["lorafit", *argv]
+        try:
+            if cwd is not None:
+                os.chdir(cwd)
+            with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+                try:
+                    cli.main()
+                except SystemExit as e:
+                    if isinstance(e.code, str):
+                        err.write(e.code + "\n")
+                    code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        finally:
+            os.chdir(saved_cwd)
+            sys.argv = saved_argv
+            os.environ.clear()
+            os.environ.update(saved_env)
+            gc.collect()
+    return subprocess.CompletedProcess(["lorafit", *argv], code, out.getvalue(), err.getvalue())
+
+
+def run_cli_process(*args, cwd=None, env=None, timeout=600) -> subprocess.CompletedProcess:
+    """Run the real CLI in a subprocess (`python -m lorafit`), as a user would."""
     full_env = {**os.environ, **(env or {})}
     full_env.pop("LORAFIT_DEBUG", None)
     return subprocess.run([sys.executable, "-m", "lorafit", *map(str, args)], cwd=cwd, env=full_env,

@@ -1,8 +1,8 @@
 """User mistakes: each exits 2 with one `error:` message on stderr that says where and how to fix it.
 
-Every case runs the real CLI in a subprocess (mostly `lorafit validate`, which runs every check that
-needs no training; a few through `lorafit train`). The subprocesses all start up front, a few at a
-time (``results`` fixture): Python start-up dominates each of them.
+Every case runs the CLI in-process (mostly `lorafit validate`, which runs every check that needs no
+training; a few through `lorafit train`), all up front in the ``results`` fixture; --debug's traceback
+runs as a real process.
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ import os
 import shutil
 import subprocess
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -164,8 +163,7 @@ def world(tmp_path_factory, tiny_llama, tiny_bert_cls) -> World:
 def results(world):
     table = cases(world)
     before = set(world.root.rglob("*"))
-    with ThreadPoolExecutor(max_workers=3) as pool:
-        procs = dict(zip(table, pool.map(lambda args: run_cli(*args, env=ENV), [a for a, _ in table.values()])))
+    procs = {name: run_cli(*args, env=ENV) for name, (args, _) in table.items()}
     world.written = sorted(str(p) for p in set(world.root.rglob("*")) - before)
     return {name: (table[name][1], procs[name]) for name in table}
 

@@ -1,6 +1,7 @@
-"""`lorafit train --nproc N`: lorafit starts torchrun itself (gloo on CPU). One adapter, the world size in
-metrics.json, a user's mistake still exits 2 with one line, Ctrl-C reaches the workers (checkpoint, 130), and
-two processes with the same global batch reach the adapter one process reaches."""
+"""Several processes: `lorafit train --nproc N` (lorafit starts torchrun itself) and an external
+`torchrun -m lorafit train`, gloo on CPU. One adapter and one summary, warnings and user mistakes said once
+(exit 2), Ctrl-C reaches the workers (checkpoint, 130), and two processes with the same global batch reach
+the adapter one process reaches, with the tokens of both ranks counted. The launchers are real processes."""
 
 from __future__ import annotations
 
@@ -13,31 +14,47 @@ import time
 
 import pytest
 
-from tests.conftest import REPO, run_cli
+from tests.conftest import REPO, run_cli, run_cli_process
 
 SMOKE = REPO / "recipes" / "tiny-smoke.yaml"
 ENV = {"OMP_NUM_THREADS": "1"}
+MISTAKE = "error: data.max_length: 4096 tokens is above the context"
 
 
-def test_nproc_two_trains_one_adapter_and_records_the_world_size(tmp_path):
+def _torchrun(*args, port: int) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+           "-m", "lorafit", "train", str(SMOKE), *map(str, args)]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, **ENV})
+
+
+def test_external_torchrun_writes_one_adapter_and_says_each_warning_once(tmp_path):
     run = tmp_path / "run"
-    proc = run_cli("train", SMOKE, "--nproc", "2", "--output-dir", run, "--set", "training.max_steps=3",
-                   "--set", "data.packing=true", env=ENV)
+    proc = _torchrun("--output-dir", run, "--set", "training.max_steps=3", "--set", "training.logging_steps=1",
+                     "--set", "data.packing=true",
+                     "--set", "training.optim=paged_adamw_32bit", port=29517)  # needs CUDA: a warning every rank meets
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.count("adapter: ") == 1, proc.stdout
+    assert proc.stdout.count("adapter: ") == 1, proc.stdout  # rank 0 only
+    assert proc.stderr.count("warning: training.optim: paged_adamw_32bit needs CUDA") == 1, proc.stderr[-3000:]
     assert "ChildFailedError" not in proc.stderr
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["world_size"] == 2 and metrics["distributed"] == "ddp" and metrics["packing"] is True
     assert metrics["train"]["steps"] == 3
     assert (run / "adapter" / "adapter_model.safetensors").is_file()
+    assert not list(run.glob(".adapter.partial-*"))
 
 
-def test_nproc_user_mistake_still_exits_2_with_one_line(tmp_path):
-    proc = run_cli("train", SMOKE, "--nproc", "2", "--output-dir", tmp_path / "r", "--set", "data.max_length=4096",
-                   env=ENV)
+def test_user_mistakes_are_exit_2_and_said_once_under_both_launchers(tmp_path):
+    proc = run_cli_process("train", SMOKE, "--nproc", "2", "--output-dir", tmp_path / "r",
+                           "--set", "data.max_length=4096", env=ENV)
     assert proc.returncode == 2, proc.stderr[-3000:]
-    assert proc.stderr.count("error: data.max_length: 4096 tokens is above the context") == 1, proc.stderr[-3000:]
+    assert proc.stderr.count(MISTAKE) == 1, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr and not (tmp_path / "r").exists()
+    proc = _torchrun("--output-dir", tmp_path / "t", "--set", "data.max_length=4096", port=29518)  # > 512 positions
+    assert proc.returncode != 0, proc.stderr[-3000:]  # torchrun's own exit code for a failed worker
+    assert proc.stderr.count(MISTAKE) == 1, proc.stderr[-3000:]
+    assert [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")] == [
+        next(ln for ln in proc.stderr.splitlines() if ln.startswith(MISTAKE))], proc.stderr[-3000:]
+    assert not (tmp_path / "t").exists()
 
 
 def test_nproc_usage_mistakes(tmp_path):
@@ -80,11 +97,16 @@ def test_two_processes_with_the_same_global_batch_reach_the_same_adapter(tmp_pat
     averages the gradients, so the adapters agree up to float noise."""
     common = ["--set", "training.max_steps=3", "--set", "training.group_by_length=false", "--set",
               "data.eval_fraction=0", "--set", "training.warmup_ratio=0", "--set", "training.learning_rate=1e-3"]
-    one = run_cli("train", SMOKE, "--output-dir", tmp_path / "one", "--set", "training.batch_size=4", *common, env=ENV)
+    one = run_cli("train", SMOKE, "--output-dir", tmp_path / "one", "--set", "training.batch_size=4", *common)
     assert one.returncode == 0, one.stderr[-3000:]
-    two = run_cli("train", SMOKE, "--nproc", "2", "--output-dir", tmp_path / "two", "--set", "training.batch_size=2",
-                  *common, env=ENV)
+    two = run_cli_process("train", SMOKE, "--nproc", "2", "--output-dir", tmp_path / "two",
+                          "--set", "training.batch_size=2", *common, env=ENV)
     assert two.returncode == 0, two.stderr[-3000:]
+    assert two.stdout.count("adapter: ") == 1, two.stdout
+    metrics = {name: json.loads((tmp_path / name / "metrics.json").read_text()) for name in ("one", "two")}
+    assert metrics["two"]["world_size"] == 2 and metrics["one"]["world_size"] == 1
+    # The tokens of both ranks are counted: the same rows per step, so the same tokens.
+    assert metrics["two"]["train"]["tokens_seen"] == metrics["one"]["train"]["tokens_seen"]
     a, b = _adapter(tmp_path / "one"), _adapter(tmp_path / "two")
     assert a.keys() == b.keys()
     moved = max((t.abs().max().item() for k, t in a.items() if "lora_B" in k))
@@ -103,7 +125,7 @@ def test_sharded_training_saves_the_whole_adapter(tmp_path, strategy):
     if strategy == "deepspeed":
         pytest.importorskip("deepspeed")
     run = tmp_path / "run"
-    proc = run_cli("train", SMOKE, "--nproc", str(max(1, torch.cuda.device_count())), "--output-dir", run,
+    proc = run_cli_process("train", SMOKE, "--nproc", str(max(1, torch.cuda.device_count())), "--output-dir", run,
                    "--set", "training.max_steps=3", "--set", f"training.distributed.strategy={strategy}",
                    "--set", "training.precision=bf16", "--set", "data.eval_fraction=0", env=ENV)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -112,3 +134,20 @@ def test_sharded_training_saves_the_whole_adapter(tmp_path, strategy):
     expected = json.loads((run / "metrics.json").read_text())["trainable_params"]
     assert sum(t.numel() for t in tensors.values()) == expected
     assert max(t.abs().max().item() for k, t in tensors.items() if "lora_B" in k) > 0  # trained, not the init
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif("__import__('torch').cuda.device_count() < 2", reason="needs two CUDA GPUs")
+@pytest.mark.parametrize("bits", [None, 4])
+def test_torchrun_two_gpus_each_rank_on_its_own_device(tmp_path, bits):
+    """LoRA and QLoRA under DDP on two GPUs: each rank loads onto its own device (both on cuda:0, DDP
+    refuses to start or GPU 0 runs out), one adapter, each warning once."""
+    run = tmp_path / "run"
+    quantized = ["--set", f"quantization.bits={bits}"] if bits else []
+    proc = _torchrun("--output-dir", run, "--set", "training.max_steps=4", "--set", "training.precision=bf16",
+                     *quantized, port=29519)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (run / "adapter" / "adapter_model.safetensors").is_file()
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["memory"]["gpu_peak_allocated_mb"] > 0 and metrics["train"]["steps"] == 4
+    assert proc.stderr.count("warning:") == len(set(ln for ln in proc.stderr.splitlines() if ln.startswith("warning:")))

@@ -12,7 +12,9 @@ from tests.conftest import REPO, run_cli, write_jsonl, write_recipe
 
 ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 SECTIONS = ["model", "quantization", "lora", "data", "training", "evaluation", "output"]
-COMMANDS = ["train", "validate", "find-targets", "estimate", "evaluate", "merge", "push", "generate", "schema"]
+# The contract's commands (../shared/CONTRACT.md); every registered command is checked below too.
+COMMANDS = ["train", "validate", "find-targets", "estimate", "evaluate", "merge", "push", "generate", "schema",
+            "blend", "predict"]
 
 
 def tree(path) -> dict:
@@ -90,12 +92,26 @@ def test_version():
     assert proc.stdout.strip() == f"lorafit {lorafit.__version__}"
 
 
+def _registered() -> list[str]:
+    from lorafit.cli import app
+
+    return [c.name or c.callback.__name__.replace("_", "-") for c in app.registered_commands]
+
+
 def test_help_lists_every_command():
     proc = run_cli("--help")
     assert proc.returncode == 0, proc.stderr
-    for command in COMMANDS:
+    assert set(COMMANDS) <= set(_registered()), set(COMMANDS) - set(_registered())
+    for command in _registered():
         assert command in proc.stdout, f"{command} missing from --help"
     assert "--version" in proc.stdout and "--debug" in proc.stdout
+
+
+@pytest.mark.parametrize("command", _registered())
+def test_every_command_has_help(command):
+    proc = run_cli(command, "--help")
+    assert proc.returncode == 0, proc.stderr
+    assert f"lorafit {command}" in proc.stdout and proc.stderr == ""
 
 
 def test_train_help_shows_its_options():

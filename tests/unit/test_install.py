@@ -27,7 +27,8 @@ def _pins() -> dict[str, str]:
 
 def _requirements() -> list[Requirement]:
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
-    return [Requirement(r) for r in project["dependencies"] + project["optional-dependencies"]["dev"]]
+    extras = project["optional-dependencies"]
+    return [Requirement(r) for r in project["dependencies"] + [r for group in extras.values() for r in group]]
 
 
 def test_every_dependency_is_pinned_within_its_range_and_bounded():
@@ -45,7 +46,7 @@ def test_make_install_uses_the_constraints_and_reinstalls_when_they_change():
     assert "CONSTRAINTS := constraints.txt" in makefile
     target = next(line for line in makefile.splitlines() if line.startswith("$(BIN)/lorafit:"))
     assert "$(CONSTRAINTS)" in target
-    assert re.search(r"pip install [^\n]*-c \$\(CONSTRAINTS\)[^\n]*-e \"\.\[dev\]\"", makefile)
+    assert re.search(r"pip install [^\n]*-c \$\(CONSTRAINTS\)[^\n]*-e \"\.\[dev,export,lmeval\]\"", makefile)
     assert "\nlock:" in makefile  # the one way to move them forward
 
 
