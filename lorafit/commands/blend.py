@@ -15,8 +15,6 @@ Methods (peft's combination types):
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 
 from lorafit import log
@@ -24,6 +22,7 @@ from lorafit.commands.card import build_blend_card
 from lorafit.commands.generate import check_same_base, find_named, parse_adapters
 from lorafit.core import libs, models
 from lorafit.core.adapters import BLEND_FILE, AdapterSource, find_adapter
+from lorafit.core.files import atomic_dir
 from lorafit.errors import LorafitError, ModelError
 
 # Methods that combine the A and B factors one by one: every adapter needs the same modules and ranks.
@@ -73,18 +72,13 @@ def blend(adapters: list[str], weights: str | list[float], output: str | Path, *
         # The first source's recipe: the prompt format generate and evaluate render prompts in.
         "recipe": named[0][1].recipe,
     }
-    tmp = output.parent / f".{output.name}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    with atomic_dir(output) as tmp:  # renamed into place once written and checked
         model.save_pretrained(str(tmp), selected_adapters=["default"], safe_serialization=True,
                               save_embedding_layers=False)
         tokenizer.save_pretrained(str(tmp))
         (tmp / BLEND_FILE).write_text(json.dumps(record, indent=2, default=str) + "\n", encoding="utf-8")
         (tmp / "README.md").write_text(build_blend_card(record, name=output.name), encoding="utf-8")
         lora_modules = check_written(tmp, module_ranks)
-        replace_dir(tmp, output)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     files = sorted(p.name for p in output.iterdir() if p.is_file())
     return {**{k: v for k, v in record.items() if k != "recipe"}, "output": str(output), "lora_modules": lora_modules,
             "files": files, "bytes": sum((output / f).stat().st_size for f in files)}
@@ -208,18 +202,6 @@ def check_written(directory: Path, module_ranks: list[dict[str, int]]) -> int:
     if missing:  # ours, not the user's
         raise RuntimeError(f"the blended adapter lacks {len(missing)} modules the sources adapt, e.g. {missing[0]}")
     return len(written)
-
-
-def replace_dir(tmp: Path, output: Path) -> None:
-    """*tmp* renamed to *output*; an old *output* (only with --overwrite) is removed after the rename."""
-    old = None
-    if output.exists():
-        old = output.parent / f".{output.name}.old-{os.getpid()}"
-        output.rename(old)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp.rename(output)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def _sorted(targets):

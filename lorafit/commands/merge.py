@@ -17,16 +17,15 @@ merge and the quantized model the adapter was trained on.
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
-import tempfile
 from pathlib import Path
 
 from lorafit import log
 from lorafit.commands.merge_streaming import checkpoint_index, checkpoint_key, merge_streaming, tensor_shapes
 from lorafit.commands.verify import verify_merged
 from lorafit.core.adapters import AdapterSource, find_adapter
+from lorafit.core.files import atomic_dir
 from lorafit.core.models import TOKENIZER_FILES, base_spec, has_tokenizer, load_adapted, local_path
 from lorafit.errors import ModelError
 
@@ -52,12 +51,7 @@ def merge(adapter_dir: str | Path, output: str | Path, *, base: str | None = Non
     base_dir = _base_dir(base_spec(source)[0].name)  # local files (the run's local copy of a GGUF base): shapes check, streaming, config
     _check_shapes(source, base_dir)
 
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.merging-", dir=output.parent))
-    umask = os.umask(0o022)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would stay on the output: respect the umask, as mkdir does
-    try:
+    with atomic_dir(output, "merging") as tmp:  # a failed merge leaves nothing half-written
         log.info(f"merging {source.adapter_dir} into {source.base} ({dtype}{', low memory' if low_memory else ''})")
         if low_memory:
             merge_streaming(source, base_dir, tmp, dtype=dtype, max_shard_size=shard_bytes)
@@ -74,10 +68,6 @@ def merge(adapter_dir: str | Path, output: str | Path, *, base: str | None = Non
             report["verify"] = verify_merged(tmp, source, dtype=dtype)
             (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
             report["files"] = sorted(p.name for p in tmp.iterdir())
-        _move_into_place(tmp, output)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return report
 
 
@@ -213,15 +203,3 @@ def _check_no_lora_keys(out: Path) -> None:
     leaked = [k for p in out.glob("*.safetensors") for k in tensor_shapes(p) if "lora_" in k]
     if leaked:
         raise RuntimeError(f"merged checkpoint still holds LoRA tensors: {leaked[:3]}")
-
-
-def _move_into_place(tmp: Path, output: Path) -> None:
-    if output.is_dir() and not any(output.iterdir()):
-        output.rmdir()
-    if output.exists():  # --force: swap, then drop the old contents
-        old = Path(tempfile.mkdtemp(prefix=f".{output.name}.old-", dir=output.parent))
-        os.replace(output, old / "x")
-        os.replace(tmp, output)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, output)

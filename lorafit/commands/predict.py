@@ -14,13 +14,13 @@ What each task writes per row:
 from __future__ import annotations
 
 import json
-import os
 import re
 from pathlib import Path
 
 from lorafit import log
 from lorafit.core import libs, models
 from lorafit.core.adapters import find_adapter
+from lorafit.core.files import atomic_write
 from lorafit.core.generation import generate_greedy, prompt_ids, stop_ids
 from lorafit.core.prompts import column, infer_format
 from lorafit.errors import LorafitError
@@ -134,12 +134,10 @@ def _tag(model, tokenizer, words: list[list[str]], max_length: int, batch_size: 
 
 
 def _write_jsonl(path: Path, predictions: list[dict]) -> None:
-    """Temp file then rename: a failed or interrupted run never leaves a half-written output."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
+    """Whole or not at all (core.files): a failed or interrupted run never leaves a half-written output."""
+    def write(tmp: Path) -> None:
         with tmp.open("w", encoding="utf-8") as f:
             for p in predictions:
                 f.write(json.dumps(p, ensure_ascii=False) + "\n")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+
+    atomic_write(path, write)

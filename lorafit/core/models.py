@@ -13,12 +13,12 @@ import hashlib
 import json
 import os
 import re
-import shutil
 from pathlib import Path
 
 from lorafit import log
 from lorafit.core import policies, tasks
 from lorafit.core.adapters import AdapterSource
+from lorafit.core.files import atomic_dir
 from lorafit.core.quantization import bnb_config, cpu_safe
 from lorafit.errors import LorafitError, ModelError
 from lorafit.recipe import ModelSpec, QuantizationSpec, TrainingSpec
@@ -315,10 +315,9 @@ def _convert_gguf(spec: ModelSpec, gguf: Path, out: Path, dtype: str, metadata: 
 
     log.info(f"model: dequantizing {gguf.name} ({gguf.stat().st_size / 1e6:.0f} MB) once, as {dtype}, into {out} "
              f"(set LORAFIT_CACHE to put it elsewhere; rebuilt from the GGUF if deleted)")
-    tmp = out.with_name(out.name + f".partial-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
     auto_class = tasks.auto_model_class(spec.task)
-    try:
+    # Written whole into a temporary sibling, then renamed over an incomplete one (no config.json) if any.
+    with atomic_dir(out) as tmp:
         from transformers import AutoTokenizer
 
         kwargs: dict = {"gguf_file": str(gguf), "dtype": getattr(torch, dtype), "output_loading_info": True}
@@ -350,11 +349,6 @@ def _convert_gguf(spec: ModelSpec, gguf: Path, out: Path, dtype: str, metadata: 
         (tmp / GGUF_MARKER).write_text(json.dumps({"gguf_file": str(gguf.resolve()), "dtype": dtype,
                                                    "hub_id": gguf_hub_id(metadata), "task": spec.task},
                                                   indent=2) + "\n", encoding="utf-8")
-        out.parent.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(out, ignore_errors=True)  # an incomplete one (no config.json)
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
     hint = "" if spec.base_id or gguf_hub_id(metadata) else \
         "; its metadata names no hub repo: set model.base_id so that adapters record one, not this directory"
@@ -695,19 +689,22 @@ def load_adapter_tokenizer(source: AdapterSource, base: ModelSpec | None = None)
 
 def load_adapted(source: AdapterSource, *, dtype: str | None = None, quantized: bool = True,
                  device: str | None = None, num_labels: int | None = None, label_names: list[str] | None = None,
-                 with_tokenizer: bool = True, adapter_name: str = "default"):
-    """Base + adapter, unmerged, in eval mode: the one loader of evaluate, generate, merge and verify.
+                 with_tokenizer: bool = True, adapter_name: str = "default", trust_remote_code: bool = False):
+    """Base + adapter, unmerged, in eval mode: the one loader of evaluate, generate, merge, verify and serve.
 
     The base is the adapter's recorded one (or --base), loaded with the run's revision and
     trust_remote_code, in *dtype* (default: the dtype training used on this machine), quantized as in
     training unless *quantized* is False (merge: never into a 4-bit model), on the GPU when there is one
     unless *device* is "cpu". Returns (model, tokenizer); the tokenizer is None without *with_tokenizer*.
+    *trust_remote_code* (serve's --trust-remote-code) runs the base's own code even when the run did not ask.
     """
     import warnings
 
     from peft import PeftModel
 
     spec, quant, training = base_spec(source)
+    if trust_remote_code:
+        spec = spec.model_copy(update={"trust_remote_code": True})
     quant = quant if quantized and quant is not None and quant.bits is not None else None
     if dtype is None:
         try:

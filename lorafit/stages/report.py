@@ -3,12 +3,11 @@ without tools. Written from the recipe and metrics.json alone, so `lorafit evalu
 
 from __future__ import annotations
 
-import os
 import re
-import uuid
 from pathlib import Path
 
 from lorafit import log
+from lorafit.core.files import atomic_write, atomic_write_text
 from lorafit.render import change, comparison_rows, number, printable
 from lorafit.recipe import Recipe
 
@@ -30,26 +29,11 @@ def write_report(run_dir: Path, recipe: Recipe, metrics: dict, *, evaluated_by: 
         plot = run_dir / "loss.png"
         has_plot = plot_losses(metrics, plot)
         text = report_markdown(recipe, metrics, plot.name if has_plot else None, evaluated_by=evaluated_by)
-        _replace_atomically(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+        atomic_write_text(path, text)
         return path
     except Exception as e:  # the adapter and metrics.json are saved: a missing summary is a warning
         log.warn(f"{path} not written ({type(e).__name__}: {e}); the run's other files are complete")
         return None
-
-
-def _replace_atomically(path: Path, write) -> None:
-    """*write* a unique temporary file beside *path*, then rename it over *path*; the temporary file never
-    outlives a failure (nor clashes with another process writing the same run dir)."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            tmp.unlink(missing_ok=True)
-        except OSError:
-            pass
-        raise
 
 
 def plot_losses(metrics: dict, path: Path) -> bool:
@@ -77,7 +61,7 @@ def plot_losses(metrics: dict, path: Path) -> bool:
         ax.grid(alpha=0.3)
         ax.legend()
         fig.tight_layout()
-        _replace_atomically(path, lambda tmp: fig.savefig(tmp, format="png"))
+        atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
         return True
     except Exception as e:  # the report matters more than the picture
         log.warn(f"loss.png not written ({type(e).__name__}: {e}); report.md is written without it")

@@ -7,6 +7,7 @@ import os
 import shutil
 from pathlib import Path
 
+from lorafit.core.files import atomic_dir, atomic_write_text
 from lorafit.errors import LorafitError, RecipeError
 from lorafit.recipe import OutputSpec, Recipe, dump_recipe
 
@@ -113,18 +114,12 @@ def start_run_dir(run_dir: Path, recipe: Recipe, *, resume: str | None) -> None:
     write_recipe(run_dir, recipe)
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def write_json(path: Path, doc: dict) -> None:
-    write_text_atomic(path, json.dumps(doc, indent=2, default=str) + "\n")
+    atomic_write_text(path, json.dumps(doc, indent=2, default=str) + "\n")
 
 
 def write_recipe(run_dir: Path, recipe: Recipe) -> None:
-    write_text_atomic(run_dir / "recipe.yaml", dump_recipe(recipe))
+    atomic_write_text(run_dir / "recipe.yaml", dump_recipe(recipe))
 
 
 def save_label_config(model, directory: Path) -> None:
@@ -139,15 +134,13 @@ def save_label_config(model, directory: Path) -> None:
 
 
 def save_adapter(model, tokenizer, run_dir: Path, *, expected_modules: int, state_dict: dict | None = None) -> Path:
-    """Write adapter/ via a temporary sibling and an atomic rename, after checking what was written.
+    """Write adapter/ via a temporary sibling and an atomic rename (core.files), after checking what was written.
     *state_dict*: the full state gathered from sharded training (core.distributed.gather_adapter_state);
     peft keeps the adapter's part of it. None: the live weights, whole in this process."""
     from safetensors import safe_open
 
     final = run_dir / "adapter"
-    tmp = run_dir / f".adapter.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    with atomic_dir(final) as tmp:
         # save_embedding_layers=False: lorafit never resizes embeddings, and peft would ask the hub (core.libs).
         model.save_pretrained(str(tmp), safe_serialization=True, save_embedding_layers=False,
                               **({"state_dict": state_dict} if state_dict is not None else {}))
@@ -163,11 +156,4 @@ def save_adapter(model, tokenizer, run_dir: Path, *, expected_modules: int, stat
             raise LorafitError(f"the saved adapter holds {len(empty)} empty tensors (first: {empty[0]})")
         if n_a < expected_modules:  # e.g. an empty adapter gathered from sharded training
             raise LorafitError(f"the saved adapter holds {n_a} LoRA matrices, expected {expected_modules}")
-        old = run_dir / f".adapter.old-{os.getpid()}"
-        if final.exists():
-            os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return final

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 import shutil
 import signal
 import sys
@@ -20,6 +19,7 @@ from pathlib import Path
 
 from lorafit import log
 from lorafit.core import libs, policies
+from lorafit.core.files import replace_dir
 from lorafit.errors import LorafitError, RunFailed, TrainingInterrupted
 from lorafit.recipe import EvaluationSpec, TrainingSpec
 
@@ -363,11 +363,7 @@ def _trainer_class():
                 self._staging = None
             self.accelerator.wait_for_everyone()
             if self.args.should_save:
-                final, old = run_dir / name, run_dir / f".old-{name}"
-                if final.exists():
-                    os.replace(final, old)
-                os.replace(staging / name, final)
-                shutil.rmtree(old, ignore_errors=True)
+                replace_dir(staging / name, run_dir / name)
                 shutil.rmtree(staging, ignore_errors=True)
                 rotate_checkpoints(str(run_dir), save_total_limit=self.args.save_total_limit,
                                    best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
