@@ -23,6 +23,7 @@ from lorafit.commands.generate import check_same_base, find_named, parse_adapter
 from lorafit.core import libs, models
 from lorafit.core.adapters import BLEND_FILE, AdapterSource, find_adapter
 from lorafit.core.files import atomic_dir
+from lorafit.core.weights import lora_modules, read_header
 from lorafit.errors import LorafitError, ModelError
 
 # Methods that combine the A and B factors one by one: every adapter needs the same modules and ranks.
@@ -136,17 +137,11 @@ def check_output(output: Path, sources: list[AdapterSource], *, overwrite: bool)
 
 def lora_module_ranks(source: AdapterSource) -> dict[str, int]:
     """{module: rank} of an adapter, read from its safetensors header (no tensor loaded)."""
-    from safetensors import safe_open
-
     weights = source.adapter_dir / "adapter_model.safetensors"
     if not weights.is_file():
         raise ModelError("no adapter_model.safetensors", where=str(source.adapter_dir),
                          fix="blend reads safetensors adapters (peft's save_pretrained writes them by default)")
-    ranks = {}
-    with safe_open(str(weights), "pt") as f:
-        for key in f.keys():
-            if ".lora_A." in key or key.endswith(".lora_A.weight") or ".lora_embedding_A" in key:
-                ranks[key.split(".lora_")[0]] = int(f.get_slice(key).get_shape()[0])  # A is (r, in)
+    ranks = {m.name: m.rank for m in lora_modules(read_header(weights)).values()}
     if not ranks:
         raise ModelError("the adapter holds no LoRA weights", where=str(weights))
     return ranks

@@ -17,15 +17,15 @@ merge and the quantized model the adapter was trained on.
 from __future__ import annotations
 
 import json
-import re
 import shutil
 from pathlib import Path
 
 from lorafit import log
-from lorafit.commands.merge_streaming import checkpoint_index, checkpoint_key, merge_streaming, tensor_shapes
+from lorafit.commands.merge_streaming import checkpoint_key, merge_streaming
 from lorafit.commands.verify import verify_merged
 from lorafit.core.adapters import AdapterSource, find_adapter
 from lorafit.core.files import atomic_dir
+from lorafit.core.weights import LoraModule, is_lora_key, lora_modules, model_index, read_header, tensor_shapes
 from lorafit.core.models import TOKENIZER_FILES, base_spec, has_tokenizer, load_adapted, local_path
 from lorafit.errors import ModelError
 
@@ -121,14 +121,10 @@ def _base_dir(base: str) -> Path:
                          fix="pass a local model directory with --base, or download it first (unset HF_HUB_OFFLINE)") from None
 
 
-def _lora_modules(source: AdapterSource) -> dict[str, dict[str, tuple]]:
-    """Adapted module path (as in the base model) → {'A': shape, 'B': shape}, read from the file header."""
-    modules: dict[str, dict[str, tuple]] = {}
-    for key, shape in tensor_shapes(_adapter_weights(source.adapter_dir)).items():
-        m = re.match(r"^base_model\.model\.(.+)\.lora_(A|B)\.weight$", key)
-        if m:
-            modules.setdefault(m.group(1), {})[m.group(2)] = shape
-    return modules
+def _lora_modules(source: AdapterSource) -> dict[str, LoraModule]:
+    """Adapted module path (as in the base model) → its LoRA factors' shapes, read from the file header."""
+    return {m.path: m for m in lora_modules(read_header(_adapter_weights(source.adapter_dir))).values()
+            if not m.embedding}
 
 
 def _adapter_weights(adapter_dir: Path) -> Path:
@@ -143,7 +139,7 @@ def _adapter_weights(adapter_dir: Path) -> Path:
 
 def _check_shapes(source: AdapterSource, base_dir: Path) -> None:
     """Refuse a base whose weights do not fit the adapter, before loading anything big."""
-    index = checkpoint_index(base_dir)
+    index = model_index(base_dir)
     if not index:
         return  # .bin-only checkpoint: peft's own load reports mismatches
     fan_in_fan_out = bool(source.config.get("fan_in_fan_out"))
@@ -155,12 +151,12 @@ def _check_shapes(source: AdapterSource, base_dir: Path) -> None:
         raise ModelError(f"none of the adapter's {len(modules)} LoRA modules (e.g. {missing[0]}) exist in the base "
                          f"model", where=f"base model {source.base}",
                          fix="pass the base model the adapter was trained on with --base")
-    for module, ab in modules.items():
+    for module, factors in modules.items():
         key = checkpoint_key(module, index)
-        if key is None or "A" not in ab or "B" not in ab:
+        if key is None or factors.b is None:
             continue
         shape = index[key][1]
-        want = (ab["B"][0], ab["A"][1])
+        want = (factors.b[0], factors.a[1])
         if fan_in_fan_out:
             want = want[::-1]
         if len(shape) == 2 and shape != want:
@@ -200,6 +196,6 @@ def _copy_tokenizer(source: AdapterSource, base_dir: Path, out: Path) -> None:
 
 
 def _check_no_lora_keys(out: Path) -> None:
-    leaked = [k for p in out.glob("*.safetensors") for k in tensor_shapes(p) if "lora_" in k]
+    leaked = [k for p in out.glob("*.safetensors") for k in tensor_shapes(p) if is_lora_key(k)]
     if leaked:
         raise RuntimeError(f"merged checkpoint still holds LoRA tensors: {leaked[:3]}")

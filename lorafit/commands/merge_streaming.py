@@ -1,7 +1,8 @@
 """Low-memory merge: stream the base checkpoint tensor by tensor, add each LoRA delta, write shard by shard.
 
-Reading goes through safetensors' ``safe_open`` (names, shapes, one tensor at a time; each tensor read
-through its own short-lived handle, so the memory map of a whole shard never stays resident). Writing
+Names and shapes come from the headers (core.weights); tensors are read through safetensors' ``safe_open``,
+one at a time, each through its own short-lived handle, so the memory map of a whole shard never stays
+resident. Writing
 is ours: safetensors' save_file would first build the whole shard in RAM. RAM stays near one tensor
 plus the adapter.
 Same result as peft's merge_and_unload: W + scale·B·A, with rsLoRA, alpha_pattern, GPT-2's transposed
@@ -12,39 +13,13 @@ from __future__ import annotations
 
 import json
 import math
-import re
 import shutil
 import struct
 from pathlib import Path
 
 from lorafit.core.adapters import AdapterSource
+from lorafit.core.weights import DTYPES, PEFT_PREFIX, is_lora_key, lora_factor, lora_modules, model_index, read_header
 from lorafit.errors import ModelError
-
-
-_ST_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
-              "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool",
-              "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
-
-
-def tensor_shapes(path: Path) -> dict[str, tuple]:
-    """A safetensors file's tensor names and shapes, without reading the data."""
-    from safetensors import safe_open
-
-    with safe_open(str(path), "pt") as f:
-        return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-
-
-def checkpoint_index(model_dir: Path) -> dict[str, tuple[Path, tuple, str]]:
-    """Tensor name → (file, shape, safetensors dtype code) over all safetensors files of a model directory."""
-    from safetensors import safe_open
-
-    index: dict[str, tuple[Path, tuple, str]] = {}
-    for path in sorted(Path(model_dir).glob("*.safetensors")):
-        with safe_open(str(path), "pt") as f:
-            for name in f.keys():
-                sl = f.get_slice(name)
-                index[name] = (path, tuple(sl.get_shape()), sl.get_dtype())
-    return index
 
 
 def _read_tensor(path: Path, name: str):
@@ -55,6 +30,7 @@ def _read_tensor(path: Path, name: str):
 
 
 def checkpoint_key(module: str, index: dict, suffix: str = "weight") -> str | None:
+    """The base checkpoint's name for *module*'s *suffix* tensor (index: core.weights.model_index)."""
     # Checkpoints sometimes omit the base-model prefix (gpt2's "h.0..." vs the module path "transformer.h.0...").
     candidates = [module, module.split(".", 1)[1] if "." in module else module]
     for cand in candidates:
@@ -82,28 +58,33 @@ def merge_streaming(source: AdapterSource, base_dir: Path, out: Path, *, dtype: 
     if cfg.get("use_dora") or cfg.get("lora_bias"):
         raise ModelError("--low-memory does not handle DoRA or lora_bias adapters", where=str(source.adapter_dir),
                          fix="merge without --low-memory")
-    index = checkpoint_index(base_dir)
+    index = model_index(base_dir)
     if not index:
         raise ModelError("--low-memory needs a safetensors checkpoint", where=source.base,
                          fix="merge without --low-memory")
     target = getattr(torch, dtype)
     adapter_path = source.adapter_dir / "adapter_model.safetensors"
+    header = read_header(adapter_path)
+    modules = lora_modules(header)
     deltas: dict[str, tuple[str, float]] = {}  # checkpoint key → (module, scale)
     replace: dict[str, str] = {}  # checkpoint key → adapter key (modules_to_save, trained biases)
-    for key in tensor_shapes(adapter_path):
-        m = re.match(r"^base_model\.model\.(.+)\.lora_(A|B)\.weight$", key)
-        if m:
-            if m.group(2) == "A":
-                ck = checkpoint_key(m.group(1), index)
-                if ck is None:
-                    raise ModelError(f"adapted module {m.group(1)} has no weight in the base checkpoint",
-                                     where=source.base, fix="pass the base model the adapter was trained on with --base")
-                deltas[ck] = (m.group(1), 0.0)
+    for module in modules.values():
+        if module.embedding or not module.name.startswith(PEFT_PREFIX):
+            raise ModelError(f"--low-memory does not know adapter module {module.name}", where=str(source.adapter_dir),
+                             fix="merge without --low-memory")
+        ck = checkpoint_key(module.path, index)
+        if ck is None:
+            raise ModelError(f"adapted module {module.path} has no weight in the base checkpoint",
+                             where=source.base, fix="pass the base model the adapter was trained on with --base")
+        deltas[ck] = (module.path, 0.0)
+    for key in header:
+        found = lora_factor(key)
+        if found and found[0] in modules:
             continue
-        if "lora_" in key or not key.startswith("base_model.model."):
+        if is_lora_key(key) or not key.startswith(PEFT_PREFIX):
             raise ModelError(f"--low-memory does not know adapter tensor {key}", where=str(source.adapter_dir),
                              fix="merge without --low-memory")
-        module, _, suffix = key.removeprefix("base_model.model.").rpartition(".")
+        module, _, suffix = key.removeprefix(PEFT_PREFIX).rpartition(".")
         ck = checkpoint_key(module, index, suffix)
         if ck is None:
             raise ModelError(f"adapter tensor {key} has no counterpart in the base checkpoint", where=source.base,
@@ -117,7 +98,7 @@ def merge_streaming(source: AdapterSource, base_dir: Path, out: Path, *, dtype: 
     size = 0
     for name in names:  # plan shards from the header sizes, in checkpoint order
         _, shape, code = index[name]
-        nbytes = math.prod(shape) * (target.itemsize if _is_float(code) else getattr(torch, _ST_DTYPES[code]).itemsize)
+        nbytes = math.prod(shape) * (target.itemsize if _is_float(code) else getattr(torch, DTYPES[code]).itemsize)
         if shards[-1] and size + nbytes > max_shard_size:
             shards.append([])
             size = 0
@@ -156,11 +137,11 @@ def _write_safetensors(path: Path, names: list[str], produce, plan: dict) -> int
     tensor is in memory (safetensors' save_file would first build the whole file in RAM)."""
     import torch
 
-    codes = {v: k for k, v in _ST_DTYPES.items()}
+    codes = {v: k for k, v in DTYPES.items()}
     header, offset = {}, 0
     for name in names:
         (shape, code), target = plan[name]
-        dtype = str(target).removeprefix("torch.") if _is_float(code) else _ST_DTYPES[code]
+        dtype = str(target).removeprefix("torch.") if _is_float(code) else DTYPES[code]
         nbytes = math.prod(shape) * getattr(torch, dtype).itemsize
         header[name] = {"dtype": codes[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
         offset += nbytes

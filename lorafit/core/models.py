@@ -20,6 +20,7 @@ from lorafit.core import policies, tasks
 from lorafit.core.adapters import AdapterSource
 from lorafit.core.files import atomic_dir
 from lorafit.core.quantization import bnb_config, cpu_safe
+from lorafit.core.weights import is_lora_key, read_header
 from lorafit.errors import LorafitError, ModelError
 from lorafit.recipe import ModelSpec, QuantizationSpec, TrainingSpec
 
@@ -652,17 +653,15 @@ def saved_num_labels(source: AdapterSource) -> int | None:
     """Classes of the head the adapter saved in full (seq_cls / token_cls), read from its weights' header."""
     if not source.task.labelled:
         return None
-    from safetensors import safe_open
-
     weights = source.adapter_dir / "adapter_model.safetensors"
     if not weights.is_file():
         return None
-    with safe_open(str(weights), "pt") as f:
-        heads = [k for k in f.keys() if "lora_" not in k and k.endswith(".weight")
-                 and set(k.split(".")) & set(source.task.heads) and len(f.get_slice(k).get_shape()) == 2]
-        # RoBERTa-style heads are dense → out_proj: the last matrix gives the classes.
-        heads.sort(key=lambda k: k.endswith("out_proj.weight"))
-        return int(f.get_slice(heads[-1]).get_shape()[0]) if heads else None
+    header = read_header(weights)
+    heads = [k for k, t in header.items() if not is_lora_key(k) and k.endswith(".weight")
+             and set(k.split(".")) & set(source.task.heads) and len(t.shape) == 2]
+    # RoBERTa-style heads are dense → out_proj: the last matrix gives the classes.
+    heads.sort(key=lambda k: k.endswith("out_proj.weight"))
+    return int(header[heads[-1]].shape[0]) if heads else None
 
 
 def saved_label_names(source: AdapterSource) -> list[str] | None:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from lorafit.core import tasks
 from lorafit.core.models import gguf_metadata_memo, gguf_spec, is_gguf_name, local_path
 from lorafit.core.policies import lora_config
+from lorafit.core.weights import count_adapted
 from lorafit.errors import ModelError, RecipeError
 from lorafit.recipe import LoraSpec, ModelSpec
 
@@ -243,7 +244,7 @@ def count_trainable(model, chosen: list[LinearModule], *, r: int, bias: str = "n
                 else "lora" if ".lora_" in name else "bias")
         parts[kind] += p.numel()
     _, all_params = peft_model.get_nb_trainable_parameters()
-    adapted = sum(1 for n, _ in peft_model.named_modules() if n.endswith(".lora_A"))
+    adapted = count_adapted(peft_model)
     prefix = "base_model.model."
     saved = tuple(n.removeprefix(prefix) for n, m in peft_model.named_modules() if isinstance(m, ModulesToSaveWrapper))
     return TrainableCount(parts["lora"], parts["dora"], parts["bias"], parts["modules_to_save"], count_params(model),

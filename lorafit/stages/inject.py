@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from lorafit.core.policies import lora_config
 from lorafit.core.targets import resolve_targets
+from lorafit.core.weights import count_adapted
 from lorafit.recipe import LoraSpec
 
 
@@ -29,7 +30,7 @@ def inject_lora(model, spec: LoraSpec, task: str, *, model_name: str = "model", 
     keys, _ = resolve_targets(model, spec.target_modules, model_name=model_name)
     peft_model = get_peft_model(model, lora_config(spec, task, keys, model=model, revision=revision))
     trainable, total = peft_model.get_nb_trainable_parameters()
-    adapted = sum(1 for name, _ in peft_model.named_modules() if name.endswith(".lora_A"))
+    adapted = count_adapted(peft_model)
     saved = tuple(name.removeprefix("base_model.model.") for name, m in peft_model.named_modules()
                   if type(m).__name__ == "ModulesToSaveWrapper")
     return peft_model, Injection(keys, adapted, int(trainable), int(total), saved)

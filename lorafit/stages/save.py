@@ -8,6 +8,7 @@ import shutil
 from pathlib import Path
 
 from lorafit.core.files import atomic_dir, atomic_write_text
+from lorafit.core.weights import lora_modules, read_header
 from lorafit.errors import LorafitError, RecipeError
 from lorafit.recipe import OutputSpec, Recipe, dump_recipe
 
@@ -137,8 +138,6 @@ def save_adapter(model, tokenizer, run_dir: Path, *, expected_modules: int, stat
     """Write adapter/ via a temporary sibling and an atomic rename (core.files), after checking what was written.
     *state_dict*: the full state gathered from sharded training (core.distributed.gather_adapter_state);
     peft keeps the adapter's part of it. None: the live weights, whole in this process."""
-    from safetensors import safe_open
-
     final = run_dir / "adapter"
     with atomic_dir(final) as tmp:
         # save_embedding_layers=False: lorafit never resizes embeddings, and peft would ask the hub (core.libs).
@@ -149,9 +148,9 @@ def save_adapter(model, tokenizer, run_dir: Path, *, expected_modules: int, stat
         weights = tmp / "adapter_model.safetensors"
         if not (tmp / "adapter_config.json").is_file() or not weights.is_file():
             raise LorafitError(f"peft wrote no adapter files to {tmp}")
-        with safe_open(str(weights), "pt") as f:
-            n_a = sum(1 for k in f.keys() if "lora_A" in k)
-            empty = [k for k in f.keys() if 0 in f.get_slice(k).get_shape()]
+        header = read_header(weights)
+        n_a = len(lora_modules(header))
+        empty = [k for k, t in header.items() if 0 in t.shape]
         if empty:  # a shard's empty placeholder saved instead of the gathered tensor
             raise LorafitError(f"the saved adapter holds {len(empty)} empty tensors (first: {empty[0]})")
         if n_a < expected_modules:  # e.g. an empty adapter gathered from sharded training
