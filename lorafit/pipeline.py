@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import platform
-import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +17,8 @@ from lorafit.commands import estimate as est
 from lorafit.core import distributed, flops, libs, models, policies, quantization
 from lorafit.core.targets import build_meta_model, load_config, resolve_targets
 from lorafit.errors import LorafitError
-from lorafit.recipe import Recipe, redact
+from lorafit.core.secrets import command_line
+from lorafit.recipe import Recipe
 from lorafit.stages.data import build_datasets
 from lorafit.stages.evaluate import evaluate_model
 from lorafit.stages import packing
@@ -206,31 +206,6 @@ def _decode_span(tokenizer, ids: list[int], start: int, end: int) -> str:
 
     head, whole = text(ids[:start]), text(ids[:end])
     return whole[len(head):] if whole.startswith(head) else text(ids[start:end])
-
-
-_SECRET_NAME = re.compile(r"token|secret|passw(or)?d|api[_-]?key|auth", re.IGNORECASE)
-_SECRET_VALUE = re.compile(r"\b(hf_[A-Za-z0-9]{20,}|sk-[A-Za-z0-9_-]{20,}|gh[pousr]_[A-Za-z0-9]{20,}|"
-                           r"xox[abprs]-[A-Za-z0-9-]{10,}|AKIA[0-9A-Z]{16})\b")
-
-
-def command_line(argv: list[str] | None = None) -> list[str]:
-    """sys.argv for metrics.json, with anything token-like replaced by ***: a value following (or given to)
-    an option or a --set key named like a secret, and strings shaped like hub/API tokens."""
-    argv = [redact(arg) for arg in (sys.argv if argv is None else argv)]
-    out = [Path(argv[0]).name] if argv else []
-    hide_next = False
-    for arg in argv[1:]:
-        if hide_next:
-            out.append("***")
-            hide_next = False
-            continue
-        name, eq, _ = arg.partition("=")
-        if eq and _SECRET_NAME.search(name):
-            arg = f"{name}=***"
-        elif arg.startswith("-") and _SECRET_NAME.search(arg):
-            hide_next = True
-        out.append(_SECRET_VALUE.sub("***", arg).replace("hf_***", "***"))
-    return out
 
 
 # report_to → the module the tracker needs, and the package that provides it.

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import difflib
 import os
-import re
 from pathlib import Path
 from typing import Literal, Optional, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from lorafit.core.secrets import holds_token, redact
 from lorafit.errors import RecipeError
 
 Task = Literal["causal_lm", "seq_cls", "token_cls", "seq2seq_lm"]
@@ -471,22 +471,6 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     return resolve_paths(validate_recipe(raw, source=str(path)), path.parent)
 
 
-# A Hugging Face access token: never echoed in an error, a resolved recipe or a run's files.
-_TOKEN = re.compile(r"hf_[A-Za-z0-9]{16,}")
-
-
-def redact(text: str, *secrets: str | None) -> str:
-    """*text* with Hugging Face tokens (hf_..., $HF_TOKEN's value, and *secrets*, e.g. the token the hub
-    login gave) replaced by hf_***."""
-    import os
-
-    for token in (*(os.environ.get(n, "") for n in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")), *secrets):
-        token = (token or "").strip()
-        if len(token) >= 8:
-            text = text.replace(token, "hf_***")
-    return _TOKEN.sub("hf_***", text)
-
-
 def resolve_paths(recipe: Recipe, recipe_dir: Path) -> Recipe:
     """Relative paths are read from the working directory, else from the recipe's own directory.
 
@@ -526,15 +510,15 @@ def validate_recipe(raw: dict, source: str = "recipe") -> Recipe:
 
 
 def _refuse_tokens(node, source: str, path: str = "") -> None:
-    """A Hugging Face token in a recipe (or --set) would be copied into recipe.yaml, logs and model cards."""
+    """An access token in a recipe (or --set) would be copied into recipe.yaml, logs and model cards."""
     if isinstance(node, dict):
         for key, value in node.items():
             _refuse_tokens(value, source, f"{path}.{key}" if path else str(key))
     elif isinstance(node, list):
         for i, value in enumerate(node):
             _refuse_tokens(value, source, f"{path}[{i}]")
-    elif isinstance(node, str) and redact(node) != node:
-        raise RecipeError(f"{path or 'recipe'}: holds a Hugging Face access token (hf_***), which would be copied "
+    elif isinstance(node, str) and holds_token(node):
+        raise RecipeError(f"{path or 'recipe'}: holds an access token ({redact(node)[:80]}), which would be copied "
                           "into the run's files", where=source,
                           fix="remove it: lorafit reads the token from HF_TOKEN or `hf auth login`, never from a recipe")
 

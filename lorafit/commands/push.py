@@ -17,8 +17,8 @@ from lorafit.commands import merge as merge_mod
 from lorafit.commands.card import build_card
 from lorafit.core.adapters import find_adapter, holds_adapter
 from lorafit.core.models import adapter_hub_base
+from lorafit.core.secrets import redact
 from lorafit.errors import ModelError, PushError
-from lorafit.recipe import redact
 
 
 @dataclass
