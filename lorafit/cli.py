@@ -113,7 +113,7 @@ def train(
         again += shlex.split(os.environ.get("LORAFIT_LAUNCH_OPTIONS", ""))  # --nproc N ..., when it started us
         e.resume_command = shlex.join(again + ["--resume"])
         raise
-    from lorafit.log import is_main_process
+    from lorafit.core.distributed import is_main_process
 
     if is_main_process():
         _out(render.train_lines(result))
@@ -364,6 +364,7 @@ def _optional_resume_value(argv: list[str]) -> list[str]:
 
 def main() -> None:
     from lorafit.core import libs
+    from lorafit.core.distributed import is_main_process
 
     libs.prepare()  # before any library loads: their chatter off, bitsandbytes' hub-kernel look-up offline
     debug = os.environ.get("LORAFIT_DEBUG") == "1" or "--debug" in sys.argv
@@ -377,12 +378,12 @@ def main() -> None:
 
             traceback.print_exc()
         problems = e.problems if isinstance(e, RecipeError) else [str(e)]
-        if os.environ.get("RANK", "0") == "0":  # under torchrun every rank meets the same mistake: say it once
+        if is_main_process():  # under torchrun every rank meets the same mistake: say it once
             for line in problems:
                 typer.echo(f"error: {line}", err=True)
         sys.exit(e.exit_code)
     except TrainingInterrupted as e:
-        if os.environ.get("RANK", "0") == "0":
+        if is_main_process():
             import signal
 
             how = "stopped at once, during" if e.immediate else "stopped after"

@@ -2,13 +2,9 @@
 
 from __future__ import annotations
 
-import os
 import sys
 
-
-def is_main_process() -> bool:
-    """Under torchrun every process runs the CLI; only rank 0 speaks."""
-    return os.environ.get("RANK", "0") == "0"
+from lorafit.core.distributed import is_main_process  # under torchrun every process runs the CLI; rank 0 speaks
 
 
 def info(message: str) -> None:
@@ -20,15 +16,6 @@ def warn(message: str) -> None:
     """Every rank meets the same warnings: rank 0 alone says them."""
     if is_main_process():
         print(f"warning: {message}", file=sys.stderr, flush=True)
-
-
-def local_rank() -> int:
-    """This process's GPU under torchrun / accelerate launch (0 when alone)."""
-    return int(os.environ.get("LOCAL_RANK", "0"))
-
-
-def world_size() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 class Progress:

@@ -6,7 +6,6 @@ the CLI's rendering layer (render.py) turns it into lines.
 
 from __future__ import annotations
 
-import contextlib
 import platform
 import sys
 from dataclasses import dataclass, field
@@ -48,7 +47,7 @@ def train(recipe: Recipe, *, resume: str | None = None, force: bool = False) -> 
 
     # Data first: a bad row should fail in seconds, before gigabytes of weights load. Under torchrun the
     # main process converts and tokenizes first; the others then agree on the data or stop.
-    with main_process_first():
+    with distributed.main_process_first():
         model_spec = models.materialize_gguf(recipe.model)  # the recipe keeps naming the GGUF file
         tokenizer = models.load_tokenizer(model_spec)
         model_config = load_config(model_spec.name, revision=model_spec.revision,
@@ -56,7 +55,7 @@ def train(recipe: Recipe, *, resume: str | None = None, force: bool = False) -> 
         policies.check_max_length(recipe.data, model_config, tokenizer, recipe.model.name)
         policies.check_prompts(recipe, model_config, tokenizer)
         data = build_datasets(recipe.data, tokenizer, recipe.model.task, recipe.model.num_labels)
-    check_ranks_agree(data.stats)
+    distributed.check_ranks_agree(data.stats)
     log.info(f"data: {render.data_summary(data.stats)}")
     num_labels = policies.class_count(recipe.model.num_labels, data.label_names)
 
@@ -94,7 +93,7 @@ def train(recipe: Recipe, *, resume: str | None = None, force: bool = False) -> 
                                    save_minutes=recipe.training.save_minutes)
     summary.update(flops.train_throughput_or_none(model, data.train, task=recipe.model.task, precision=precision,
                                                   tokens_per_second=summary["train_tokens_per_second"],
-                                                  world_size=log.world_size()))
+                                                  world_size=distributed.world_size()))
     warn_if_untrained(summary)
     eval_metrics = evaluate_model(trainer, data.eval, recipe.evaluation, recipe=recipe, tokenizer=tokenizer,
                                   label_names=data.label_names)
@@ -118,8 +117,8 @@ def train(recipe: Recipe, *, resume: str | None = None, force: bool = False) -> 
         "versions": versions(),
         "command": command_line(),
         "seed": recipe.training.seed,
-        "world_size": log.world_size(),
-        "distributed": recipe.training.distributed.strategy if log.world_size() > 1 else None,
+        "world_size": distributed.world_size(),
+        "distributed": recipe.training.distributed.strategy if distributed.world_size() > 1 else None,
         "packing": recipe.data.packing,
         "data_seed": recipe.data.seed,
         "resumed_from": checkpoint,
@@ -127,7 +126,7 @@ def train(recipe: Recipe, *, resume: str | None = None, force: bool = False) -> 
     if forced_changes:
         metrics["resume_forced_changes"] = forced_changes
     gathered = distributed.gather_adapter_state(trainer)  # FSDP / ZeRO-3: every rank takes part in the gather
-    if trainer.is_world_process_zero():
+    if distributed.is_main_process():
         save_adapter(trainer.model, tokenizer, run_dir, expected_modules=injection.adapted_modules,
                      state_dict=gathered)
         write_json(run_dir / "metrics.json", metrics)
@@ -273,31 +272,6 @@ def check_model(recipe: Recipe):
                             num_labels=policies.config_num_labels(spec, config))
     resolve_targets(meta, recipe.lora.target_modules, model_name=spec.name)
     return config
-
-
-@contextlib.contextmanager
-def main_process_first():
-    """Alone: nothing. Under torchrun: rank 0 runs the block first (GGUF conversion, tokenization and
-    datasets' caches happen once), then the others (accelerate's PartialState)."""
-    if log.world_size() == 1:
-        yield
-        return
-    from accelerate import PartialState
-
-    with PartialState().main_process_first():
-        yield
-
-
-def check_ranks_agree(stats: dict) -> None:
-    """Every rank must train on the same rows: compare the data fingerprints across processes."""
-    if log.world_size() == 1:
-        return
-    import torch.distributed as dist
-
-    seen = [None] * dist.get_world_size()
-    dist.all_gather_object(seen, (stats["fingerprint"], stats["train_rows"]))
-    if len(set(seen)) > 1:
-        raise RuntimeError(f"the processes built different training data: {seen}")
 
 
 def versions() -> dict:

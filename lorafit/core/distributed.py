@@ -1,15 +1,19 @@
-"""Several processes: `lorafit train --nproc N` relaunching itself under torchrun, the recipe's
-training.distributed strategy turned into TrainingArguments (accelerate does the rest), and the adapter
-gathered whole from sharded training before it is saved.
+"""Several processes: every decision lorafit makes about them, in one place. Which process this is (the
+main one speaks and writes), the main process first where work must happen once, the ranks agreeing on
+the data and on stop/save flags, whether the weights are sharded, `lorafit train --nproc N` relaunching
+itself under torchrun, the recipe's training.distributed strategy turned into TrainingArguments (accelerate
+does the rest), and the adapter gathered whole from sharded training before it is saved.
+
+Imports nothing heavy at module level: log.py asks it who speaks.
 """
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import os
 import sys
 
-from lorafit import log
 from lorafit.errors import LorafitError
 
 # Set in the workers `--nproc` starts (beside torchrun's own LOCAL_RANK/WORLD_SIZE): a worker never relaunches.
@@ -26,6 +30,81 @@ def deepspeed_defaults(zero_stage: int) -> dict:
             "bf16": {"enabled": "auto"}, "fp16": {"enabled": "auto"}, "gradient_clipping": "auto",
             "train_micro_batch_size_per_gpu": "auto", "train_batch_size": "auto",
             "gradient_accumulation_steps": "auto"}
+
+
+# ----------------------------------------------------------------------------------------------
+# This process among the others
+
+
+def is_main_process() -> bool:
+    """The process that speaks and writes: alone, or rank 0 under torchrun / accelerate launch (every
+    process runs the CLI; the others meet the same warnings and mistakes silently)."""
+    return os.environ.get("RANK", "0") == "0"
+
+
+def local_rank() -> int:
+    """This process's GPU under torchrun / accelerate launch (0 when alone)."""
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+@contextlib.contextmanager
+def main_process_first():
+    """Alone: nothing. Under torchrun: rank 0 runs the block first (GGUF conversion, tokenization and
+    datasets' caches happen once), then the others (accelerate's PartialState)."""
+    if world_size() == 1:
+        yield
+        return
+    from accelerate import PartialState
+
+    with PartialState().main_process_first():
+        yield
+
+
+def check_ranks_agree(stats: dict) -> None:
+    """Every rank must train on the same rows: compare the data fingerprints across processes."""
+    if world_size() == 1:
+        return
+    import torch.distributed as dist
+
+    seen = [None] * dist.get_world_size()
+    dist.all_gather_object(seen, (stats["fingerprint"], stats["train_rows"]))
+    if len(set(seen)) > 1:
+        raise RuntimeError(f"the processes built different training data: {seen}")
+
+
+def agree(args, *flags: bool) -> tuple[bool, ...]:
+    """Alone: the flags. Under torchrun: each flag true on any rank → true on all (one all-reduce on the device
+    of *args*, the TrainingArguments; read only then)."""
+    if world_size() == 1:
+        return flags
+    import torch
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        return flags
+    t = torch.tensor([float(f) for f in flags], device=args.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return tuple(bool(x) for x in t.tolist())
+
+
+def sharded_weights(spec) -> str | None:
+    """Why every forward pass needs every rank, or None: training.distributed (*spec*) shards the weights over
+    the processes (FSDP, DeepSpeed ZeRO-3), so a forward on rank 0 alone would wait forever for the others.
+    Under plain DDP each rank holds the whole model; ZeRO-2 shards optimizer state and gradients only."""
+    world = world_size()
+    if world <= 1 or spec.strategy == "ddp":
+        return None
+    if spec.strategy == "deepspeed" and spec.config is None and spec.zero_stage != 3:
+        return None
+    return f"training.distributed.strategy {spec.strategy} shards the weights over {world} processes"
+
+
+# ----------------------------------------------------------------------------------------------
+# Launching, strategies, gathering
 
 
 def under_launcher() -> bool:
@@ -82,7 +161,7 @@ def gather_adapter_state(trainer) -> dict | None:
         state = gather(exclude_frozen_parameters=True)
     else:
         state = accelerator.get_state_dict(wrapped)
-    return state if trainer.is_world_process_zero() else None
+    return state if is_main_process() else None
 
 
 def launch_args(train_argv: list[str], *, nproc: int, nnodes: int = 1, node_rank: int = 0,
@@ -108,7 +187,7 @@ def launch(train_argv: list[str], **how) -> int:
     from torch.distributed.run import parse_args, run
 
     if under_launcher():
-        raise LorafitError(f"already running under a launcher (WORLD_SIZE={log.world_size()})", where="--nproc",
+        raise LorafitError(f"already running under a launcher (WORLD_SIZE={world_size()})", where="--nproc",
                            fix="drop --nproc (and --nnodes ...) when starting lorafit with torchrun yourself")
     # The workers say what went wrong; torchrun's own failure reports would repeat it as a traceback.
     logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)

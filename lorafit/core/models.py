@@ -16,7 +16,7 @@ import re
 from pathlib import Path
 
 from lorafit import log
-from lorafit.core import policies, tasks
+from lorafit.core import distributed, policies, tasks
 from lorafit.core.adapters import AdapterSource
 from lorafit.core.files import atomic_dir
 from lorafit.core.quantization import bnb_config, cpu_safe
@@ -523,8 +523,8 @@ def load_model(spec: ModelSpec, quant: QuantizationSpec | None, dtype: str, *, n
         kwargs["quantization_config"] = bnb_config(quant, fsdp=fsdp)
     if (device or policies.this_device()) == "cuda" and torch.cuda.is_available():
         # Under torchrun each rank owns one GPU: load onto it, not onto cuda:0.
-        torch.cuda.set_device(log.local_rank())
-        kwargs["device_map"] = {"": log.local_rank()}
+        torch.cuda.set_device(distributed.local_rank())
+        kwargs["device_map"] = {"": distributed.local_rank()}
     if not getattr(spec, "allow_pickle", False) and not kwargs.get("gguf_file"):
         kwargs["use_safetensors"] = True  # a hub checkpoint too: pickles run code when unpickled
     if tasks.task(spec.task).labelled:

@@ -12,7 +12,7 @@ from typing import Any, Callable
 
 from lorafit import log
 from lorafit.core import metrics as M
-from lorafit.core import policies
+from lorafit.core import distributed, policies
 from lorafit.core.generation import generate_greedy, prompt_ids, stop_ids
 from lorafit.recipe import EvaluationSpec, Recipe
 
@@ -39,17 +39,10 @@ class EvalContext:
 
     @property
     def sharded(self) -> str | None:
-        """Why every forward pass needs every rank, or None: the weights are sharded over the processes (FSDP,
-        DeepSpeed ZeRO-3), so a forward on rank 0 alone would wait forever for the others. Under plain DDP
-        each rank holds the whole model and trainer.model is the unwrapped module (only FSDP makes it the
-        wrapped one): a forward on rank 0 alone runs no collective."""
-        dist = self.recipe.training.distributed
-        world = log.world_size()
-        if world <= 1 or dist.strategy == "ddp":
-            return None
-        if dist.strategy == "deepspeed" and dist.config is None and dist.zero_stage != 3:
-            return None  # ZeRO-2 shards optimizer state and gradients, not the weights
-        return f"training.distributed.strategy {dist.strategy} shards the weights over {world} processes"
+        """Why every forward pass needs every rank, or None (core.distributed.sharded_weights). Under plain DDP
+        trainer.model is the unwrapped module (only FSDP makes it the wrapped one): a forward on rank 0 alone
+        runs no collective."""
+        return distributed.sharded_weights(self.recipe.training.distributed)
 
 
 def base_and_adapter(ctx: EvalContext, measure: Callable[[str], Any]) -> dict:

@@ -7,6 +7,7 @@ import math
 from typing import Callable
 
 from lorafit import log
+from lorafit.core import distributed
 from lorafit.core import metrics as M
 from lorafit.core.prompts import IGNORE
 from lorafit.stages.eval_common import (EvalContext, base_and_adapter, by_metric, generation_metrics,
@@ -47,7 +48,7 @@ def evaluate_model(trainer, eval_dataset, spec: EvaluationSpec, *, recipe: Recip
             result["base_eval_perplexity"] = _perplexity(base["base_loss"])
     if recipe is not None and tokenizer is not None:
         result.update(task_metrics(EvalContext(trainer, eval_dataset if result else None, tokenizer, recipe,
-                                               label_names, trainer.is_world_process_zero())))
+                                               label_names, distributed.is_main_process())))
     return result
 
 

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from lorafit import log
-from lorafit.core import libs, policies
+from lorafit.core import distributed, libs, policies
 from lorafit.core.files import replace_dir
 from lorafit.errors import LorafitError, RunFailed, TrainingInterrupted
 from lorafit.recipe import EvaluationSpec, TrainingSpec
@@ -32,8 +32,6 @@ def training_arguments(spec: TrainingSpec, evaluation: EvaluationSpec, *, output
     """*liger*: policies.liger's decision (it needs the model type and the machine, not only the spec)."""
     import torch
     from transformers import TrainingArguments
-
-    from lorafit.core import distributed
 
     return TrainingArguments(
         output_dir=str(output_dir),
@@ -109,7 +107,7 @@ def _progress_callback():
             self.last = "loss=-"
 
         def on_train_begin(self, args, state, control, **kw):
-            self.main = state.is_world_process_zero
+            self.main = distributed.is_main_process()
             self.start, self.start_step = time.perf_counter(), state.global_step
             self.start_tokens = state.num_input_tokens_seen
             if self.main and sys.stderr.isatty():
@@ -149,7 +147,7 @@ def _progress_callback():
             log.info(f"step {state.global_step}/{state.max_steps}  {self.last}  tok/s {tps:,.0f}  eta {eta_text}")
 
         def on_prediction_step(self, args, state, control, eval_dataloader=None, **kw):
-            if not state.is_world_process_zero or eval_dataloader is None:
+            if not distributed.is_main_process() or eval_dataloader is None:
                 return
             try:
                 total = len(eval_dataloader)
@@ -169,7 +167,7 @@ def _progress_callback():
                 self.eval_bar = None
             self.eval_done = 0
             key = next((k for k in (metrics or {}) if k.endswith("_loss")), None)
-            if state.is_world_process_zero and key is not None:
+            if distributed.is_main_process() and key is not None:
                 which = "base model (adapter off)" if key.startswith("base") else "eval"
                 line = f"step {state.global_step}: {which} loss {metrics[key]:.4f}"
                 self.bar.write(line) if self.bar is not None else log.info(line)
@@ -428,9 +426,9 @@ def _stop_and_clock(stop: StopRequest, save_minutes: float | None):
 
         def on_step_end(self, args, state, control, **kw):
             due = save_minutes is not None and time.monotonic() - self.last_save >= save_minutes * 60
-            stop_now, due = _agree(args, stop.signum is not None, due)
+            stop_now, due = distributed.agree(args, stop.signum is not None, due)
             if stop_now and state.global_step < state.max_steps:
-                if not stop.announced and state.is_world_process_zero:
+                if not stop.announced and distributed.is_main_process():
                     log.warn(f"{signal.Signals(stop.signum or signal.SIGINT).name}: finishing step "
                              f"{state.global_step}, writing a checkpoint (again to stop at once)")
                 stop.announced = True
@@ -445,20 +443,6 @@ def _stop_and_clock(stop: StopRequest, save_minutes: float | None):
             self.last_save = time.monotonic()
 
     return StopAndClock()
-
-
-def _agree(args, *flags: bool) -> tuple[bool, ...]:
-    """Alone: the flags. Under torchrun: each flag true on any rank → true on all."""
-    if log.world_size() == 1:
-        return flags
-    import torch
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
-        return flags
-    t = torch.tensor([float(f) for f in flags], device=args.device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return tuple(bool(x) for x in t.tolist())
 
 
 def _latest_checkpoint(checkpoints: Path) -> str | None:
