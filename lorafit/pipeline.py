@@ -13,7 +13,7 @@ from pathlib import Path
 
 from lorafit import __version__, log, render
 from lorafit.commands import estimate as est
-from lorafit.core import distributed, flops, libs, models, policies, quantization
+from lorafit.core import distributed, flops, libs, models, policies, quantization, rundir
 from lorafit.core.targets import build_meta_model, load_config, resolve_targets
 from lorafit.errors import LorafitError
 from lorafit.core.secrets import command_line
@@ -40,7 +40,7 @@ def train(recipe: Recipe, *, resume: str | None = None, force: bool = False) -> 
 
     libs.quiet_libraries()
     run_dir = check_run_dir(recipe.output, resume=resume)
-    checkpoint = find_checkpoint(run_dir / "checkpoints", resume)
+    checkpoint = find_checkpoint(run_dir / rundir.CHECKPOINTS, resume)
     forced_changes = check_resume(run_dir, recipe, checkpoint, force=force)  # --force: resumed despite these
     precision = policies.precision(recipe.training)
     config = check_model(recipe)  # validate's model checks, in milliseconds: before data, weights, or any write
@@ -85,7 +85,7 @@ def train(recipe: Recipe, *, resume: str | None = None, force: bool = False) -> 
 
     # train → evaluate
     use_liger = policies.liger(recipe.training, recipe.model.task, config.model_type)
-    args = training_arguments(recipe.training, recipe.evaluation, output_dir=run_dir / "checkpoints",
+    args = training_arguments(recipe.training, recipe.evaluation, output_dir=run_dir / rundir.CHECKPOINTS,
                               precision=precision, gradient_checkpointing=use_gc, has_eval=data.eval is not None,
                               run_name=recipe.output.run_name or run_dir.name, packed=recipe.data.packing,
                               liger=use_liger)
@@ -129,7 +129,7 @@ def train(recipe: Recipe, *, resume: str | None = None, force: bool = False) -> 
     if distributed.is_main_process():
         save_adapter(trainer.model, tokenizer, run_dir, expected_modules=injection.adapted_modules,
                      state_dict=gathered)
-        write_json(run_dir / "metrics.json", metrics)
+        write_json(run_dir / rundir.METRICS, metrics)
         write_report(run_dir, recipe, metrics)  # report.md + loss.png; failing to write them only warns
     return TrainResult(run_dir, metrics)
 
@@ -162,7 +162,7 @@ def validate(recipe: Recipe, *, recipe_path: Path | None = None, show_example: i
                               {"name": spec.name, "model_type": config.model_type, "task": spec.task,
                                "precision": precision}, data.stats, plan)
     out = Path(recipe.output.dir)
-    if (out / "adapter").exists() and not recipe.output.overwrite:
+    if (out / rundir.ADAPTER).exists() and not recipe.output.overwrite:
         report.warnings.append(f"output.dir {out} already holds an adapter: `train` will refuse "
                                "(set output.overwrite: true or choose another dir)")
     report.example = example

@@ -5,6 +5,8 @@ The CLI prints what these functions return; ``--json`` prints the data itself in
 
 from __future__ import annotations
 
+from lorafit.core import rundir
+
 GiB = 1024 ** 3
 MiB = 1024 ** 2
 
@@ -16,7 +18,7 @@ MiB = 1024 ** 2
 def train_lines(result) -> list[str]:
     """The closing summary of ``lorafit train`` (a pipeline.TrainResult)."""
     m = result.metrics
-    lines = [f"run: {result.run_dir}", f"adapter: {result.run_dir / 'adapter'}",
+    lines = [f"run: {result.run_dir}", f"adapter: {result.run_dir / rundir.ADAPTER}",
              f"trainable params: {m['trainable_params']:,} ({m['trainable_percent']:.4f} %)",
              f"train loss: {m['train']['first_loss']:.4f} → {m['train']['final_loss']:.4f} "
              f"({m['train']['steps']} steps, {m['train']['train_tokens_per_second'] or 0:,.0f} tokens/s)"]
@@ -27,8 +29,8 @@ def train_lines(result) -> list[str]:
     for name, values in (ev.get("metrics") or {}).items():
         base = f"base {number(values.get('base'))} → " if values.get("base") is not None else ""
         lines.append(f"{name}: {base}adapter {number(values.get('adapter'))} on {ev.get('metric_rows')} rows")
-    if (result.run_dir / "report.md").is_file():
-        lines.append(f"report: {result.run_dir / 'report.md'}")
+    if (result.run_dir / rundir.REPORT).is_file():
+        lines.append(f"report: {result.run_dir / rundir.REPORT}")
     return lines
 
 

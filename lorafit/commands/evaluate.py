@@ -9,7 +9,7 @@ import json
 import tempfile
 from pathlib import Path
 
-from lorafit.core import libs, models, policies
+from lorafit.core import libs, models, policies, rundir
 from lorafit.core.adapters import find_adapter
 from lorafit.core.prompts import infer_format
 from lorafit.errors import LorafitError
@@ -94,7 +94,7 @@ def _rewrite_report(source, result: dict, data: Path | None) -> Path | None:
     from lorafit.stages.report import write_report
 
     try:
-        metrics = json.loads((source.run_dir / "metrics.json").read_text(encoding="utf-8"))
+        metrics = json.loads((source.run_dir / rundir.METRICS).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         metrics = {}
     evaluated = {k: v for k, v in result.items() if k not in ("data", "adapter")}

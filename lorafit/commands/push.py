@@ -15,6 +15,7 @@ from pathlib import Path
 from lorafit import log
 from lorafit.commands import merge as merge_mod
 from lorafit.commands.card import build_card
+from lorafit.core import rundir
 from lorafit.core.adapters import find_adapter, holds_adapter
 from lorafit.core.models import adapter_hub_base
 from lorafit.core.secrets import redact
@@ -69,7 +70,7 @@ def plan_upload(path: Path, repo_id: str, *, merged: bool, tmp: Path) -> Upload:
         if adapter and Path(adapter).exists():  # the adapter's run is still here: describe its training
             try:
                 src = find_adapter(adapter)
-                recipe, metrics = src.recipe, _read_json(src.run_dir / "metrics.json") if src.run_dir else None
+                recipe, metrics = src.recipe, _read_json(src.run_dir / rundir.METRICS) if src.run_dir else None
                 hub_base = adapter_hub_base(src)
             except ModelError:
                 pass
@@ -79,12 +80,12 @@ def plan_upload(path: Path, repo_id: str, *, merged: bool, tmp: Path) -> Upload:
 
     source = find_adapter(path)
     recipe = source.recipe
-    metrics = _read_json(source.run_dir / "metrics.json") if source.run_dir else None
+    metrics = _read_json(source.run_dir / rundir.METRICS) if source.run_dir else None
     if not merged:
         base = adapter_hub_base(source)
         card = build_card(repo_id=repo_id, kind="adapter", base=base or _local_base_name(source), recipe=recipe,
                           metrics=metrics)
-        files = _files(source.adapter_dir)
+        files = _without_readme(rundir.pushed_files(source.adapter_dir, source.run_dir))
         if base != source.config.get("base_model_name_or_path"):
             files["adapter_config.json"] = _adapter_config(source, base)
         return Upload("adapter", files, card)
@@ -112,14 +113,15 @@ def _kind(path: Path) -> str:
                     fix="pass a run directory, its adapter/ directory, or the output of `lorafit merge`")
 
 
+def _without_readme(files: dict[str, Path]) -> dict[str, Path | bytes]:
+    """README.md is replaced by the generated card."""
+    return {rel: p for rel, p in files.items() if rel != "README.md"}
+
+
 def _files(directory: Path) -> dict[str, Path | bytes]:
-    """Every file to upload, by path in the repo. README.md is replaced by the generated card."""
+    """Every file of a model directory to upload, by path in the repo (hidden ones never)."""
     REPORT_FILE = merge_mod.REPORT_FILE
-    files: dict[str, Path | bytes] = {}
-    for p in sorted(directory.rglob("*")):
-        rel = p.relative_to(directory).as_posix()
-        if p.is_file() and rel != "README.md" and not any(part.startswith(".") for part in rel.split("/")):
-            files[rel] = p
+    files = _without_readme(rundir.visible_files(directory))
     if REPORT_FILE in files:  # local paths stay on this machine: keep their last component only
         report = _read_json(directory / REPORT_FILE)
         for key in ("adapter", "output", "base"):

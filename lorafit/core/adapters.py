@@ -13,7 +13,7 @@ from pathlib import Path
 
 import yaml
 
-from lorafit.core import tasks
+from lorafit.core import rundir, tasks
 from lorafit.errors import ModelError
 from lorafit.recipe import Recipe, apply_override, load_recipe, resolve_paths, validate_recipe
 
@@ -32,9 +32,9 @@ class AdapterSource:
 
     @property
     def recipe_file(self) -> Path | None:
-        if self.run_dir is None or not (self.run_dir / "recipe.yaml").is_file():
+        if self.run_dir is None or not (self.run_dir / rundir.RECIPE).is_file():
             return None
-        return self.run_dir / "recipe.yaml"
+        return self.run_dir / rundir.RECIPE
 
     @property
     def recipe(self) -> dict | None:
@@ -75,7 +75,7 @@ class AdapterSource:
 def holds_adapter(path: str | Path) -> bool:
     """An adapter directory, or a run directory with adapter/ inside."""
     p = Path(path)
-    return (p / "adapter_config.json").is_file() or (p / "adapter" / "adapter_config.json").is_file()
+    return (p / "adapter_config.json").is_file() or (p / rundir.ADAPTER / "adapter_config.json").is_file()
 
 
 def find_adapter(path: str | Path, base: str | None = None) -> AdapterSource:
@@ -83,9 +83,9 @@ def find_adapter(path: str | Path, base: str | None = None) -> AdapterSource:
     path = Path(path)
     if (path / "adapter_config.json").is_file():
         adapter_dir = path
-        run_dir = path.parent if (path.parent / "recipe.yaml").is_file() else None
-    elif (path / "adapter" / "adapter_config.json").is_file():
-        adapter_dir, run_dir = path / "adapter", path
+        run_dir = path.parent if (path.parent / rundir.RECIPE).is_file() else None
+    elif (path / rundir.ADAPTER / "adapter_config.json").is_file():
+        adapter_dir, run_dir = path / rundir.ADAPTER, path
     else:
         what = "does not exist" if not path.exists() else "has no adapter_config.json (nor adapter/adapter_config.json)"
         raise ModelError(f"{what}", where=str(path),

@@ -7,6 +7,7 @@ import re
 from pathlib import Path
 
 from lorafit import log
+from lorafit.core import rundir
 from lorafit.core.files import atomic_write, atomic_write_text
 from lorafit.render import change, comparison_rows, number, printable
 from lorafit.recipe import Recipe
@@ -24,9 +25,9 @@ def write_report(run_dir: Path, recipe: Recipe, metrics: dict, *, evaluated_by: 
     when it could not be written (a read-only run dir, a full disk): the report is a summary of files already
     saved, so neither it nor a failed plot (matplotlib missing, a bad value) fails a run or an evaluation."""
     run_dir = Path(run_dir)
-    path = run_dir / "report.md"
+    path = run_dir / rundir.REPORT
     try:
-        plot = run_dir / "loss.png"
+        plot = run_dir / rundir.LOSS_PLOT
         has_plot = plot_losses(metrics, plot)
         text = report_markdown(recipe, metrics, plot.name if has_plot else None, evaluated_by=evaluated_by)
         atomic_write_text(path, text)

@@ -7,6 +7,7 @@ import os
 import shutil
 from pathlib import Path
 
+from lorafit.core import rundir
 from lorafit.core.files import atomic_dir, atomic_write_text
 from lorafit.core.weights import lora_modules, read_header
 from lorafit.errors import LorafitError, RecipeError
@@ -19,12 +20,12 @@ def check_run_dir(spec: OutputSpec, *, resume: str | None) -> Path:
     run_dir = Path(spec.dir)
     if run_dir.exists() and not run_dir.is_dir():
         raise RecipeError(f"{run_dir} exists and is a file", where="output.dir", fix="choose a directory path")
-    if (run_dir / "adapter").exists() and not spec.overwrite and resume is None:
+    if (run_dir / rundir.ADAPTER).exists() and not spec.overwrite and resume is None:
         raise RecipeError(f"{run_dir} already holds a trained adapter", where="output.dir",
                           fix="choose another output.dir (--output-dir DIR), pass --overwrite (output.overwrite: "
                               "true) to replace it, or --resume to train it further")
-    checkpoints = sorted(p.name for p in (run_dir / "checkpoints").glob("checkpoint-*")) if run_dir.is_dir() else []
-    if checkpoints and not (run_dir / "adapter").exists() and not spec.overwrite and resume is None:
+    checkpoints = sorted(p.name for p in (run_dir / rundir.CHECKPOINTS).glob("checkpoint-*")) if run_dir.is_dir() else []
+    if checkpoints and not (run_dir / rundir.ADAPTER).exists() and not spec.overwrite and resume is None:
         raise RecipeError(f"{run_dir} holds the checkpoints of an interrupted run ({', '.join(checkpoints)}) and "
                           "no adapter", where="output.dir",
                           fix="add --resume to continue it, --overwrite to start again (deleting them), or "
@@ -46,7 +47,7 @@ def check_resume(run_dir: Path, recipe: Recipe, checkpoint: str | None, *, force
     if checkpoint is None:
         return []
     # The recipe of the run that wrote the checkpoint (the run dir's own, for --resume alone).
-    source = next((p for p in (Path(checkpoint).parent.parent / "recipe.yaml", run_dir / "recipe.yaml")
+    source = next((p for p in (Path(checkpoint).parent.parent / rundir.RECIPE, run_dir / rundir.RECIPE)
                    if p.is_file()), None)
     changes = recipe_changes(source, recipe) if source else []
     if changes and not force:
@@ -88,7 +89,7 @@ def _flatten(doc, prefix: str = "") -> dict:
 def check_not_finished(run_dir: Path, checkpoint: str, recipe: Recipe) -> None:
     """--resume on a finished run would train past its end (step 9/8) and rewrite its metrics: refuse."""
     state_file = Path(checkpoint) / "trainer_state.json"
-    if not (run_dir / "adapter").exists() or not state_file.is_file():
+    if not (run_dir / rundir.ADAPTER).exists() or not state_file.is_file():
         return
     state = json.loads(state_file.read_text(encoding="utf-8"))
     step, tr = state.get("global_step", 0), recipe.training
@@ -105,12 +106,12 @@ def check_not_finished(run_dir: Path, checkpoint: str, recipe: Recipe) -> None:
 
 def start_run_dir(run_dir: Path, recipe: Recipe, *, resume: str | None) -> None:
     """Create the run directory and write the resolved recipe. A fresh run over an old one (overwrite)
-    drops the old checkpoints: --resume must never pick up another recipe's state."""
+    clears the old run's artifacts (core.rundir): --resume must never pick up another recipe's state, and
+    no old figure may describe the new run. The old adapter stays until the new one replaces it."""
     run_dir.mkdir(parents=True, exist_ok=True)
     if resume is None:
-        shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
-        (run_dir / "metrics.json").unlink(missing_ok=True)
-    for partial in (run_dir / "checkpoints").glob(".partial-checkpoint-*"):  # a save cut short by a 2nd Ctrl-C
+        rundir.clear_for_fresh_run(run_dir)
+    for partial in (run_dir / rundir.CHECKPOINTS).glob(".partial-checkpoint-*"):  # a save cut short by a 2nd Ctrl-C
         shutil.rmtree(partial, ignore_errors=True)
     write_recipe(run_dir, recipe)
 
@@ -120,7 +121,7 @@ def write_json(path: Path, doc: dict) -> None:
 
 
 def write_recipe(run_dir: Path, recipe: Recipe) -> None:
-    atomic_write_text(run_dir / "recipe.yaml", dump_recipe(recipe))
+    atomic_write_text(run_dir / rundir.RECIPE, dump_recipe(recipe))
 
 
 def save_label_config(model, directory: Path) -> None:
@@ -138,7 +139,7 @@ def save_adapter(model, tokenizer, run_dir: Path, *, expected_modules: int, stat
     """Write adapter/ via a temporary sibling and an atomic rename (core.files), after checking what was written.
     *state_dict*: the full state gathered from sharded training (core.distributed.gather_adapter_state);
     peft keeps the adapter's part of it. None: the live weights, whole in this process."""
-    final = run_dir / "adapter"
+    final = run_dir / rundir.ADAPTER
     with atomic_dir(final) as tmp:
         # save_embedding_layers=False: lorafit never resizes embeddings, and peft would ask the hub (core.libs).
         model.save_pretrained(str(tmp), safe_serialization=True, save_embedding_layers=False,

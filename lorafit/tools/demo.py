@@ -21,6 +21,7 @@ EXAMPLES = 3
 
 def main(argv: list[str] | None = None) -> int:
     from lorafit import render
+    from lorafit.core import rundir
     from lorafit.errors import LorafitError
     from lorafit.pipeline import train
     from lorafit.recipe import load_recipe
@@ -40,8 +41,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print("\n".join(render.train_lines(result)))
     print("\n".join(comparison_lines(result.metrics, recipe, time.monotonic() - start)))
-    if (result.run_dir / "report.md").is_file():
-        print(f"full report: {result.run_dir / 'report.md'}")
+    if (result.run_dir / rundir.REPORT).is_file():
+        print(f"full report: {result.run_dir / rundir.REPORT}")
     return 0
 
 
