@@ -350,6 +350,34 @@ def schema() -> None:
     _print_json(recipe_schema())
 
 
+@app.command()
+def serve(
+    model: Optional[str] = typer.Argument(
+        None, help="Run dir or adapter dir (served under its directory name), or a model (served alone)."),
+    adapter: Optional[List[str]] = typer.Option(
+        None, "--adapter", metavar="NAME=DIR", help="An adapter (or run) dir served as NAME (repeatable; one base)."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (0.0.0.0: every interface)."),
+    port: int = typer.Option(8000, "--port", min=0, max=65535, help="Port to listen on (0: any free one)."),
+    api_key: Optional[str] = typer.Option(
+        None, "--api-key", envvar="LORAFIT_API_KEY", show_envvar=True,
+        help="Require 'Authorization: Bearer KEY' on /v1 requests."),
+    max_loaded: int = typer.Option(8, "--max-loaded", min=1,
+                                   help="Adapters kept in memory at once; the least recently used is evicted."),
+    allow_runtime_adapters: bool = typer.Option(
+        False, "--allow-runtime-adapters", help="Enable POST /v1/load_lora_adapter and /v1/unload_lora_adapter."),
+    adapter_root: Optional[Path] = typer.Option(
+        None, "--adapter-root", help="With --allow-runtime-adapters: the only folder adapters may be loaded from."),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Run model code shipped with the base."),
+) -> None:
+    """Serve a base and its adapters behind an OpenAI-compatible API; each request names its adapter."""
+    from lorafit.commands.serve import serve as run_serve
+
+    result = run_serve(model, adapters=adapter, host=host, port=port, api_key=api_key, max_loaded=max_loaded,
+                       allow_runtime_adapters=allow_runtime_adapters, adapter_root=adapter_root,
+                       trust_remote_code=trust_remote_code, on_ready=lambda info: _out(render.serve_banner(info)))
+    _out(render.serve_lines(result))
+
+
 def _optional_resume_value(argv: list[str]) -> list[str]:
     """`--resume` may stand alone (latest checkpoint): click options can't take an optional value."""
     out = []

@@ -17,13 +17,13 @@ from lorafit.errors import LorafitError, ModelError
 from lorafit.recipe import ModelSpec, QuantizationSpec, TrainingSpec
 
 
-def load_for_inference(model_or_adapter: str | Path):
+def load_for_inference(model_or_adapter: str | Path, *, trust_remote_code: bool = False):
     """(model, tokenizer, recipe or None) ready for generation; base + adapter when given an adapter or run."""
     if holds_adapter(model_or_adapter):
         source = find_adapter(model_or_adapter)
-        model, tokenizer = models.load_adapted(source)
+        model, tokenizer = models.load_adapted(source, trust_remote_code=trust_remote_code)
         return model, tokenizer, source.run_recipe()
-    spec = ModelSpec(name=str(model_or_adapter))
+    spec = ModelSpec(name=str(model_or_adapter), trust_remote_code=trust_remote_code)
     if models.is_builtin(spec.name):  # builtin:NAME: its packaged GGUF file
         spec = ModelSpec(name=str(models.builtin_gguf(spec.name, where="MODEL")[0]))
     path = models.local_path(spec.name, where=str(model_or_adapter))

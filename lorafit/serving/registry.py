@@ -1,0 +1,241 @@
+"""What `lorafit serve` answers to, and which adapters' weights are in the model right now.
+
+One base, loaded once as training loaded it (core.models: GGUF bases and builtin: names included); each
+adapter under its name with its own tokenizer and recipe (its prompts are rendered as it was trained); the
+base answers under its own name (and as "base"), asked as the first adapter was trained, as
+`lorafit generate --no-adapter` asks it. Tokenizers and recipes are read at start, adapter weights on first
+use; at most *max_loaded* adapters stay in the model, the least recently used evicted first (peft's
+load_adapter / delete_adapter). Weights change only on the engine's thread.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter, OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from lorafit.core import libs, models, policies
+from lorafit.core.adapters import AdapterSource, find_adapter
+from lorafit.errors import LorafitError, ModelError
+from lorafit.serving.protocol import APIError, NotFound
+
+BASE_ALIAS = "base"
+SERVABLE = ("causal_lm", "seq_cls", "token_cls")
+
+
+@dataclass
+class Served:
+    """One name the server answers to: the base (source None) or an adapter."""
+
+    name: str
+    task: str
+    tokenizer: object
+    recipe: object | None                  # the run's Recipe: how prompts are rendered
+    source: AdapterSource | None = None
+    runtime: bool = False                  # loaded through /v1/load_lora_adapter
+    created: int = field(default_factory=lambda: int(time.time()))
+    peft_name: str | None = None           # its name inside the peft model
+
+    @property
+    def is_base(self) -> bool:
+        return self.source is None
+
+    @property
+    def data(self):
+        return self.recipe.data if self.recipe is not None else None
+
+
+class Registry:
+    """The served names and the adapter cache. Names are read by the HTTP side; load(), release() and
+    tidy() run on the engine's thread only."""
+
+    def __init__(self, model, base: Served, *, base_id: str, max_loaded: int, context: int | None):
+        self.model, self.base, self.base_id = model, base, base_id
+        self.max_loaded, self.context = max_loaded, context
+        self.adapters: dict[str, Served] = {}
+        self.loaded: OrderedDict[str, Served] = OrderedDict()  # peft name → adapter, least recently used first
+        self.pins: Counter = Counter()
+        self._names = 0
+
+    # -- names ----------------------------------------------------------------------------------
+
+    def names(self) -> list[str]:
+        return [self.base_id, *self.adapters]
+
+    def get(self, name: str) -> Served:
+        if name in (self.base_id, BASE_ALIAS):
+            return self.base
+        if name in self.adapters:
+            return self.adapters[name]
+        raise NotFound(f"the model '{name}' is not served here; served: {', '.join(self.names())}", param="model")
+
+    def add(self, served: Served) -> None:
+        self._names += 1
+        served.peft_name = served.peft_name or f"lorafit_{self._names}"
+        self.adapters[served.name] = served
+
+    def remove(self, name: str) -> Served:
+        served = self.adapters.pop(name)
+        return served
+
+    def is_loaded(self, served: Served) -> bool:
+        return served.is_base or served.peft_name in self.loaded
+
+    # -- weights (engine thread) ------------------------------------------------------------------
+
+    def load(self, served: Served) -> None:
+        """Make *served*'s weights usable and pin them until release(); evict beyond max_loaded."""
+        if not served.is_base:
+            if served.peft_name not in self.loaded:
+                self._load_weights(served)
+            self.loaded.move_to_end(served.peft_name)
+            self.pins[served.peft_name] += 1
+            self.tidy()
+
+    def release(self, served: Served) -> None:
+        if not served.is_base:
+            self.pins[served.peft_name] -= 1
+            self.tidy()
+
+    def _load_weights(self, served: Served) -> None:
+        from peft import PeftModel
+
+        try:
+            if isinstance(self.model, PeftModel):
+                self.model.load_adapter(str(served.source.adapter_dir), adapter_name=served.peft_name,
+                                        is_trainable=False)
+            else:  # a plain base: its first adapter makes it a peft model
+                self.model = PeftModel.from_pretrained(self.model, str(served.source.adapter_dir),
+                                                       adapter_name=served.peft_name, is_trainable=False).eval()
+        except (RuntimeError, ValueError, KeyError, OSError) as e:
+            first = " ".join(str(e).strip().splitlines()[:2])[:300]
+            raise APIError(f"adapter '{served.name}' does not load onto the base: {first}", param="model",
+                           status=500, code="adapter_load_failed") from None
+        self.loaded[served.peft_name] = served
+
+    def tidy(self) -> None:
+        """Delete unpinned adapters that are no longer served, then the least recently used beyond max_loaded.
+        The last adapter of a peft model is never deleted (peft cannot run without one): a new one loads first."""
+        served = {s.peft_name for s in self.adapters.values()}
+        for peft_name in [p for p in self.loaded if p not in served and not self.pins[p]]:
+            if len(self.loaded) > 1:
+                self._delete(peft_name)
+        for peft_name in list(self.loaded):
+            if len(self.loaded) <= self.max_loaded:
+                break
+            if not self.pins[peft_name]:
+                self._delete(peft_name)
+
+    def _delete(self, peft_name: str) -> None:
+        self.model.delete_adapter(peft_name)
+        del self.loaded[peft_name]
+        self.pins.pop(peft_name, None)
+
+
+# ----------------------------------------------------------------------------------------------
+# Opening: the adapters checked before any weight loads, then the base (with the first adapter)
+
+
+def check_servable(named: list[tuple[str, AdapterSource]], option: str = "--adapter") -> None:
+    """Tasks `lorafit serve` answers (generation, classification, tagging), one number of classes."""
+    for name, source in named:
+        if source.task.name not in SERVABLE:
+            raise ModelError(f"adapter '{name}' is a {source.task.name} adapter; serve answers causal_lm "
+                             "(chat and text completions) and seq_cls / token_cls (classify) adapters",
+                             where=f"{option} {name}", fix="use `lorafit generate` or `lorafit predict` for it")
+    if named and named[0][1].task.labelled:
+        first_name, first = named[0]
+        classes = models.saved_num_labels(first)
+        for name, source in named[1:]:
+            if models.saved_num_labels(source) != classes:
+                raise ModelError(f"adapter '{name}' has {models.saved_num_labels(source)} classes, '{first_name}' "
+                                 f"{classes}: one base head shape serves them all", where=f"{option} {name}",
+                                 fix="serve adapters with the same classes together")
+
+
+def adapter_entry(name: str, source: AdapterSource, *, runtime: bool = False) -> Served:
+    """An adapter's name, tokenizer (saved beside it) and recipe; no weights yet."""
+    try:
+        recipe = source.run_recipe()
+    except LorafitError:
+        recipe = None  # a run whose recipe no longer validates: rendered as a model without one
+    tokenizer = models.load_adapter_tokenizer(source)
+    _ready(tokenizer, recipe)
+    return Served(name, source.task.name, tokenizer, recipe, source, runtime=runtime)
+
+
+def _ready(tokenizer, recipe) -> None:
+    if recipe is not None and recipe.data.format == "chat" and recipe.data.chat_template:
+        from lorafit.core.prompts import chat_renderer
+
+        chat_renderer(recipe.data, tokenizer)  # sets the template trained with on the tokenizer
+    if tokenizer.pad_token_id is None and tokenizer.eos_token_id is not None:
+        tokenizer.pad_token = tokenizer.eos_token  # classification batches pad (training set the same)
+
+
+def open_registry(named: list[tuple[str, AdapterSource]], model_name: str | None, *, max_loaded: int,
+                  trust_remote_code: bool = False) -> Registry:
+    """The base loaded once (with the first adapter, which proves the two fit before the server starts),
+    every adapter's tokenizer and recipe read. *named* may be empty: a plain model is served alone."""
+    libs.quiet_libraries()
+    entries = [adapter_entry(name, source) for name, source in named]
+    if named:
+        first = entries[0]
+        first.peft_name = "lorafit_1"
+        model, _ = models.load_adapted(named[0][1], adapter_name=first.peft_name, trust_remote_code=trust_remote_code)
+        base = Served(named[0][1].base, first.task, first.tokenizer, first.recipe)
+        base_id = named[0][1].base
+    else:
+        from lorafit.commands.generate import load_for_inference
+
+        model, tokenizer, recipe = load_for_inference(model_name, trust_remote_code=trust_remote_code)
+        _ready(tokenizer, recipe)
+        task = "causal_lm"
+        base = Served(str(model_name), task, tokenizer, recipe)
+        base_id = str(model_name)
+    found = policies.context_limit(model.config, base.tokenizer)
+    registry = Registry(model, base, base_id=base_id, max_loaded=max_loaded, context=found[0] if found else None)
+    for entry in entries:
+        registry.add(entry)
+    if named:
+        registry.loaded[entries[0].peft_name] = entries[0]
+        registry.tidy()
+    return registry
+
+
+def runtime_adapter(registry: Registry, name: str, path: str, root: Path) -> Served:
+    """An adapter asked for by /v1/load_lora_adapter: under *root* (no path leaves it, links included),
+    of the served base and task, under a new name."""
+    from lorafit.commands.generate import _NAME, _same_base
+
+    if not _NAME.fullmatch(name) or name in (BASE_ALIAS, registry.base_id):
+        raise APIError(f"'{name}' cannot name an adapter: use letters, digits, '_' or '-' (not 'base')",
+                       param="lora_name")
+    if name in registry.adapters:
+        raise APIError(f"an adapter is already served as '{name}'; unload it first or pick another name",
+                       param="lora_name")
+    root = root.resolve()
+    target = (root / path).resolve()
+    if not target.is_relative_to(root):
+        raise APIError(f"'{path}' is outside the adapter root {root}", param="lora_path", status=403,
+                       code="path_outside_adapter_root")
+    try:
+        source = find_adapter(target)
+    except ModelError as e:
+        raise APIError(f"{path}: {e.message}", param="lora_path") from None
+    if not source.adapter_dir.resolve().is_relative_to(root):
+        raise APIError(f"'{path}' is outside the adapter root {root}", param="lora_path", status=403,
+                       code="path_outside_adapter_root")
+    reference = next(iter(registry.adapters.values()), None)
+    base = reference.source.base if reference is not None else registry.base_id
+    if not _same_base(source.base, base):
+        raise APIError(f"'{path}' was trained on {source.base}; this server's base is {base}", param="lora_path")
+    if source.task.name != registry.base.task:
+        raise APIError(f"'{path}' is a {source.task.name} adapter; this server serves {registry.base.task}",
+                       param="lora_path")
+    try:
+        check_servable(([(reference.name, reference.source)] if reference else []) + [(name, source)], "lora_path")
+        return adapter_entry(name, source, runtime=True)
+    except LorafitError as e:
+        raise APIError(str(e), param="lora_path") from None
