@@ -24,9 +24,9 @@ from lorafit.stages import packing
 from lorafit.stages.inject import inject_lora
 from lorafit.stages.quantize import prepare_quantized
 from lorafit.stages.report import eval_loss_history, write_report
-from lorafit.stages.save import check_resume, check_run_dir, save_adapter, start_run_dir, write_json
-from lorafit.stages.train import (check_checkpoint, find_checkpoint, peak_memory, train_model, training_arguments,
-                                  warn_if_untrained)
+from lorafit.stages.resume import check_checkpoint, check_resume, check_run_dir, find_checkpoint
+from lorafit.stages.save import save_adapter, start_run_dir, write_json
+from lorafit.stages.train import peak_memory, train_model, training_arguments, warn_if_untrained
 
 
 @dataclass

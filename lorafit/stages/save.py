@@ -1,107 +1,20 @@
-"""Save stage: the run directory, written so that a failed run never leaves a half-written adapter."""
+"""Save stage: the run directory, written so that a failed run never leaves a half-written adapter.
+
+Whether a run may start here at all (a finished run, an interrupted one, --resume, --overwrite) is decided
+first, in stages.resume."""
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 
 from lorafit.core import rundir
 from lorafit.core.files import atomic_dir, atomic_write_text
 from lorafit.core.weights import lora_modules, read_header
-from lorafit.errors import LorafitError, RecipeError
-from lorafit.recipe import OutputSpec, Recipe, dump_recipe
-
-
-def check_run_dir(spec: OutputSpec, *, resume: str | None) -> Path:
-    """Refuse a run directory we must not write into. Creates nothing: a run that fails its checks
-    leaves no trace."""
-    run_dir = Path(spec.dir)
-    if run_dir.exists() and not run_dir.is_dir():
-        raise RecipeError(f"{run_dir} exists and is a file", where="output.dir", fix="choose a directory path")
-    if (run_dir / rundir.ADAPTER).exists() and not spec.overwrite and resume is None:
-        raise RecipeError(f"{run_dir} already holds a trained adapter", where="output.dir",
-                          fix="choose another output.dir (--output-dir DIR), pass --overwrite (output.overwrite: "
-                              "true) to replace it, or --resume to train it further")
-    checkpoints = sorted(p.name for p in (run_dir / rundir.CHECKPOINTS).glob("checkpoint-*")) if run_dir.is_dir() else []
-    if checkpoints and not (run_dir / rundir.ADAPTER).exists() and not spec.overwrite and resume is None:
-        raise RecipeError(f"{run_dir} holds the checkpoints of an interrupted run ({', '.join(checkpoints)}) and "
-                          "no adapter", where="output.dir",
-                          fix="add --resume to continue it, --overwrite to start again (deleting them), or "
-                              "choose another output.dir (--output-dir DIR)")
-    return run_dir
-
-
-# What may change between a run and its resume: run length, logging/eval/save frequency, trackers, the
-# run directory, the final evaluation, and memory- or speed-only switches. Everything else shapes the adapter.
-RESUME_FREE = ("training.epochs", "training.max_steps", "training.logging_steps", "training.eval_steps",
-               "training.save_steps", "training.save_minutes", "training.save_total_limit", "training.report_to",
-               "training.gradient_checkpointing", "training.compile", "training.liger", "model.attn_implementation",
-               "output.", "evaluation.")
-
-
-def check_resume(run_dir: Path, recipe: Recipe, checkpoint: str | None, *, force: bool) -> list[str]:
-    """--resume: refuse a recipe that changed in what shapes the result (unless force: then the changes
-    are returned, for metrics.json), and a run that is already finished. Writes nothing."""
-    if checkpoint is None:
-        return []
-    # The recipe of the run that wrote the checkpoint (the run dir's own, for --resume alone).
-    source = next((p for p in (Path(checkpoint).parent.parent / rundir.RECIPE, run_dir / rundir.RECIPE)
-                   if p.is_file()), None)
-    changes = recipe_changes(source, recipe) if source else []
-    if changes and not force:
-        shown = "; ".join(changes[:8]) + (f"; ... ({len(changes) - 8} more)" if len(changes) > 8 else "")
-        raise RecipeError(f"the recipe changed since {Path(checkpoint).name} was written: {shown}", where="--resume",
-                          fix=f"resume with the recipe in {source}, add --force to resume anyway (the changes are "
-                              "recorded in metrics.json), or train afresh with --overwrite")
-    check_not_finished(run_dir, checkpoint, recipe)
-    return changes
-
-
-def recipe_changes(old_file: Path, recipe: Recipe) -> list[str]:
-    """'dotted.path: old → new' for each field that shapes the result and differs."""
-    import yaml
-
-    from lorafit.recipe import validate_recipe
-
-    raw = yaml.safe_load(old_file.read_text(encoding="utf-8")) or {}
-    try:  # fill in defaults a recipe.yaml from an older lorafit lacks
-        raw = validate_recipe(raw, source=str(old_file)).model_dump(mode="json")
-    except RecipeError:
-        pass
-    old, new = _flatten(raw), _flatten(recipe.model_dump(mode="json"))
-    return [f"{key}: {old.get(key, '(unset)')!r} → {new.get(key, '(unset)')!r}"
-            for key in sorted(set(old) | set(new))
-            if old.get(key) != new.get(key) and not key.startswith(RESUME_FREE)]
-
-
-def _flatten(doc, prefix: str = "") -> dict:
-    out = {}
-    for key, value in doc.items():
-        if isinstance(value, dict):
-            out.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
-def check_not_finished(run_dir: Path, checkpoint: str, recipe: Recipe) -> None:
-    """--resume on a finished run would train past its end (step 9/8) and rewrite its metrics: refuse."""
-    state_file = Path(checkpoint) / "trainer_state.json"
-    if not (run_dir / rundir.ADAPTER).exists() or not state_file.is_file():
-        return
-    state = json.loads(state_file.read_text(encoding="utf-8"))
-    step, tr = state.get("global_step", 0), recipe.training
-    if tr.max_steps is not None:
-        finished, where, end = step >= tr.max_steps, "training.max_steps", tr.max_steps
-    else:  # epochs: finished when the run was epoch-based too and did not ask for more
-        finished = step >= state.get("max_steps", step + 1) and tr.epochs <= state.get("num_train_epochs", 0)
-        where, end = "training.epochs", tr.epochs
-    if finished:
-        raise RecipeError(f"{run_dir} is a finished run: {Path(checkpoint).name} is its last step ({where} {end}); "
-                          "resuming would train past its end", where=where,
-                          fix=f"raise {where} (--set {where}=...) to train further, or use --overwrite to start again")
+from lorafit.errors import LorafitError
+from lorafit.recipe import Recipe, dump_recipe
+from lorafit.stages.resume import drop_partial_checkpoints
+from lorafit.stages.resume import recipe_changes  # noqa: F401  (moved to stages.resume; lorafit.sweep imports it here)
 
 
 def start_run_dir(run_dir: Path, recipe: Recipe, *, resume: str | None) -> None:
@@ -111,8 +24,7 @@ def start_run_dir(run_dir: Path, recipe: Recipe, *, resume: str | None) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     if resume is None:
         rundir.clear_for_fresh_run(run_dir)
-    for partial in (run_dir / rundir.CHECKPOINTS).glob(".partial-checkpoint-*"):  # a save cut short by a 2nd Ctrl-C
-        shutil.rmtree(partial, ignore_errors=True)
+    drop_partial_checkpoints(run_dir / rundir.CHECKPOINTS)
     write_recipe(run_dir, recipe)
 
 

@@ -20,8 +20,9 @@ from pathlib import Path
 from lorafit import log
 from lorafit.core import distributed, libs, policies
 from lorafit.core.files import replace_dir
-from lorafit.errors import LorafitError, RunFailed, TrainingInterrupted
+from lorafit.errors import RunFailed, TrainingInterrupted
 from lorafit.recipe import EvaluationSpec, TrainingSpec
+from lorafit.stages.resume import drop_checkpoints_after, latest_checkpoint
 
 _NEVER = 10**9  # "only at the end": Trainer saves/evaluates at the last step for step strategies
 
@@ -287,16 +288,6 @@ def _frozen_failure(step: int, args) -> RunFailed:
                      where="training.gradient_checkpointing" if gc else "lora", fix=fix)
 
 
-def _drop_checkpoints_after(checkpoints: Path, step: int) -> None:
-    """Checkpoints past the last finite loss may hold NaN weights: --resume must not pick them up."""
-    import shutil
-
-    for ckpt in checkpoints.glob("checkpoint-*"):
-        suffix = ckpt.name.rsplit("-", 1)[-1]
-        if suffix.isdigit() and int(suffix) > step:
-            shutil.rmtree(ckpt, ignore_errors=True)
-
-
 def _trainer_class():
     from transformers import Trainer
     from transformers.trainer_utils import rotate_checkpoints
@@ -445,12 +436,6 @@ def _stop_and_clock(stop: StopRequest, save_minutes: float | None):
     return StopAndClock()
 
 
-def _latest_checkpoint(checkpoints: Path) -> str | None:
-    from transformers.trainer_utils import get_last_checkpoint
-
-    return get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() else None
-
-
 def whole_run_loss(log_history: list[dict], last_step: int) -> float | None:
     """Mean training loss over every step of the run, from the loss log (each entry is the mean since the
     previous one; a resumed run's log comes from its checkpoint). None when the log has a gap."""
@@ -479,7 +464,7 @@ def train_model(model, bundle, args, *, resume_from: str | None = None, save_min
     except KeyboardInterrupt:  # the second signal (or Ctrl-C outside our handler): stop now
         state = trainer.state
         raise TrainingInterrupted(stop.signum or signal.SIGINT, step=state.global_step, max_steps=state.max_steps,
-                                  checkpoint=_latest_checkpoint(Path(args.output_dir)), immediate=True) from None
+                                  checkpoint=latest_checkpoint(Path(args.output_dir)), immediate=True) from None
     seconds = time.perf_counter() - start
     history = [
         {k: entry[k] for k in ("step", "loss", "learning_rate", "grad_norm") if k in entry}
@@ -489,7 +474,7 @@ def train_model(model, bundle, args, *, resume_from: str | None = None, save_min
     if any(not math.isfinite(x) for x in losses) or not math.isfinite(output.training_loss):
         step = next((h["step"] for h in history if not math.isfinite(h["loss"])), trainer.state.global_step)
         last_good = max((h["step"] for h in history if math.isfinite(h["loss"]) and h["step"] < step), default=0)
-        _drop_checkpoints_after(Path(args.output_dir), last_good)
+        drop_checkpoints_after(Path(args.output_dir), last_good)
         raise RunFailed(f"the training loss became NaN/inf at step {step}; no adapter was saved",
                         where="training.learning_rate",
                         fix="lower the learning rate, use precision fp32/bf16 instead of fp16, or check the data")
@@ -498,7 +483,7 @@ def train_model(model, bundle, args, *, resume_from: str | None = None, save_min
     state = trainer.state
     if stop.announced and state.global_step < state.max_steps:
         raise TrainingInterrupted(stop.signum, step=state.global_step, max_steps=state.max_steps,
-                                  checkpoint=_latest_checkpoint(Path(args.output_dir)))
+                                  checkpoint=latest_checkpoint(Path(args.output_dir)))
     tokens = int(state.num_input_tokens_seen)
     # A resumed run: Trainer's training_loss and our clock cover only this session's steps.
     session_tokens = tokens - int(clock.start_tokens)
@@ -528,51 +513,6 @@ def train_model(model, bundle, args, *, resume_from: str | None = None, save_min
     return trainer, summary
 
 
-def find_checkpoint(checkpoints_dir: Path, resume: str | None) -> str | None:
-    """--resume → the latest checkpoint in the run; --resume PATH → that checkpoint."""
-    if resume is None:
-        return None
-    from transformers.trainer_utils import get_last_checkpoint
-
-    if resume == "latest":
-        last = get_last_checkpoint(str(checkpoints_dir)) if checkpoints_dir.is_dir() else None
-        if last is None:
-            raise LorafitError(f"no checkpoint to resume from in {checkpoints_dir}", where="--resume",
-                               fix="train without --resume, or pass a checkpoint directory")
-        return last
-    path = Path(resume)
-    if not path.exists():
-        raise LorafitError(f"checkpoint not found: {path}", where="--resume",
-                           fix=f"pass one of {checkpoints_dir}/checkpoint-*, or --resume alone for the latest")
-    if not (path / "trainer_state.json").is_file():
-        raise LorafitError(f"{path} is not a checkpoint (no trainer_state.json)", where="--resume",
-                           fix=f"pass one of {checkpoints_dir}/checkpoint-*")
-    return str(path)
-
-
-_RESUME_KEYS = ("r", "lora_alpha", "target_modules", "use_dora", "use_rslora", "modules_to_save", "layers_to_transform")
-
-
-def check_checkpoint(checkpoint: str, peft_model) -> None:
-    """The checkpoint's adapter must have the shape the recipe now asks for, or loading it fails deep."""
-    import json
-
-    saved_file = Path(checkpoint) / "adapter_config.json"
-    if not saved_file.is_file():
-        return
-    saved = json.loads(saved_file.read_text(encoding="utf-8"))
-    current = peft_model.peft_config["default"].to_dict()
-
-    def norm(value):
-        return sorted(value) if isinstance(value, (list, set, tuple)) else value
-
-    for key in _RESUME_KEYS:
-        if key in saved and norm(saved[key]) != norm(current.get(key)):
-            raise LorafitError(f"{Path(checkpoint).name} was trained with {key}={norm(saved[key])}, the recipe now "
-                               f"gives {norm(current.get(key))}", where="--resume",
-                               fix="resume with the recipe that made the checkpoint, or train afresh without --resume")
-
-
 def peak_memory() -> dict:
     import resource
 
@@ -594,3 +534,8 @@ def warn_if_untrained(summary: dict) -> None:
     # Fewer steps than this are mostly warmup: no verdict.
     if first is not None and final is not None and summary["steps"] >= 10 and final >= first:
         log.warn(f"loss did not fall ({first:.4f} → {final:.4f}); check the learning rate and the data")
+
+
+# The resume rules moved to stages.resume; their former names here stay for existing callers (tests).
+from lorafit.stages.resume import check_checkpoint, find_checkpoint  # noqa: E402,F401
+_latest_checkpoint, _drop_checkpoints_after = latest_checkpoint, drop_checkpoints_after

@@ -10,7 +10,7 @@ import pytest
 
 from lorafit.errors import RecipeError, TrainingInterrupted
 from lorafit.recipe import OutputSpec, dump_recipe, validate_recipe
-from lorafit.stages import save as S
+from lorafit.stages import resume as S
 from lorafit.stages import train as T
 
 BASE = {"model": {"name": "m"}, "data": {"train": "d.jsonl"}, "training": {"max_steps": 8}}
