@@ -52,7 +52,7 @@ def _rss() -> dict:
 
 def predict(model: str, batch: int, seq: int, gc: bool, targets: str, r: int = 16, dropout: float = 0.05) -> dict:
     """What the estimate says: activations + gradients in the CPU (fp32) plan."""
-    from lorafit.commands import estimate as E
+    from lorafit.core import memory as E
     from lorafit.core import targets as T
     from lorafit.recipe import LoraSpec
 

@@ -12,8 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lorafit import __version__, log, render
-from lorafit.commands import estimate as est
-from lorafit.core import distributed, flops, libs, models, policies, quantization, rundir
+from lorafit.core import distributed, flops, libs, memory, models, policies, quantization, rundir
 from lorafit.core.targets import build_meta_model, load_config, resolve_targets
 from lorafit.errors import LorafitError
 from lorafit.core.secrets import command_line
@@ -157,7 +156,7 @@ def validate(recipe: Recipe, *, recipe_path: Path | None = None, show_example: i
     # The estimate builds the meta model and resolves the targets (raising on a name that matches
     # nothing): one pass serves the targets and the memory plan.
     example = show_train_row(data, tokenizer, show_example) if show_example is not None else None
-    plan = est.estimate(recipe)
+    plan = memory.estimate(recipe)
     report = ValidationReport(str(recipe_path or "recipe"),
                               {"name": spec.name, "model_type": config.model_type, "task": spec.task,
                                "precision": precision}, data.stats, plan)

@@ -19,9 +19,8 @@ from pathlib import Path
 
 from lorafit import log
 from lorafit.commands.card import build_blend_card
-from lorafit.commands.generate import check_same_base, find_named, parse_adapters
 from lorafit.core import libs, models
-from lorafit.core.adapters import BLEND_FILE, AdapterSource, find_adapter
+from lorafit.core.adapters import BLEND_FILE, AdapterSource, check_same_base, find_adapter, find_named, parse_adapters
 from lorafit.core.files import atomic_dir
 from lorafit.core.weights import lora_modules, read_header
 from lorafit.errors import LorafitError, ModelError

@@ -5,13 +5,13 @@ one base share it (peft load_adapter / set_adapter / disable_adapter); greedy un
 from __future__ import annotations
 
 import contextlib
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 from lorafit.core import libs, models, policies
-from lorafit.core.adapters import AdapterSource, find_adapter, holds_adapter
+from lorafit.core.adapters import (ADAPTER_NAME, AdapterSource, check_same_base, find_adapter, find_named, holds_adapter,
+                                   parse_adapters, same_base)
 from lorafit.core.generation import generate_greedy, is_chat, prompt_ids, prompt_tokens, render_prompt, stop_ids
 from lorafit.errors import LorafitError, ModelError
 from lorafit.recipe import ModelSpec, QuantizationSpec, TrainingSpec
@@ -145,59 +145,6 @@ def _generate_streaming(model, tokenizer, kwargs: dict, on_text: Callable[[str],
     return result["out"]
 
 
-_NAME = re.compile(r"[A-Za-z0-9_-]+")
-
-
-def parse_adapters(items: list[str]) -> list[tuple[str, Path]]:
-    """--adapter NAME=DIR options → [(name, dir)], names unique, usable as peft adapter names."""
-    pairs: list[tuple[str, Path]] = []
-    for item in items:
-        name, sep, directory = item.partition("=")
-        name = name.strip()
-        if not sep or not directory:
-            raise LorafitError(f"'{item}' is not NAME=DIR", where="--adapter",
-                               fix="name each adapter: --adapter math=runs/math --adapter chat=runs/chat")
-        if not _NAME.fullmatch(name) or name == "base":
-            raise LorafitError(f"'{name}' cannot name an adapter", where="--adapter",
-                               fix="use letters, digits, '_' or '-' ('base' stands for the model without adapter)")
-        if name in dict(pairs):
-            raise LorafitError(f"the name '{name}' is given twice", where="--adapter", fix="give each adapter its own name")
-        pairs.append((name, Path(directory)))
-    return pairs
-
-
-def _same_base(a: str, b: str) -> bool:
-    """Two recorded bases name one model: the same hub id, or the same local directory."""
-    if a == b:
-        return True
-    pa, pb = Path(a).expanduser(), Path(b).expanduser()
-    return pa.exists() and pb.exists() and pa.resolve() == pb.resolve()
-
-
-def find_named(pairs: list[tuple[str, Path]], option: str = "--adapter") -> list[tuple[str, AdapterSource]]:
-    """NAME=DIR pairs → (name, AdapterSource); a bad DIR names the option it came from."""
-    named = []
-    for name, directory in pairs:
-        try:
-            named.append((name, find_adapter(directory)))
-        except ModelError as e:
-            raise ModelError(e.message, where=f"{option} {name}={directory}", fix=e.fix) from None
-    return named
-
-
-def check_same_base(named: list[tuple[str, AdapterSource]], option: str = "--adapter") -> None:
-    """Adapters served (or blended) on one base must have been trained on that base, for the same task."""
-    first_name, first = named[0]
-    for name, source in named[1:]:
-        if not _same_base(source.base, first.base):
-            raise ModelError(f"adapter '{name}' was trained on {source.base}, adapter '{first_name}' on {first.base}: "
-                             "they cannot share one base model", where=f"{option} {name}",
-                             fix="give adapters of the same base model")
-        if source.task.name != first.task.name:
-            raise ModelError(f"adapter '{name}' is a {source.task.name} adapter, '{first_name}' a {first.task.name} one",
-                             where=f"{option} {name}", fix="give adapters of the same task")
-
-
 @dataclass
 class Served:
     """A base with adapters loaded side by side; each adapter's own tokenizer and recipe render its prompts."""
@@ -328,3 +275,7 @@ def _active(model, name: str | None):
     else:
         model.set_adapter(name)
         yield
+
+
+# Former names of the NAME=DIR helpers (now core.adapters), for lorafit.serving until it imports them there.
+_NAME, _same_base = ADAPTER_NAME, same_base

@@ -1,4 +1,5 @@
-"""An adapter on disk: its directory, the lorafit run around it (when there is one), its config.
+"""An adapter on disk: its directory, the lorafit run around it (when there is one), its config; and
+several adapters by name (--adapter NAME=DIR) that must share one base.
 
 merge, push, evaluate and generate all accept an adapter directory or a run directory; this is the one
 place that tells them apart.
@@ -8,13 +9,14 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
 from lorafit.core import rundir, tasks
-from lorafit.errors import ModelError
+from lorafit.errors import LorafitError, ModelError
 from lorafit.recipe import Recipe, apply_override, load_recipe, resolve_paths, validate_recipe
 
 # Written by `lorafit blend` beside the adapter: its sources, weights, method, and the first source's recipe.
@@ -102,3 +104,60 @@ def find_adapter(path: str | Path, base: str | None = None) -> AdapterSource:
         raise ModelError("adapter_config.json names no base model", where=str(adapter_dir),
                          fix="pass the base model with --base")
     return AdapterSource(adapter_dir, run_dir, config, str(name))
+
+
+# ----------------------------------------------------------------------------------------------
+# Several adapters by name (--adapter NAME=DIR): generate, blend and serve
+
+
+ADAPTER_NAME = re.compile(r"[A-Za-z0-9_-]+")  # usable as a peft adapter name ("base" is the model without one)
+
+
+def parse_adapters(items: list[str]) -> list[tuple[str, Path]]:
+    """--adapter NAME=DIR options → [(name, dir)], names unique, usable as peft adapter names."""
+    pairs: list[tuple[str, Path]] = []
+    for item in items:
+        name, sep, directory = item.partition("=")
+        name = name.strip()
+        if not sep or not directory:
+            raise LorafitError(f"'{item}' is not NAME=DIR", where="--adapter",
+                               fix="name each adapter: --adapter math=runs/math --adapter chat=runs/chat")
+        if not ADAPTER_NAME.fullmatch(name) or name == "base":
+            raise LorafitError(f"'{name}' cannot name an adapter", where="--adapter",
+                               fix="use letters, digits, '_' or '-' ('base' stands for the model without adapter)")
+        if name in dict(pairs):
+            raise LorafitError(f"the name '{name}' is given twice", where="--adapter", fix="give each adapter its own name")
+        pairs.append((name, Path(directory)))
+    return pairs
+
+
+def same_base(a: str, b: str) -> bool:
+    """Two recorded bases name one model: the same hub id, or the same local directory."""
+    if a == b:
+        return True
+    pa, pb = Path(a).expanduser(), Path(b).expanduser()
+    return pa.exists() and pb.exists() and pa.resolve() == pb.resolve()
+
+
+def find_named(pairs: list[tuple[str, Path]], option: str = "--adapter") -> list[tuple[str, AdapterSource]]:
+    """NAME=DIR pairs → (name, AdapterSource); a bad DIR names the option it came from."""
+    named = []
+    for name, directory in pairs:
+        try:
+            named.append((name, find_adapter(directory)))
+        except ModelError as e:
+            raise ModelError(e.message, where=f"{option} {name}={directory}", fix=e.fix) from None
+    return named
+
+
+def check_same_base(named: list[tuple[str, AdapterSource]], option: str = "--adapter") -> None:
+    """Adapters served (or blended) on one base must have been trained on that base, for the same task."""
+    first_name, first = named[0]
+    for name, source in named[1:]:
+        if not same_base(source.base, first.base):
+            raise ModelError(f"adapter '{name}' was trained on {source.base}, adapter '{first_name}' on {first.base}: "
+                             "they cannot share one base model", where=f"{option} {name}",
+                             fix="give adapters of the same base model")
+        if source.task.name != first.task.name:
+            raise ModelError(f"adapter '{name}' is a {source.task.name} adapter, '{first_name}' a {first.task.name} one",
+                             where=f"{option} {name}", fix="give adapters of the same task")

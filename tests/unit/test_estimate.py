@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from lorafit import render
-from lorafit.commands import estimate as E
+from lorafit.core import memory as E
 from lorafit.core import targets as T
 from lorafit.recipe import LoraSpec, validate_recipe
 from lorafit.tools.tiny import tiny_config
