@@ -343,6 +343,27 @@ def predict(
 
 
 @app.command()
+def export(
+    run_or_adapter: Path = typer.Argument(..., help="Run directory or adapter directory."),
+    to: str = typer.Option(..., "--to", help="vllm | gguf | ollama."),
+    output: Path = typer.Option(..., "--output", help="Directory to write the export to."),
+    name: Optional[str] = typer.Option(None, "--name", help="The served model's name (default: the run's directory name)."),
+    quant: Optional[str] = typer.Option(None, "--quant", help="gguf/ollama: f16 (default) | q8_0 | q4_k_m."),
+    verify: bool = typer.Option(False, "--verify", help="gguf/ollama: answer the run's held-out prompts in llama.cpp "
+                                                        "and compare with lorafit."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty --output directory."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON document."),
+) -> None:
+    """Export an adapter for vLLM, llama.cpp (GGUF) or Ollama, checked against that server's rules first."""
+    from lorafit.commands.export import export as run_export
+
+    report = run_export(run_or_adapter, to, output, name=name, quant=quant, verify=verify, overwrite=overwrite)
+    _emit(report, render.export_lines, as_json)
+    if verify and not report.get("verify", {}).get("passed", True):
+        raise typer.Exit(1)
+
+
+@app.command()
 def schema() -> None:
     """Print the recipe's JSON Schema (for editors)."""
     from lorafit.recipe import recipe_schema

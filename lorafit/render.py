@@ -400,3 +400,21 @@ def serve_lines(result: dict) -> list[str]:
     how = f" ({result['signal']})" if result.get("signal") else ""
     n = result["requests"]
     return [f"stopped{how}: {n} generation request{'' if n == 1 else 's'} answered"]
+
+
+# ----------------------------------------------------------------------------------------------
+# export
+
+
+def export_lines(report: dict) -> list[str]:
+    """``lorafit export``: what was checked and written, and the exact command that serves it."""
+    lines = [f"checked for vLLM: {report['architecture'] or 'architecture unknown'}, LoRA on "
+             f"{', '.join(report['target_modules'])}, rank {report['r']} → --max-lora-rank {report['max_lora_rank']}",
+             f"wrote {report['output']} ({len(report['files'])} files)"]
+    if report["chat_template"]:
+        lines.append(f"chat template the adapter was trained with (not the base's): {report['chat_template']}")
+    lines += [f"note: {n}" for n in report["notes"]]
+    lines += ["", "serve:", f"  {report['command']}",
+              f"ask with \"model\": \"{report['request_model']}\"; the same adapter as JSON:",
+              f"  {report['lora_modules_json']}"]
+    return lines
