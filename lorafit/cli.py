@@ -364,6 +364,48 @@ def export(
 
 
 @app.command()
+def sweep(
+    recipe: Path = typer.Argument(..., help="Recipe YAML."),
+    grid: Optional[List[str]] = typer.Option(
+        None, "--grid", metavar="KEY=V1,V2,...",
+        help="Values of a recipe key, each read as --set reads it; commas inside brackets stay in the value "
+             "('lora.target_modules=[q_proj,v_proj],all-linear'). Keys that vary together: "
+             "lora.r,lora.alpha=8,16;16,32. Repeat for more keys: every combination is a point."),
+    range_: Optional[List[str]] = typer.Option(
+        None, "--range", metavar="KEY=LO:HI[:log|int]", help="A numeric interval, for --search random or tpe."),
+    search: str = typer.Option("grid", "--search", help="grid (every combination) | random | tpe (Optuna)."),
+    trials: Optional[int] = typer.Option(None, "--trials", min=1, help="random / tpe: points to train in all."),
+    max_steps: Optional[int] = typer.Option(None, "--max-steps", min=1,
+                                            help="Step budget of every point (training.max_steps)."),
+    metric: Optional[str] = typer.Option(
+        None, "--metric", help="What ranks the points: eval_loss, eval_perplexity or a task metric (exact_match, "
+                               "accuracy, macro_f1, entity_f1, ...). Default: the task's headline metric, else eval_loss."),
+    tolerance: float = typer.Option(0.01, "--tolerance",
+                                    help="Recommend the smallest point within this fraction of the best metric."),
+    apply: bool = typer.Option(False, "--apply", help="Write the recommended recipe beside the original "
+                                                      "(NAME.recommended.yaml)."),
+    parallel: int = typer.Option(1, "--parallel", min=1, help="Points trained at once, one per GPU (CUDA only)."),
+    set_: Optional[List[str]] = typer.Option(None, "--set", help=SET_HELP + " Applies to every point."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Train every point again (and start a new study)."),
+    as_json: bool = typer.Option(False, "--json", help="Print sweep.json as one JSON document."),
+) -> None:
+    """Train short runs over a grid or a search space and rank them: a table (OUTPUT/sweep/sweep.md, .csv, .png,
+    .json) and the smallest point within a tolerance of the best. A re-run skips finished points and resumes
+    interrupted ones; Ctrl-C stops with the table so far."""
+    from lorafit.commands.sweep import exit_code, sweep as run_sweep
+
+    doc = run_sweep(recipe, list(set_ or []), list(grid or []), list(range_ or []), search=search, trials=trials,
+                    max_steps=max_steps, metric=metric, tolerance=tolerance, apply=apply, parallel=parallel,
+                    overwrite=overwrite)
+    _emit(doc, render.sweep_lines, as_json)
+    code = exit_code(doc)
+    if code == 1:
+        typer.echo("error: no point of the sweep finished; their errors are in the table", err=True)
+    if code:
+        raise typer.Exit(code)
+
+
+@app.command()
 def schema() -> None:
     """Print the recipe's JSON Schema (for editors)."""
     from lorafit.recipe import recipe_schema

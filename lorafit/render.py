@@ -403,6 +403,181 @@ def serve_lines(result: dict) -> list[str]:
 
 
 # ----------------------------------------------------------------------------------------------
+# sweep
+
+
+def sweep_label(texts: dict) -> str:
+    """A point in short: r=8, learning_rate=1e-3 (the values as typed)."""
+    return ", ".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in texts.items())
+
+
+def _sweep_columns(doc: dict) -> list[str]:
+    keys = [k for axis in doc["axes"] for k in axis["keys"]]
+    short = [k.rsplit(".", 1)[-1] for k in keys]
+    return [s if short.count(s) == 1 else k for k, s in zip(keys, short)]
+
+
+def _sweep_rows(doc: dict) -> tuple[list[str], list[list[str]]]:
+    """Header and cells of the sweep table: a row per base model, then one per point."""
+    keys = [k for axis in doc["axes"] for k in axis["keys"]]
+    metric = doc["metric"]["name"]
+    show_metric = metric not in ("eval_loss",)
+    head = ["#", *_sweep_columns(doc), "status", "params", "adapter", "eval loss",
+            *([metric] if show_metric else []), "tok/s", "peak MB", "time s", "note"]
+    rows = []
+    for b in doc.get("base") or []:
+        if b.get("eval_loss") is None and b.get("metric") is None:
+            continue
+        rows.append(["base", *["-"] * len(keys), "adapter off", "-", "-", number(b.get("eval_loss")),
+                     *([number(b.get("metric"))] if show_metric else []), "-", "-", "-",
+                     f"measured by {b['from']}" if len(doc.get("base") or []) > 1 else ""])
+    recommended = (doc.get("recommended") or {}).get("name")
+    for i, r in enumerate(doc["points"], 1):
+        note = []
+        if r["name"] == recommended:
+            note.append("recommended")
+        if r["name"] in doc.get("pareto", []):
+            note.append("pareto")
+        if r.get("pruned_at_step") is not None:
+            last = r.get("last_eval_loss")
+            note.append(f"pruned at step {r['pruned_at_step']}" + (f" (eval loss {last:.4f})" if last is not None else ""))
+        if r.get("error"):
+            note.append(clip(r["error"], 90))
+        if r.get("resumed_at_step"):
+            note.append(f"resumed at step {r['resumed_at_step']}")
+        seconds = r.get("wall_seconds") if r.get("wall_seconds") is not None else r.get("train_seconds")
+        rows.append([str(i), *[str(r["texts"].get(k, r["values"].get(k))) for k in keys], r["status"],
+                     f"{r['trainable_params']:,}" if r["trainable_params"] is not None else "-",
+                     f"{r['adapter_bytes'] / MiB:.2f} MiB" if r["adapter_bytes"] is not None else "-",
+                     number(r["eval_loss"]), *([number(r["metric"])] if show_metric else []),
+                     f"{r['tokens_per_second']:,.0f}" if r["tokens_per_second"] is not None else "-",
+                     f"{r['peak_memory_mb']:,.0f}" if r["peak_memory_mb"] is not None else "-",
+                     f"{seconds:,.0f}" if seconds is not None else "-", "; ".join(note)])
+    return head, rows
+
+
+def sweep_why(rec: dict) -> str:
+    """Why the recommended point: within the tolerance of the best, with fewer trainable params."""
+    name, best, tol = rec["metric_name"], rec["best"], f"{rec['tolerance'] * 100:g} %"
+    value = f"{name} {rec['metric']:.4f}"
+    if rec["name"] == best["name"]:
+        others = len(rec["within"]) - 1
+        return (f"{value}, the best of the sweep" + (f"; no point within {tol} of it is smaller" if others else
+                                                    f"; no other point came within {tol} of it"))
+    ratio = best["trainable_params"] / rec["trainable_params"] if rec["trainable_params"] else None
+    smaller = (f"{ratio:.1f}× fewer trainable params ({rec['trainable_params']:,} vs {best['trainable_params']:,})"
+               if ratio and ratio > 1 else "as few trainable params and a smaller adapter")
+    if rec["trainable_params"] == best["trainable_params"]:
+        smaller = "the same trainable params"
+    return (f"{value}, within {tol} of the best ({best['metric']:.4f}, {best['name']}) with {smaller}: "
+            "the smallest point that is as good")
+
+
+def _sweep_budget(budget: dict) -> str:
+    if budget["max_steps"]:
+        return f"{budget['max_steps']} step{'s' if budget['max_steps'] != 1 else ''}"
+    return f"{budget['epochs']:g} epoch{'s' if budget['epochs'] != 1 else ''}"
+
+
+def sweep_lines(doc: dict) -> list[str]:
+    """``lorafit sweep``: the table, the recommendation, the files."""
+    counts = {}
+    for r in doc["points"]:
+        counts[r["status"]] = counts.get(r["status"], 0) + 1
+    budget = doc["budget"]
+    steps = _sweep_budget(budget)
+    lines = [f"sweep of {doc['recipe']}: {doc['search']} search, {len(doc['points'])} points "
+             f"({', '.join(f'{n} {s}' for s, n in counts.items())}), {steps} each, seed {budget['seed']}; "
+             f"ranked by {doc['metric']['name']} ({doc['metric']['goal']} is better)", ""]
+    head, rows = _sweep_rows(doc)
+    widths = [max(len(c) for c in col) for col in zip(head, *rows)]
+    for row in [head, *rows]:
+        lines.append("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
+    lines.append("")
+    lines += [f"note: {n}" for n in doc.get("notes", [])]
+    rec = doc.get("recommended")
+    if rec:
+        lines.append(f"recommended: {sweep_label(rec['texts'])}: {sweep_why(rec)}")
+    elif not doc.get("interrupted"):
+        lines.append(f"no recommendation: no point finished with a {doc['metric']['name']}")
+    if doc.get("applied"):
+        lines.append(f"applied: {doc['applied']} (train it with `lorafit train {doc['applied']}`)")
+    if doc.get("interrupted"):
+        lines.append(f"interrupted ({doc['interrupted']}): the table so far; run the same command again to resume")
+    if doc.get("files"):
+        lines.append(f"written: {', '.join(doc['files'].values())}")
+    return lines
+
+
+def sweep_markdown(doc: dict) -> list[str]:
+    """sweep.md: the same table as markdown, the recommendation and why, the plot, the failures."""
+    budget = doc["budget"]
+    steps = _sweep_budget(budget)
+    lines = [f"# Sweep of `{doc['recipe']}`", "",
+             f"{doc['search']} search over {', '.join('`' + ','.join(a['keys']) + '`' for a in doc['axes'])}; every "
+             f"point trained {steps} on the same split (data seed {budget['data_seed']}) and seed ({budget['seed']}); "
+             f"ranked by **{doc['metric']['name']}** ({doc['metric']['goal']} is better) on the held-out rows.", ""]
+    if doc.get("set"):
+        lines += ["Recipe overrides for every point: " + ", ".join(f"`{s}`" for s in doc["set"]), ""]
+    head, rows = _sweep_rows(doc)
+    lines += ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    lines += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in rows]
+    lines.append("")
+    rec = doc.get("recommended")
+    if rec:
+        lines += [f"**Recommended**: {sweep_label(rec['texts'])} (`{rec['name']}`): {sweep_why(rec)}.", ""]
+    if doc.get("applied"):
+        lines += [f"Applied: `{doc['applied']}`.", ""]
+    if doc.get("files", {}).get("sweep.png"):
+        lines += ["![metric against trainable parameters, Pareto front](sweep.png)", ""]
+    lines += [f"Note: {n}" for n in doc.get("notes", [])]
+    if doc.get("interrupted"):
+        lines += [f"Interrupted ({doc['interrupted']}): the table so far.", ""]
+    lines += ["Each figure is the point's own `metrics.json` (eval loss and metric on the held-out rows, tokens/s, "
+              "peak memory, train seconds) and adapter file; time is the point's wall time in the sweep. The base "
+              "model is evaluated once, by the first point trained, with the adapter disabled."]
+    return lines
+
+
+def sweep_apply_header(recipe_path, rec: dict) -> str:
+    return (f"# Written by `lorafit sweep --apply` from {recipe_path}: the recommended point\n"
+            f"# {sweep_label(rec['texts'])}: {sweep_why(rec)}.\n")
+
+
+
+
+
+def serve_banner(info: dict) -> list[str]:
+    """`lorafit serve`'s start: where it listens, what it serves, a request to paste."""
+    import json
+    import shlex
+
+    adapters = ", ".join(info["adapters"]) or "none"
+    lines = [f"serving on {info['url']}/v1 (OpenAI-compatible; Ctrl-C or SIGTERM stops after requests in flight)",
+             f"  base      {info['base']} (also 'base'), context {info['context'] or 'unknown'} tokens",
+             f"  adapters  {adapters} (at most {info['max_loaded']} loaded at once)",
+             f"  batches   up to {info['max_batch']} requests decoded together, adapters mixed"]
+    if info["runtime_adapters"]:
+        lines.append(f"  runtime   POST /v1/load_lora_adapter from under {info['runtime_adapters']}")
+    lines.append(f"  api key   {'required (Authorization: Bearer ...)' if info['api_key'] else 'none'}")
+    model = info["adapters"][0] if info["adapters"] else info["base"]
+    if info["task"] in ("seq_cls", "token_cls"):
+        path, body = "classify", {"model": model, "input": "Text to classify"}
+    else:
+        path, body = "chat/completions", {"model": model, "messages": [{"role": "user", "content": "Hello"}]}
+    key = ' -H "Authorization: Bearer $LORAFIT_API_KEY"' if info["api_key"] else ""
+    lines.append(f"try: curl {info['url']}/v1/{path} -H 'Content-Type: application/json'{key} "
+                 f"-d {shlex.quote(json.dumps(body))}")
+    return lines
+
+
+def serve_lines(result: dict) -> list[str]:
+    how = f" ({result['signal']})" if result.get("signal") else ""
+    n = result["requests"]
+    return [f"stopped{how}: {n} generation request{'' if n == 1 else 's'} answered"]
+
+
+# ----------------------------------------------------------------------------------------------
 # export
 
 

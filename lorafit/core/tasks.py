@@ -18,16 +18,20 @@ class Task:
     pipeline_tag: str        # the hub's pipeline tag, for the model card
     heads: tuple[str, ...]   # output heads peft trains in full (adds to modules_to_save)
     labelled: bool           # a classification head: num_labels, id2label, label2id
+    metrics: tuple[str, ...] = ()  # metrics.json eval.metrics names (higher is better), the headline first
 
 
 TASKS: dict[str, Task] = {t.name: t for t in (
-    Task("causal_lm", "CAUSAL_LM", "AutoModelForCausalLM", "AutoPeftModelForCausalLM", "text-generation", (), False),
+    Task("causal_lm", "CAUSAL_LM", "AutoModelForCausalLM", "AutoPeftModelForCausalLM", "text-generation", (), False,
+         ("exact_match", "contains")),
     Task("seq_cls", "SEQ_CLS", "AutoModelForSequenceClassification", "AutoPeftModelForSequenceClassification",
-         "text-classification", ("classifier", "score"), True),
+         "text-classification", ("classifier", "score"), True, ("accuracy", "macro_f1")),
     Task("token_cls", "TOKEN_CLS", "AutoModelForTokenClassification", "AutoPeftModelForTokenClassification",
-         "token-classification", ("classifier", "score"), True),
+         "token-classification", ("classifier", "score"), True,
+         ("token_accuracy", "entity_f1", "entity_precision", "entity_recall")),
     Task("seq2seq_lm", "SEQ_2_SEQ_LM", "AutoModelForSeq2SeqLM", "AutoPeftModelForSeq2SeqLM",
-         "text2text-generation", (), False),
+         "text2text-generation", (), False,
+         ("exact_match", "contains")),
 )}
 DEFAULT = "causal_lm"
 
