@@ -1,0 +1,115 @@
+"""Data stage: read rows, check them against ``data.format``, tokenize into input_ids + labels, split, and
+report what the data holds.
+
+    read.py       the rows of a file (each with its file:line) or a cached hub dataset
+    text.py       causal_lm / seq2seq_lm rows: prompt and response (or source and target) → ids + labels
+    classify.py   seq_cls rows: text → ids, label → class id (and the class map token_cls shares)
+    tokens.py     token_cls rows: words → ids, a tag on each word's first sub-token
+    checks.py     the data doctor: truncation, dropped rows, duplicates, eval rows in train, empty fields
+    example.py    one train row as the model sees it (validate --show-example)
+
+``datasets``/``torch`` are imported inside functions: the CLI starts fast.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from lorafit.core.prompts import IGNORE
+from lorafit.errors import DataError
+from lorafit.recipe import DataSpec
+from lorafit.stages.data import checks, classify, text, tokens
+from lorafit.stages.data.read import read_located, read_rows, read_source
+from lorafit.stages.data.tokens import align_labels, encode_words, read_words, word_tags
+
+__all__ = ["DataBundle", "build_datasets", "make_collator", "read_rows", "read_located", "read_words",
+           "word_tags", "align_labels", "encode_words"]
+
+
+@dataclass
+class DataBundle:
+    train: Any                          # datasets.Dataset: input_ids, labels
+    eval: Any | None
+    collator: Callable
+    stats: dict
+    label_names: list[str] | None
+
+
+def build_datasets(spec: DataSpec, tokenizer, task: str = "causal_lm", num_labels: int | None = None, *,
+                   label_names: list[str] | None = None) -> DataBundle:
+    """Read, check, tokenize and split ``spec``'s data for ``task`` (causal_lm, seq_cls or token_cls).
+    *label_names*: the classes (seq_cls) or tags (token_cls) of a head already trained (evaluate: the adapter's
+    saved id2label): rows are mapped onto those ids, never a map rebuilt from the rows."""
+    if task not in ("causal_lm", "seq_cls", "token_cls", "seq2seq_lm"):
+        raise DataError(f"task '{task}' is not supported by the data stage yet", where="model.task",
+                        fix="use causal_lm, seq_cls, token_cls or seq2seq_lm")
+    if (task == "seq2seq_lm") != (spec.format == "seq2seq"):
+        raise DataError(f"format '{spec.format}' does not fit task '{task}'", where="data.format",
+                        fix="seq2seq_lm needs format seq2seq (source and target columns), and format seq2seq "
+                            "needs task seq2seq_lm")
+    if (task == "seq_cls") != (spec.format == "classification"):
+        raise DataError(f"format '{spec.format}' does not fit task '{task}'", where="data.format",
+                        fix="seq_cls needs format classification; causal_lm needs text/alpaca/chat/completion")
+    if tokenizer.pad_token_id is None and tokenizer.eos_token_id is not None:
+        # Deliberate: batches need a pad id, and the tokenizer saved with the adapter should carry it.
+        # Labels are built explicitly, so the real EOS stays trained even though pad == eos now.
+        tokenizer.pad_token = tokenizer.eos_token
+    sources = [read_source(spec.train, "data.train", spec.split)]
+    if spec.eval:
+        sources.append(read_source(spec.eval, "data.eval", "validation"))
+    # One tokenizer per kind of row (the data format says which): prompt/response text, classes, tagged words.
+    tokenize = {"classification": classify.tokenize, "tokens": tokens.tokenize}.get(spec.format, text.tokenize)
+    found = tokenize(sources, spec, tokenizer, num_labels=num_labels, label_names=label_names)
+
+    train, evaluation = found.parts[0], (found.parts[1] if len(found.parts) > 1 else None)
+    if evaluation is None and spec.eval_fraction > 0 and len(train) >= 2:
+        n_eval = min(len(train) - 1, max(1, round(len(train) * spec.eval_fraction)))
+        split = train.train_test_split(test_size=n_eval, seed=spec.seed)
+        train, evaluation = split["train"], split["test"]
+
+    lengths = [len(x) for x in train["input_ids"]]
+    digest = (sources[0].digest if len(sources) == 1
+              else hashlib.sha256(b"".join(s.digest for s in sources)).digest()).hex()
+    stats = {
+        "rows_read": sum(len(s.rows) for s in sources),
+        "train_rows": len(train),
+        "eval_rows": len(evaluation) if evaluation is not None else 0,
+        "truncated": found.truncated,
+        "dropped_fully_masked": len(found.dropped),
+        "train_tokens": sum(lengths),
+        "trainable_tokens": (sum(lengths) if task == "seq_cls"
+                             else sum(sum(1 for x in row if x != IGNORE) for row in train["labels"])),
+        "fingerprint": digest,
+        "files": [{"path": s.name, "sha256": s.digest.hex()} for s in sources],
+        "format": spec.format,
+        "max_length": spec.max_length,
+    }
+    checks.examine(stats, sources, spec, found)
+    bundle = DataBundle(train, evaluation, make_collator(tokenizer, task), stats, found.label_names)
+    if getattr(spec, "packing", False) and task == "causal_lm":
+        from lorafit.stages.packing import pack_bundle
+
+        bundle = pack_bundle(bundle, spec.max_length, tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
+    return bundle
+
+
+def make_collator(tokenizer, task: str) -> Callable:
+    """Right-pad each batch to its own longest row (to a multiple of 8 on GPU, for tensor cores):
+    transformers' DataCollatorWithPadding for classification, DataCollatorForSeq2Seq for token labels
+    (labels padded with -100, never trained on)."""
+    import copy
+
+    import torch
+    from transformers import DataCollatorForSeq2Seq, DataCollatorWithPadding
+
+    tokenizer = copy.deepcopy(tokenizer)  # the padding side is the collator's choice, not the saved tokenizer's
+    tokenizer.padding_side = "right"
+    if tokenizer.pad_token_id is None:  # attention_mask hides pad positions: any valid id will do
+        tokenizer.pad_token_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
+    multiple = 8 if torch.cuda.is_available() else None
+    if task == "seq_cls":
+        return DataCollatorWithPadding(tokenizer, pad_to_multiple_of=multiple, return_tensors="pt")
+    return DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=IGNORE, pad_to_multiple_of=multiple,
+                                  return_tensors="pt")
