@@ -6,20 +6,19 @@ the CLI's rendering layer (render.py) turns it into lines.
 
 from __future__ import annotations
 
-import platform
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lorafit import __version__, log, render
+from lorafit import log, render
 from lorafit.core import distributed, flops, libs, memory, models, policies, quantization, rundir
-from lorafit.core.targets import build_meta_model, load_config, resolve_targets
-from lorafit.errors import LorafitError
 from lorafit.core.secrets import command_line
+from lorafit.core.targets import build_meta_model, load_config, resolve_targets
+from lorafit.errors import RecipeError
 from lorafit.recipe import Recipe
-from lorafit.stages.data import build_datasets
-from lorafit.stages.evaluate import evaluate_model
 from lorafit.stages import packing
+from lorafit.stages.data import build_datasets
+from lorafit.stages.data.example import show_train_row
+from lorafit.stages.evaluate import evaluate_model
 from lorafit.stages.inject import inject_lora
 from lorafit.stages.quantize import prepare_quantized
 from lorafit.stages.report import eval_loss_history, write_report
@@ -113,7 +112,7 @@ def train(recipe: Recipe, *, resume: str | None = None, force: bool = False) -> 
         "eval": eval_metrics,
         "data": data.stats,
         "memory": peak_memory(),
-        "versions": versions(),
+        "versions": libs.versions(),
         "command": command_line(),
         "seed": recipe.training.seed,
         "world_size": distributed.world_size(),
@@ -160,97 +159,21 @@ def validate(recipe: Recipe, *, recipe_path: Path | None = None, show_example: i
     report = ValidationReport(str(recipe_path or "recipe"),
                               {"name": spec.name, "model_type": config.model_type, "task": spec.task,
                                "precision": precision}, data.stats, plan)
-    out = Path(recipe.output.dir)
-    if (out / rundir.ADAPTER).exists() and not recipe.output.overwrite:
-        report.warnings.append(f"output.dir {out} already holds an adapter: `train` will refuse "
-                               "(set output.overwrite: true or choose another dir)")
+    try:  # what `train` would refuse in output.dir (stages.resume), said here as a warning
+        check_run_dir(recipe.output, resume=None)
+    except RecipeError as e:
+        report.warnings.append(f"`train` will refuse: {e}")
     report.example = example
     return report
-
-
-def show_train_row(data, tokenizer, n: int) -> dict:
-    """Row ``n`` (1-based) of the train split, before the Trainer shuffles it, as (text, trained) segments:
-    the very ids and labels training uses, decoded span by span."""
-    from lorafit.core.prompts import IGNORE
-
-    rows = len(data.train)
-    if not 1 <= n <= rows:
-        raise LorafitError(f"row {n} does not exist: the train split has {rows} rows", where="--show-example",
-                           fix=f"give a row number from 1 to {rows}")
-    row = data.train[n - 1]
-    ids, labels = list(row["input_ids"]), row["labels"]
-    example = {"row": n, "rows": rows, "tokens": len(ids)}
-    if isinstance(labels, int):  # seq_cls: one class for the whole text
-        names = data.label_names
-        return {**example, "trained_tokens": 0, "segments": [[_decode_span(tokenizer, ids, 0, len(ids)), False]],
-                "label": names[labels] if names else labels}
-    if len(labels) != len(ids):  # seq2seq: the encoder reads the source, the decoder learns the whole target
-        return {**example, "tokens": len(ids) + len(labels), "trained_tokens": len(labels),
-                "segments": [[_decode_span(tokenizer, ids, 0, len(ids)), False],
-                             [_decode_span(tokenizer, labels, 0, len(labels)), True]]}
-    trained = [x != IGNORE for x in labels]
-    segments, start = [], 0
-    for i in range(1, len(ids) + 1):
-        if i == len(ids) or trained[i] != trained[start]:
-            segments.append([_decode_span(tokenizer, ids, start, i), trained[start]])
-            start = i
-    return {**example, "trained_tokens": sum(trained), "segments": segments}
-
-
-def _decode_span(tokenizer, ids: list[int], start: int, end: int) -> str:
-    """ids[start:end] as they read inside the row: sentencepiece drops a span's leading space when decoded alone."""
-    def text(part):
-        return tokenizer.decode(part, skip_special_tokens=False, clean_up_tokenization_spaces=False)
-
-    head, whole = text(ids[:start]), text(ids[:end])
-    return whole[len(head):] if whole.startswith(head) else text(ids[start:end])
-
-
-# report_to → the module the tracker needs, and the package that provides it.
-TRACKERS = {"tensorboard": (("tensorboard", "tensorboardX"), "tensorboard"), "wandb": (("wandb",), "wandb"),
-            "mlflow": (("mlflow",), "mlflow")}
-
-
-def check_tracker(report_to: str) -> None:
-    """training.report_to names a tracker that is installed (else Trainer fails after the model loads)."""
-    import importlib.util
-
-    if report_to not in TRACKERS:
-        return
-    modules, package = TRACKERS[report_to]
-    if not any(importlib.util.find_spec(m) is not None for m in modules):
-        raise LorafitError(f"{report_to} is not installed", where="training.report_to",
-                           fix=f"install it ({sys.executable} -m pip install {package}) or set "
-                               "training.report_to: none")
-
-
-def warn_remote_code(spec) -> None:
-    """model.trust_remote_code on a model that ships code: say, before it runs, whose code runs."""
-    import json
-
-    if not spec.trust_remote_code:
-        return
-    path = Path(spec.name).expanduser()
-    if path.is_dir():
-        try:
-            if not json.loads((path / "config.json").read_text(encoding="utf-8")).get("auto_map"):
-                return  # nothing of its own to run
-        except (OSError, ValueError):
-            return
-        source = f"the local directory {path}"
-    else:
-        source = f"{spec.name} at revision {spec.revision or 'main (unpinned)'}"
-    log.warn(f"model.trust_remote_code is on: the Python code of {source} will run on this machine; read it, "
-             "and pin model.revision to a commit so that it cannot change under you")
 
 
 def check_model_source(recipe: Recipe):
     """The tracker, the model's files and config, its code. Returns the config."""
     spec = recipe.model
-    check_tracker(recipe.training.report_to)
+    policies.check_tracker(recipe.training.report_to)
     distributed.check(recipe.training.distributed)
     models.check_model_files(spec)
-    warn_remote_code(spec)
+    models.warn_remote_code(spec)
     config = load_config(spec.name, revision=spec.revision, trust_remote_code=spec.trust_remote_code,
                          gguf_file=spec.gguf_file)
     if recipe.data.packing:
@@ -271,15 +194,3 @@ def check_model(recipe: Recipe):
                             num_labels=policies.config_num_labels(spec, config))
     resolve_targets(meta, recipe.lora.target_modules, model_name=spec.name)
     return config
-
-
-def versions() -> dict:
-    import importlib.metadata as md
-
-    found = {"lorafit": __version__, "python": platform.python_version()}
-    for pkg in ("torch", "transformers", "peft", "accelerate", "datasets", "bitsandbytes"):
-        try:
-            found[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            pass
-    return found

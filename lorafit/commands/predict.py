@@ -25,7 +25,8 @@ from lorafit.core.generation import generate_greedy, prompt_ids, stop_ids
 from lorafit.core.prompts import column, infer_format
 from lorafit.errors import LorafitError
 from lorafit.recipe import DataSpec
-from lorafit.stages.data import encode_words, read_located, read_words
+from lorafit.stages.data.read import read_located
+from lorafit.stages.data.tokens import encode_words, read_words
 
 _DEFAULT_NAME = re.compile(r"LABEL_\d+")
 

@@ -16,7 +16,7 @@ from lorafit.core.adapters import AdapterSource
 from lorafit.core.models import load_adapted
 from lorafit.core.prompts import encode, row_text, seq2seq_pair, seq2seq_tokens
 from lorafit.errors import LorafitError
-from lorafit.stages.data import SUFFIXES, read_rows
+from lorafit.stages.data.read import SUFFIXES, read_rows
 
 # Max |logit difference| merged vs base+adapter allowed, relative to the largest |logit| (at least 1).
 # fp32 merges are exact up to rounding, which grows with the adapter: (W + ΔW)·x against W·x + ΔW·x measured

@@ -140,3 +140,19 @@ def no_vocabulary_lookup():
             os.environ.pop("HF_HUB_OFFLINE", None)
         else:
             os.environ["HF_HUB_OFFLINE"] = saved
+
+
+def versions() -> dict:
+    """lorafit's, Python's and the libraries' versions, for metrics.json (a rerun needs them)."""
+    import importlib.metadata as md
+    import platform
+
+    from lorafit import __version__
+
+    found = {"lorafit": __version__, "python": platform.python_version()}
+    for pkg in ("torch", "transformers", "peft", "accelerate", "datasets", "bitsandbytes"):
+        try:
+            found[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            pass
+    return found

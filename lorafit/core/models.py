@@ -111,6 +111,24 @@ def check_model_files(spec: ModelSpec, *, tokenizer: bool = True) -> None:
                          where="model.name", fix="save the tokenizer next to the weights (tokenizer.save_pretrained)")
 
 
+def warn_remote_code(spec) -> None:
+    """model.trust_remote_code on a model that ships code: say, before it runs, whose code runs."""
+    if not spec.trust_remote_code:
+        return
+    path = Path(spec.name).expanduser()
+    if path.is_dir():
+        try:
+            if not json.loads((path / "config.json").read_text(encoding="utf-8")).get("auto_map"):
+                return  # nothing of its own to run
+        except (OSError, ValueError):
+            return
+        source = f"the local directory {path}"
+    else:
+        source = f"{spec.name} at revision {spec.revision or 'main (unpinned)'}"
+    log.warn(f"model.trust_remote_code is on: the Python code of {source} will run on this machine; read it, "
+             "and pin model.revision to a commit so that it cannot change under you")
+
+
 def _source(spec: ModelSpec) -> tuple[str, dict]:
     spec = gguf_spec(spec)
     path = local_dir(spec)

@@ -288,3 +288,21 @@ def check_liger(training: TrainingSpec, model_type: str | None, device: str | No
                           fix=f"install it ({sys.executable} -m pip install liger-kernel), or {off}")
     if not liger_supports(model_type):
         raise RecipeError(f"liger_kernel has no kernels for model type '{model_type}'", where=where, fix=off)
+
+
+# report_to → the module the tracker needs, and the package that provides it.
+TRACKERS = {"tensorboard": (("tensorboard", "tensorboardX"), "tensorboard"), "wandb": (("wandb",), "wandb"),
+            "mlflow": (("mlflow",), "mlflow")}
+
+
+def check_tracker(report_to: str) -> None:
+    """training.report_to names a tracker that is installed (else Trainer fails after the model loads)."""
+    import sys
+
+    if report_to not in TRACKERS:
+        return
+    modules, package = TRACKERS[report_to]
+    if not any(has_module(m) for m in modules):
+        raise RecipeError(f"{report_to} is not installed", where="training.report_to",
+                          fix=f"install it ({sys.executable} -m pip install {package}) or set "
+                              "training.report_to: none")

@@ -1,7 +1,7 @@
 """token_cls metrics for the evaluate stage (registered in stages.evaluate.TASK_METRICS): token accuracy and
 entity-level precision / recall / F1 (seqeval-style: exact span and type), base head vs adapter.
 
-Each word is read at its first sub-token, as training labelled it (stages.data.align_labels); the forward
+Each word is read at its first sub-token, as training labelled it (stages.data.tokens.align_labels); the forward
 pass is stages.eval_common.predict_in_order (dataset order, shared with seq_cls), the arithmetic
 core.metrics'. Entity scores need tag names (B-PER, I-PER, O): with integer tags only token_accuracy.
 """

@@ -314,7 +314,7 @@ def test_evaluate_names_the_data_file(token_run, tmp_path):
 
 
 def test_trusting_remote_code_names_the_code_that_runs(tmp_path, capsys):
-    from lorafit.pipeline import warn_remote_code
+    from lorafit.core.models import warn_remote_code
     from lorafit.recipe import ModelSpec
 
     warn_remote_code(ModelSpec(name="owner/model", trust_remote_code=True))

@@ -10,7 +10,8 @@ import pytest
 from lorafit import pipeline, render
 from lorafit.errors import DataError, LorafitError
 from lorafit.recipe import DataSpec, load_recipe
-from lorafit.stages.data import _percentiles, build_datasets
+from lorafit.stages.data import build_datasets
+from lorafit.stages.data.checks import _percentiles
 from lorafit.tools.tiny import build_tokenizer
 from tests.conftest import REPO, run_cli, write_jsonl, write_recipe
 
