@@ -16,6 +16,7 @@ from typing import List, Optional
 import typer
 
 from lorafit import __version__, render
+from lorafit.core import tasks
 from lorafit.errors import LorafitError, RecipeError, TrainingInterrupted
 
 app = typer.Typer(
@@ -183,7 +184,7 @@ def validate(
 def find_targets(
     model: str = typer.Argument(..., help="Hub id, local model directory, or a directory holding only config.json."),
     r: int = typer.Option(16, "--r", min=1, help="LoRA rank used for the parameter counts."),
-    task: str = typer.Option("causal_lm", "--task", help="Head: causal_lm | seq_cls | token_cls | seq2seq_lm."),
+    task: str = typer.Option(tasks.DEFAULT, "--task", help=f"Head: {' | '.join(tasks.TASKS)}."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON document."),
 ) -> None:
     """List the modules that can take LoRA, with exact parameter counts per preset."""

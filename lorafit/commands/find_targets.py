@@ -11,12 +11,13 @@ import re
 from collections import OrderedDict
 
 from lorafit.core import targets as T
+from lorafit.core import tasks
 
 SCHEMA_VERSION = 1
 BLOCKS = ("attention", "mlp", "other")
 
 
-def find_targets(model: str, *, r: int = 16, task: str = "causal_lm", trust_remote_code: bool = False) -> dict:
+def find_targets(model: str, *, r: int = 16, task: str = tasks.DEFAULT, trust_remote_code: bool = False) -> dict:
     """The report behind ``lorafit find-targets`` (a JSON-ready dict). Raises ModelError."""
     config = T.load_config(model, trust_remote_code=trust_remote_code, where="MODEL")
     meta = T.build_meta_model(config, task, trust_remote_code=trust_remote_code)

@@ -255,12 +255,12 @@ def _check_generating(pairs: list[tuple[str, Path]], option: str) -> None:
     output, so there is nothing to generate; `lorafit predict` runs it."""
     for name, directory in pairs:
         try:
-            task = find_adapter(directory).task.name
+            task = find_adapter(directory).task
         except ModelError:
             continue  # load_adapters reports a wrong path, naming the option
-        if task in ("seq_cls", "token_cls"):
+        if not task.generates:
             where = f"--adapter {name}={directory}" if option == "--adapter" else option
-            raise LorafitError(f"{directory} is a {task} adapter: it classifies, it does not generate text",
+            raise LorafitError(f"{directory} is a {task.name} adapter: it classifies, it does not generate text",
                                where=where, fix=f"run `lorafit predict {directory} --data FILE.jsonl --output OUT.jsonl`")
 
 

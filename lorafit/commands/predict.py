@@ -18,7 +18,7 @@ import re
 from pathlib import Path
 
 from lorafit import log
-from lorafit.core import libs, models
+from lorafit.core import libs, models, tasks
 from lorafit.core.adapters import find_adapter
 from lorafit.core.files import atomic_write
 from lorafit.core.generation import generate_greedy, prompt_ids, stop_ids
@@ -45,16 +45,16 @@ def predict(path: str | Path, data: str | Path, output: str | Path, *, batch_siz
     if not output.parent.is_dir():
         raise LorafitError(f"no folder {output.parent}", where="--output", fix="create it, or write elsewhere")
     rows, locs = read_located(str(data), where="--data")
-    task = source.task.name
+    task = source.task
     spec = _data_spec(source, data, rows[0], task)
     libs.quiet_libraries()
     model, tokenizer = models.load_adapted(source)
     if tokenizer.pad_token_id is None and tokenizer.eos_token_id is not None:
         tokenizer.pad_token = tokenizer.eos_token  # batches need a pad id (training set the same)
-    if task in ("seq_cls", "token_cls"):
-        run = _classify if task == "seq_cls" else _tag
+    if task.labelled:
+        run = _tag if task.per_word else _classify
         # Rows are checked before the first batch runs: a bad row fails in seconds.
-        inputs = [column(r, loc, spec, "text", "text to classify") if task == "seq_cls" else read_words(r, loc, spec)
+        inputs = [read_words(r, loc, spec) if task.per_word else column(r, loc, spec, "text", "text to classify")
                   for r, loc in zip(rows, locs)]
         predictions = run(model, tokenizer, inputs, spec.max_length, batch_size)
     else:  # each row's prompt (an encoder-decoder: its source) as training rendered and tokenized it
@@ -64,20 +64,21 @@ def predict(path: str | Path, data: str | Path, output: str | Path, *, batch_siz
                                     stop=stop_ids(tokenizer, spec), batch_size=batch_size, desc="predict")
         predictions = [{"generated": g} for g in generated]
     _write_jsonl(output, predictions)
-    return {"task": task, "rows": len(predictions), "data": str(data), "output": str(output),
+    return {"task": task.name, "rows": len(predictions), "data": str(data), "output": str(output),
             "adapter": str(source.adapter_dir), "format": spec.format}
 
 
-def _data_spec(source, data: Path, first: dict, task: str) -> DataSpec:
-    """The run's data section (so rows render exactly as in training), else one fitted to the task and the rows."""
+def _data_spec(source, data: Path, first: dict, task: tasks.Task) -> DataSpec:
+    """The run's data section (so rows render exactly as in training), else one fitted to the task and the rows:
+    the task's own format, or for a task of several formats the one the rows' columns show."""
     try:
         recipe = source.run_recipe()
     except LorafitError:
         recipe = None
     if recipe is not None:
         return recipe.data.model_copy(update={"train": str(data), "eval": None})
-    fmt = {"seq_cls": "classification", "token_cls": "tokens", "seq2seq_lm": "seq2seq"}.get(task) or infer_format(first)
-    if fmt in (None, "classification", "tokens", "seq2seq") and task != "seq2seq_lm":
+    fmt = task.formats[0] if len(task.formats) == 1 else infer_format(first)
+    if fmt not in task.formats:
         fmt = "completion" if "prompt" in first else "text"
     return DataSpec(train=str(data), format=fmt)
 

@@ -57,8 +57,8 @@ def verify_merged(merged_dir: str | Path, source: AdapterSource, *, dtype: str) 
 
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(merged_dir))
     prompts, prompt_source, chat = eval_prompts(source, tokenizer)
-    batch = _inputs(prompts, tokenizer, chat=chat, seq2seq=source.task.name == "seq2seq_lm")
-    causal = source.task.name in ("causal_lm", "seq2seq_lm")  # a perplexity to compare: the next tokens' loss
+    batch = _inputs(prompts, tokenizer, chat=chat, seq2seq=source.task.encoder_decoder)
+    causal = source.task.generates  # a perplexity to compare: the next tokens' loss
 
     log.info(f"verifying on {len(prompts)} prompts ({prompt_source})")
     adapted = load_adapted(source, dtype=dtype, quantized=False, device="cpu", with_tokenizer=False)[0]

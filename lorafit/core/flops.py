@@ -27,6 +27,8 @@ from __future__ import annotations
 
 import re
 
+from lorafit.core import tasks
+
 # Peak dense (no 2:4 sparsity) bf16 / fp16 tensor-core TFLOPS by CUDA device name (torch.cuda.get_device_name),
 # first match wins. Sources: NVIDIA's datasheets, which print the sparsity figures, twice these (H100/H200: the
 # H100 and H200 datasheets, 1,979 → 989 SXM, 1,513 → 756 PCIe, 1,671 → 835 NVL; A100: 624 → 312; L40S: 733 → 362;
@@ -134,7 +136,7 @@ def train_throughput(model, dataset, *, task: str, tokens_per_second: float | No
     (that over world_size × the device's peak; None where the peak is not known: CPU, fp32, a device not in
     PEAK_TFLOPS). *device*: the CUDA device name, default this machine's."""
     unknown = {"model_flops_per_token": None, "model_tflops_per_second": None, "mfu": None}
-    if task == "seq2seq_lm":
+    if tasks.task(task).encoder_decoder:
         return unknown
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     try:

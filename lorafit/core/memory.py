@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 from collections import OrderedDict
 
-from lorafit.core import policies
+from lorafit.core import policies, tasks
 from lorafit.core import targets as T
 from lorafit.recipe import QuantizationSpec, Recipe
 
@@ -357,7 +357,7 @@ def _trace(model, task: str, batch: int, seq: int, device: str):
     try:
         with torch.device("meta"):
             ids = torch.zeros(batch, seq, dtype=torch.long)
-            labels = torch.zeros(batch, dtype=torch.long) if task == "seq_cls" else ids
+            labels = torch.zeros(batch, dtype=torch.long) if tasks.task(task).row_label else ids
         with _flash_like_sdpa(device), _quiet(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             model(input_ids=ids, labels=labels)
     finally:

@@ -492,8 +492,8 @@ def load_tokenizer(spec: ModelSpec):
     if len(tokenizer) == 0 or tokenizer.eos_token_id is None and tokenizer.sep_token_id is None:
         raise ModelError(f"the tokenizer of '{spec.name}' is empty or has no EOS token", where="model.name",
                          fix="check the tokenizer files")
-    if spec.task == "token_cls" and prefix_space_for_words(tokenizer):
-        log.info("tokenizer: byte-level BPE given words one by one (token_cls): add_prefix_space on, so that each "
+    if tasks.task(spec.task).per_word and prefix_space_for_words(tokenizer):
+        log.info(f"tokenizer: byte-level BPE given words one by one ({spec.task}): add_prefix_space on, so that each "
                  "word is tokenized as in running text (saved with the adapter)")
     return tokenizer
 

@@ -141,7 +141,7 @@ def check_prompts(recipe: Recipe, config, tokenizer) -> None:
     for evaluation.max_new_tokens (64 when unset): refused before training, not after it (GPT-2-style
     position embeddings would fail on them; rotary ones would answer past what the model knows)."""
     spec = recipe.evaluation
-    if not spec.prompts or recipe.model.task != "causal_lm":
+    if not spec.prompts or not tasks.task(recipe.model.task).causal:
         return
     found = context_limit(config, tokenizer)
     if not found:
@@ -271,7 +271,7 @@ def liger(training: TrainingSpec, task: str, model_type: str | None, device: str
         return False
     if training.liger is True:
         return True
-    return task == "causal_lm" and (device or this_device()) == "cuda" and liger_supports(model_type)
+    return tasks.task(task).causal and (device or this_device()) == "cuda" and liger_supports(model_type)
 
 
 def check_liger(training: TrainingSpec, model_type: str | None, device: str | None = None) -> None:

@@ -218,7 +218,7 @@ def count_params(model) -> int:
 
 def count_trainable(model, chosen: list[LinearModule], *, r: int, bias: str = "none", use_dora: bool = False,
                     layers_to_transform: list[int] | None = None, modules_to_save: list[str] | None = None,
-                    task: str = "causal_lm", lora: LoraSpec | None = None) -> TrainableCount:
+                    task: str = tasks.DEFAULT, lora: LoraSpec | None = None) -> TrainableCount:
     """Exact trainable parameters of LoRA on *chosen* (from resolve_targets) over a meta *model*: peft
     itself wraps a copy on the meta device (no memory) and its trainable parameters are sorted by kind.
     *lora* (the recipe's section) wins over the keyword arguments."""
@@ -302,7 +302,7 @@ def load_config(name: str, *, revision: str | None = None, trust_remote_code: bo
                          fix="download it first (hf download NAME) or pass a local directory") from None
 
 
-def build_meta_model(config, task: str = "causal_lm", *, trust_remote_code: bool = False, num_labels: int | None = None):
+def build_meta_model(config, task: str = tasks.DEFAULT, *, trust_remote_code: bool = False, num_labels: int | None = None):
     """The model's modules on the meta device: exact shapes, no memory, no weights read."""
     import torch
 

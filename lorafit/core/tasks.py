@@ -1,7 +1,8 @@
 """The task table: everything lorafit does differently per ``model.task``, in one place.
 
-Adding a task means adding one row here. Nothing else in lorafit names a transformers Auto class or a
-peft task type per task: they read this table.
+Adding a task means adding one row here. Nothing else in lorafit names a task, a transformers Auto class or a
+peft task type: the recipe's schema, the data stage, evaluation, the commands and the CLI ask this table
+(``tests/unit/test_architecture.py`` keeps it so).
 """
 
 from __future__ import annotations
@@ -19,19 +20,42 @@ class Task:
     heads: tuple[str, ...]   # output heads peft trains in full (adds to modules_to_save)
     labelled: bool           # a classification head: num_labels, id2label, label2id
     metrics: tuple[str, ...] = ()  # metrics.json eval.metrics names (higher is better), the headline first
+    formats: tuple[str, ...] = ()  # the data.format values its rows come in; the only one, or the first, is its own
+    rows: str = ""           # what its rows hold, for messages
+    generates: bool = False  # answers with text (generate, evaluation.prompts, greedy metrics, perplexity)
+    encoder_decoder: bool = False  # a source for the encoder, a target the decoder writes
+    per_word: bool = False   # one label per word (pre-split words, each tokenized alone)
+    scorer: str = ""         # "module:function" of its evaluate-stage metrics (stages.evaluate.TaskMetrics)
+
+    @property
+    def causal(self) -> bool:
+        """A decoder-only language model: prompt and answer share one context (packing, Liger's fused loss,
+        evaluation.prompts' context check)."""
+        return self.generates and not self.encoder_decoder
+
+    @property
+    def row_label(self) -> bool:
+        """One class for the whole row (its labels are one integer, not a sequence)."""
+        return self.labelled and not self.per_word
 
 
 TASKS: dict[str, Task] = {t.name: t for t in (
     Task("causal_lm", "CAUSAL_LM", "AutoModelForCausalLM", "AutoPeftModelForCausalLM", "text-generation", (), False,
-         ("exact_match", "contains")),
+         ("exact_match", "contains"), formats=("text", "alpaca", "chat", "completion"),
+         rows="a text, or a prompt and its response", generates=True,
+         scorer="lorafit.stages.evaluate:causal_lm_metrics"),
     Task("seq_cls", "SEQ_CLS", "AutoModelForSequenceClassification", "AutoPeftModelForSequenceClassification",
-         "text-classification", ("classifier", "score"), True, ("accuracy", "macro_f1")),
+         "text-classification", ("classifier", "score"), True, ("accuracy", "macro_f1"), formats=("classification",),
+         rows="rows with text and label", scorer="lorafit.stages.evaluate:classification_metrics"),
     Task("token_cls", "TOKEN_CLS", "AutoModelForTokenClassification", "AutoPeftModelForTokenClassification",
          "token-classification", ("classifier", "score"), True,
-         ("token_accuracy", "entity_f1", "entity_precision", "entity_recall")),
+         ("token_accuracy", "entity_f1", "entity_precision", "entity_recall"), formats=("tokens",),
+         rows="rows with a list of words and one tag each", per_word=True,
+         scorer="lorafit.stages.token_eval:token_metrics"),
     Task("seq2seq_lm", "SEQ_2_SEQ_LM", "AutoModelForSeq2SeqLM", "AutoPeftModelForSeq2SeqLM",
          "text2text-generation", (), False,
-         ("exact_match", "contains")),
+         ("exact_match", "contains"), formats=("seq2seq",), rows="rows with source and target", generates=True,
+         encoder_decoder=True, scorer="lorafit.stages.seq2seq_eval:seq2seq_metrics"),
 )}
 DEFAULT = "causal_lm"
 
@@ -54,3 +78,17 @@ def auto_model_class(name: str | None):
     import transformers
 
     return getattr(transformers, task(name).auto_model)
+
+
+def format_problem(name: str, fmt: str) -> str | None:
+    """Why rows of data.format *fmt* cannot train task *name* ("dotted.path: what; the fix"), or None."""
+    for t in TASKS.values():
+        if len(t.formats) != 1:  # a task with several formats takes every format no other task owns
+            continue
+        own = t.formats[0]
+        if name == t.name and fmt != own:
+            return f"data.format: {t.name} needs format '{own}' ({t.rows})"
+        if fmt == own and name != t.name:
+            return f"model.task: format '{own}' needs task '{t.name}'" + (" (an encoder-decoder model)"
+                                                                          if t.encoder_decoder else "")
+    return None

@@ -1,5 +1,6 @@
 """Evaluate stage: held-out loss of base + adapter and of the base alone, on the same rows; then the task's
-metrics (TASK_METRICS), base and adapter on the same weights (peft's disable_adapter, no second load)."""
+metrics (the function its core.tasks row names), base and adapter on the same weights (peft's
+disable_adapter, no second load)."""
 
 from __future__ import annotations
 
@@ -7,13 +8,11 @@ import math
 from typing import Callable
 
 from lorafit import log
-from lorafit.core import distributed
+from lorafit.core import distributed, tasks
 from lorafit.core import metrics as M
 from lorafit.core.prompts import IGNORE
 from lorafit.stages.eval_common import (EvalContext, base_and_adapter, by_metric, generation_metrics,
                                         predict_in_order)
-from lorafit.stages.seq2seq_eval import seq2seq_metrics
-from lorafit.stages.token_eval import token_metrics
 from lorafit.recipe import EvaluationSpec, Recipe
 
 
@@ -33,7 +32,7 @@ def evaluate_model(trainer, eval_dataset, spec: EvaluationSpec, *, recipe: Recip
                    label_names: list[str] | None = None) -> dict:
     """{eval_loss, eval_perplexity, base_eval_loss, base_eval_perplexity, eval_rows}; empty without eval data.
 
-    Given the recipe and the tokenizer, also the task's metrics (TASK_METRICS), under the keys metrics,
+    Given the recipe and the tokenizer, also the task's metrics (metric_function), under the keys metrics,
     metric_rows, samples, prompts and metrics_note (see task_metrics)."""
     eval_dataset = limit(eval_dataset, spec)
     result: dict = {}
@@ -152,18 +151,21 @@ def classification_metrics(ctx: EvalContext) -> dict:
     return out
 
 
-TASK_METRICS: dict[str, TaskMetrics] = {
-    "causal_lm": causal_lm_metrics,
-    "seq_cls": classification_metrics,
-    "token_cls": token_metrics,
-    "seq2seq_lm": seq2seq_metrics,
-}
+def metric_function(task: str) -> TaskMetrics | None:
+    """The TaskMetrics function the task table names for *task* (its row's scorer, "module:function")."""
+    import importlib
+
+    scorer = tasks.task(task).scorer
+    if not scorer:
+        return None
+    module, _, name = scorer.partition(":")
+    return getattr(importlib.import_module(module), name)
 
 
 def task_metrics(ctx: EvalContext) -> dict:
-    """The task's TASK_METRICS function, its result under metrics.json["eval"]'s keys: metrics, metric_rows,
-    samples, prompts, metrics_note."""
-    fn = TASK_METRICS.get(ctx.recipe.model.task)
+    """The task's metric function (core.tasks: its scorer), its result under metrics.json["eval"]'s keys:
+    metrics, metric_rows, samples, prompts, metrics_note."""
+    fn = metric_function(ctx.recipe.model.task)
     if fn is None:
         return {"metrics_note": f"no metrics for task {ctx.recipe.model.task} yet: loss and perplexity only"}
     found = fn(ctx)

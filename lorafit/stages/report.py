@@ -7,7 +7,7 @@ import re
 from pathlib import Path
 
 from lorafit import log
-from lorafit.core import rundir
+from lorafit.core import rundir, tasks
 from lorafit.core.files import atomic_write, atomic_write_text
 from lorafit.render import change, comparison_rows, number, printable
 from lorafit.recipe import Recipe
@@ -139,7 +139,7 @@ def report_markdown(recipe: Recipe, metrics: dict, plot: str | None, *, evaluate
     samples = ev.get("samples") or []
     if samples:
         # Classifiers predict a class (seq_cls) or a tag per word (token_cls); the others generate text.
-        out += ["## Sample predictions" if recipe.model.task in ("seq_cls", "token_cls") else "## Sample generations", ""]
+        out += ["## Sample predictions" if tasks.task(recipe.model.task).labelled else "## Sample generations", ""]
         for i, s in enumerate(samples, 1):
             out += [f"### Eval row {i}", "", "Prompt:", "", _fence(s["prompt"]), "",
                     "| | |", "|---|---|", f"| reference | {_cell(s['reference'])} |"]

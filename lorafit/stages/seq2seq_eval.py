@@ -1,4 +1,4 @@
-"""seq2seq_lm metrics for the evaluate stage (registered in stages.evaluate.TASK_METRICS): exact_match and
+"""seq2seq_lm metrics for the evaluate stage (its core.tasks row names it: scorer): exact_match and
 contains of greedy generations from each eval row's source against its target, base vs adapter.
 
 The source is the row's encoder input_ids and the reference its labels, token for token as training built

@@ -1,4 +1,4 @@
-"""token_cls metrics for the evaluate stage (registered in stages.evaluate.TASK_METRICS): token accuracy and
+"""token_cls metrics for the evaluate stage (its core.tasks row names it: scorer): token accuracy and
 entity-level precision / recall / F1 (seqeval-style: exact span and type), base head vs adapter.
 
 Each word is read at its first sub-token, as training labelled it (stages.data.tokens.align_labels); the forward

@@ -135,7 +135,7 @@ def tiny_config(family: str, vocab_size: int, **overrides):
     return cfg
 
 
-def build_tiny_model(out_dir: str | Path, family: str = "llama", task: str = "causal_lm", seed: int = 0,
+def build_tiny_model(out_dir: str | Path, family: str = "llama", task: str = tasks.DEFAULT, seed: int = 0,
                      **config_overrides) -> Path:
     """Write config, safetensors weights and tokenizer of a tiny random model to *out_dir*."""
     import torch
@@ -158,7 +158,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("out_dir")
     parser.add_argument("--family", default="llama")
-    parser.add_argument("--task", default="causal_lm")
+    parser.add_argument("--task", default=tasks.DEFAULT)
     args = parser.parse_args()
     print(build_tiny_model(args.out_dir, args.family, args.task))
 

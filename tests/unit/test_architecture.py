@@ -77,3 +77,25 @@ def test_the_task_table_is_the_only_place_naming_task_classes():
         if hits:
             found[str(path.relative_to(PKG))] = hits
     assert list(found) == ["core/tasks.py"], found
+
+
+# Files of the commands that landed beside this rule (serve, export, sweep) still comparing task names, with how
+# many: their owners move each question into core/tasks.py. A count may only go down.
+TASK_NAMES_NOT_YET_MOVED = {"render.py": 2, "export/gguf.py": 1, "export/vllm.py": 1, "export/gguf_verify.py": 1,
+                            "sweep/plan.py": 1, "serving/handlers.py": 4, "serving/registry.py": 4}
+
+
+def test_the_task_table_is_the_only_place_naming_tasks():
+    """Every task question (its formats, head, whether it generates, packs, labels words ...) is asked of core/tasks.py:
+    no `task == "seq_cls"`, no `task in ("seq_cls", "token_cls")`, no default "causal_lm" anywhere else."""
+    from lorafit.core.tasks import TASKS
+
+    names = "|".join(TASKS)
+    quoted = re.compile(rf"""(['"])({names})\1""")
+    found = {}
+    for path in PKG.rglob("*.py"):
+        rel = str(path.relative_to(PKG))
+        hits = quoted.findall(path.read_text(encoding="utf-8"))
+        if rel != "core/tasks.py" and len(hits) > TASK_NAMES_NOT_YET_MOVED.get(rel, 0):
+            found[rel] = sorted({name for _, name in hits})
+    assert not found, f"task names outside core/tasks.py (ask the task table instead): {found}"

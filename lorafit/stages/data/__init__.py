@@ -17,6 +17,7 @@ import hashlib
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from lorafit.core import tasks
 from lorafit.core.prompts import IGNORE
 from lorafit.errors import DataError
 from lorafit.recipe import DataSpec
@@ -37,21 +38,18 @@ class DataBundle:
     label_names: list[str] | None
 
 
-def build_datasets(spec: DataSpec, tokenizer, task: str = "causal_lm", num_labels: int | None = None, *,
+def build_datasets(spec: DataSpec, tokenizer, task: str = tasks.DEFAULT, num_labels: int | None = None, *,
                    label_names: list[str] | None = None) -> DataBundle:
-    """Read, check, tokenize and split ``spec``'s data for ``task`` (causal_lm, seq_cls or token_cls).
-    *label_names*: the classes (seq_cls) or tags (token_cls) of a head already trained (evaluate: the adapter's
-    saved id2label): rows are mapped onto those ids, never a map rebuilt from the rows."""
-    if task not in ("causal_lm", "seq_cls", "token_cls", "seq2seq_lm"):
-        raise DataError(f"task '{task}' is not supported by the data stage yet", where="model.task",
-                        fix="use causal_lm, seq_cls, token_cls or seq2seq_lm")
-    if (task == "seq2seq_lm") != (spec.format == "seq2seq"):
+    """Read, check, tokenize and split ``spec``'s data for ``task`` (a row of core.tasks).
+    *label_names*: the classes or tags of a head already trained (evaluate: the adapter's saved id2label): rows
+    are mapped onto those ids, never a map rebuilt from the rows."""
+    if task not in tasks.TASKS:
+        raise DataError(f"task '{task}' is not supported by the data stage", where="model.task",
+                        fix=f"use one of {', '.join(tasks.TASKS)}")
+    problem = tasks.format_problem(task, spec.format)
+    if problem:
         raise DataError(f"format '{spec.format}' does not fit task '{task}'", where="data.format",
-                        fix="seq2seq_lm needs format seq2seq (source and target columns), and format seq2seq "
-                            "needs task seq2seq_lm")
-    if (task == "seq_cls") != (spec.format == "classification"):
-        raise DataError(f"format '{spec.format}' does not fit task '{task}'", where="data.format",
-                        fix="seq_cls needs format classification; causal_lm needs text/alpaca/chat/completion")
+                        fix=problem.split(": ", 1)[1])
     if tokenizer.pad_token_id is None and tokenizer.eos_token_id is not None:
         # Deliberate: batches need a pad id, and the tokenizer saved with the adapter should carry it.
         # Labels are built explicitly, so the real EOS stays trained even though pad == eos now.
@@ -79,7 +77,7 @@ def build_datasets(spec: DataSpec, tokenizer, task: str = "causal_lm", num_label
         "truncated": found.truncated,
         "dropped_fully_masked": len(found.dropped),
         "train_tokens": sum(lengths),
-        "trainable_tokens": (sum(lengths) if task == "seq_cls"
+        "trainable_tokens": (sum(lengths) if tasks.task(task).row_label  # a class for the whole row
                              else sum(sum(1 for x in row if x != IGNORE) for row in train["labels"])),
         "fingerprint": digest,
         "files": [{"path": s.name, "sha256": s.digest.hex()} for s in sources],
@@ -88,7 +86,7 @@ def build_datasets(spec: DataSpec, tokenizer, task: str = "causal_lm", num_label
     }
     checks.examine(stats, sources, spec, found)
     bundle = DataBundle(train, evaluation, make_collator(tokenizer, task), stats, found.label_names)
-    if getattr(spec, "packing", False) and task == "causal_lm":
+    if getattr(spec, "packing", False) and tasks.task(task).causal:
         from lorafit.stages.packing import pack_bundle
 
         bundle = pack_bundle(bundle, spec.max_length, tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
@@ -109,7 +107,7 @@ def make_collator(tokenizer, task: str) -> Callable:
     if tokenizer.pad_token_id is None:  # attention_mask hides pad positions: any valid id will do
         tokenizer.pad_token_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
     multiple = 8 if torch.cuda.is_available() else None
-    if task == "seq_cls":
+    if tasks.task(task).row_label:  # one class per row: nothing to pad in the labels
         return DataCollatorWithPadding(tokenizer, pad_to_multiple_of=multiple, return_tensors="pt")
     return DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=IGNORE, pad_to_multiple_of=multiple,
                                   return_tensors="pt")
