@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from lorafit.core import tasks
-from lorafit.core.models import hub_id
+from lorafit.core.hub import hub_id
 
 
 def build_card(*, repo_id: str, kind: str, base: str | None, recipe: dict | None = None,

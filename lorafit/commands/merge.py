@@ -26,7 +26,8 @@ from lorafit.commands.verify import verify_merged
 from lorafit.core.adapters import AdapterSource, find_adapter
 from lorafit.core.files import atomic_dir
 from lorafit.core.weights import LoraModule, is_lora_key, lora_modules, model_index, read_header, tensor_shapes
-from lorafit.core.models import TOKENIZER_FILES, base_spec, has_tokenizer, load_adapted, local_path
+from lorafit.core.hub import local_path
+from lorafit.core.models import TOKENIZER_FILES, base_spec, has_tokenizer, load_adapted
 from lorafit.errors import ModelError
 
 DTYPES = ("bfloat16", "float16", "float32")

@@ -12,7 +12,8 @@ import warnings
 from dataclasses import dataclass
 
 from lorafit.core import tasks
-from lorafit.core.models import gguf_metadata_memo, gguf_spec, is_gguf_name, local_path
+from lorafit.core.gguf import gguf_metadata_memo, gguf_spec, is_gguf_name
+from lorafit.core.hub import local_path
 from lorafit.core.policies import lora_config
 from lorafit.core.weights import count_adapted
 from lorafit.errors import ModelError, RecipeError

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from lorafit.core.models import is_hub_id
+from lorafit.core.hub import is_hub_id
 from lorafit.core.prompts import kind
 from lorafit.errors import DataError
 from lorafit.recipe import DataSpec
