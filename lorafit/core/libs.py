@@ -16,6 +16,11 @@ nothing heavy. What it handles, each found on a real run:
   inside ``no_vocabulary_lookup()``.
 - bitsandbytes' import notices and per-forward cast warnings, transformers' and datasets' progress bars,
   deprecation notices about names lorafit or peft use internally.
+
+INTERNALS lists, in one place, every private part of a library lorafit relies on (a Trainer method it
+overrides, a bitsandbytes function, a GGUF reader, an attribute set at runtime), where and why; each is
+checked against the installed versions by tests/unit/test_library_internals.py, which fails naming the
+internal when a release removes or renames it.
 """
 
 from __future__ import annotations
@@ -53,6 +58,64 @@ _NOISY_LOGGERS = ("bitsandbytes", "bitsandbytes.cextension", "bitsandbytes.autog
 # The bitsandbytes modules that look a kernel up on the hub when imported (CPU with AVX512-BF16; Apple MPS).
 _KERNEL_LOOKUP_MODULES = ("bitsandbytes.backends.cpu.ops", "bitsandbytes.backends.mps.ops")
 _prepared = False
+
+# Private internals of the libraries, "module[:object.attribute][(parameters it is called with)]" → where lorafit
+# relies on it and why. An attribute set at runtime (in __init__, by a function) counts as present while the
+# module still assigns it. A module not installed (an optional extra) is skipped.
+INTERNALS: dict[str, str] = {
+    # transformers' Trainer: methods stages/train.py overrides or calls, attributes it reads
+    "transformers:Trainer._get_train_sampler(train_dataset)":
+        "stages/train.py: training.group_by_length sorts the whole epoch by length (stages/sampler.py)",
+    "transformers:Trainer._run_epoch(model, epoch)":
+        "stages/train.py: hands the epoch to the length-bucketed sampler (DDP and resumed epochs)",
+    "transformers:Trainer._track_num_input_tokens(inputs)":
+        "stages/train.py: packed batches count their real tokens from the position ids",
+    "transformers:Trainer._get_output_dir(trial)": "stages/train.py: checkpoints are written into a staging dir",
+    "transformers:Trainer._save_checkpoint(model, trial)":
+        "stages/train.py: a checkpoint appears whole (staged, then renamed into place)",
+    "transformers:Trainer._train_batch_size": "stages/train.py: the per-device batch the length buckets are cut into",
+    "transformers.trainer_utils:rotate_checkpoints(output_dir, save_total_limit, best_model_checkpoint, use_mtime)":
+        "stages/train.py: training.save_total_limit after a staged checkpoint",
+    # transformers: models, configs, tokenizers
+    "transformers:PretrainedConfig._attn_implementation":
+        "core/models.py, stages/packing.py: the attention implementation transformers resolved",
+    "transformers:AutoModelForCausalLM._model_mapping": "core/policies.py: the class a config builds (FlashAttention?)",
+    "transformers:PreTrainedModel._supports_flash_attn": "core/policies.py: whether that class has a FlashAttention path",
+    "transformers:PreTrainedTokenizerFast._tokenizer":
+        "core/models.py: add_prefix_space turned on for token_cls' byte-level BPE (prefix_space_for_words)",
+    "transformers.utils.hub:convert_file_size_to_int": "commands/merge.py: --max-shard-size read as save_pretrained does",
+    # transformers' GGUF readers
+    "transformers.integrations.gguf.reader:read_gguf_metadata(gguf_path)":
+        "core/gguf.py, tools/tiny.py: a GGUF's metadata in milliseconds (validate reads no tensor)",
+    "transformers.integrations.gguf.reader:GgufHeader.from_file": "core/gguf.py: the dtype a GGUF dequantizes to",
+    "transformers.modeling_gguf_pytorch_utils:load_gguf_checkpoint(gguf_checkpoint_path, return_tensors)":
+        "core/gguf.py: the metadata parsed once per file and process (gguf_metadata_memo)",
+    "transformers.modeling_gguf_pytorch_utils:get_gguf_hf_weights_map":
+        "core/gguf.py: file tensors the legacy reader would skip silently are recorded (every tensor must map)",
+    "transformers.modeling_gguf_pytorch_utils:tqdm": "core/gguf.py: the legacy reader's raw progress bar silenced",
+    # bitsandbytes
+    "bitsandbytes.functional:_convert_weight_packed_for_cpu_inverse":
+        "core/quantization.py: a 4-bit layer's AVX512-BF16 CPU repack undone (it breaks later gradients)",
+    "bitsandbytes.nn:Linear4bit.support_avx512bf16_for_cpu": "core/quantization.py: that repack turned off",
+    "bitsandbytes.functional:QuantState.packing_format_for_cpu": "core/quantization.py: whether a layer was repacked",
+    "bitsandbytes.backends.cpu.ops": "core/libs.py: imported with the hub offline (its kernel look-up)",
+    "bitsandbytes.backends.mps.ops": "core/libs.py: imported with the hub offline (its kernel look-up)",
+    # huggingface_hub, kernels
+    "huggingface_hub.constants:HF_HUB_OFFLINE":
+        "core/libs.py: set while bitsandbytes looks a kernel up (kernels reads it at call time)",
+    "kernels._internals.hf_hub": "core/libs.py: the logger whose offline look-up notice is dropped",
+    # datasets, peft, torch, typer, optuna; optional: deepspeed, liger_kernel
+    "datasets:Dataset._fingerprint": "stages/data/read.py: a hub dataset's fingerprint keys the tokenized rows' cache",
+    "peft.utils.other:get_pattern_key": "commands/merge_streaming.py: lora alpha_pattern resolved as peft does",
+    "peft.utils.other:ModulesToSaveWrapper": "core/targets.py: the heads trained in full, counted",
+    "torch:UntypedStorage._cdata": "core/memory.py: each saved tensor's storage counted once in the activation trace",
+    "typer._click.exceptions:UsageError": "cli.py: usage errors of the click that typer vendors",
+    "optuna.trial:FrozenTrial._trial_id": "sweep/study.py: a finished trial reopened (Optuna has no public accessor)",
+    "deepspeed.runtime.engine:DeepSpeedEngine._zero3_consolidated_16bit_state_dict":
+        "core/distributed.py: ZeRO-3's adapter gathered without the frozen base",
+    "liger_kernel.transformers.monkey_patch:MODEL_TYPE_TO_APPLY_LIGER_FN":
+        "core/policies.py: the model types Liger has kernels for",
+}
 
 
 class _NoiseFilter(logging.Filter):
