@@ -237,14 +237,17 @@ def merge(
     verify: bool = typer.Option(False, "--verify", help="Compare merged vs base+adapter logits; write merge_report.json."),
     low_memory: bool = typer.Option(False, "--low-memory", help="Merge shard by shard (RAM ≈ one shard)."),
     max_shard_size: str = typer.Option("2GB", "--max-shard-size", help="Largest safetensors shard."),
-    force: bool = typer.Option(False, "--force", help="Write into a non-empty output directory."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty --output directory."),
+    force: bool = typer.Option(False, "--force", hidden=True, help="The old name of --overwrite."),
     as_json: bool = typer.Option(False, "--json", help="Print the merge report as one JSON document."),
 ) -> None:
     """Fold the adapter into a base reloaded in 16/32-bit (never 4-bit) and save a plain model."""
     from lorafit.commands.merge import merge as run_merge
 
+    if force:
+        typer.echo("warning: --force is an alias of --overwrite (the one flag for replacing what is there)", err=True)
     report = run_merge(adapter_dir, output, base=base, dtype=dtype, verify=verify,
-                       low_memory=low_memory, max_shard_size=max_shard_size, force=force)
+                       low_memory=low_memory, max_shard_size=max_shard_size, overwrite=overwrite or force)
     _emit(report, render.merge_lines, as_json)
     if verify and not report.get("verify", {}).get("passed", True):
         raise typer.Exit(1)

@@ -40,13 +40,14 @@ REPORT_FILE = "merge_report.json"
 
 def merge(adapter_dir: str | Path, output: str | Path, *, base: str | None = None, dtype: str = "bfloat16",
           verify: bool = False, low_memory: bool = False, max_shard_size: str | int = "2GB",
-          force: bool = False) -> dict:
-    """Merge an adapter into its base and write a plain model to *output*. Returns the report dict."""
+          overwrite: bool = False, force: bool = False) -> dict:
+    """Merge an adapter into its base and write a plain model to *output* (*overwrite*: replacing a non-empty
+    one; *force* is its old name). Returns the report dict."""
     if dtype not in DTYPES:
         raise ModelError(f"unknown dtype {dtype!r}", where="--dtype", fix="use one of: " + ", ".join(DTYPES))
     source = find_adapter(adapter_dir, base)
     output = Path(output)
-    _check_output(output, source, force)
+    _check_output(output, source, overwrite or force)
     shard_bytes = _parse_size(max_shard_size)
     _quiet_transformers()
     base_dir = _base_dir(base_spec(source)[0].name)  # local files (the run's local copy of a GGUF base): shapes check, streaming, config
@@ -76,12 +77,13 @@ def merge(adapter_dir: str | Path, output: str | Path, *, base: str | None = Non
 # Checks before any work
 
 
-def _check_output(output: Path, source: AdapterSource, force: bool) -> None:
+def _check_output(output: Path, source: AdapterSource, overwrite: bool) -> None:
     if output.exists() and not output.is_dir():
         raise ModelError("exists and is not a directory", where=f"--output {output}", fix="choose a directory path")
-    if output.is_dir() and any(output.iterdir()) and not force:
+    if output.is_dir() and any(output.iterdir()) and not overwrite:
         raise ModelError("output directory is not empty", where=f"--output {output}",
-                         fix="choose a new or empty directory, or pass --force to replace its contents")
+                         fix="choose a new or empty directory, or pass --overwrite (formerly --force) to replace "
+                             "its contents")
     resolved = output.resolve()
     for protected in (source.adapter_dir, source.run_dir, Path(source.base)):
         if protected is not None and protected.exists():
