@@ -79,7 +79,8 @@ INTERNALS: dict[str, str] = {
     # transformers: models, configs, tokenizers
     "transformers:PretrainedConfig._attn_implementation":
         "core/models.py, stages/packing.py: the attention implementation transformers resolved",
-    "transformers:AutoModelForCausalLM._model_mapping": "core/policies.py: the class a config builds (FlashAttention?)",
+    "transformers.models.auto.auto_factory:_BaseAutoModelClass._model_mapping":
+        "core/policies.py: the model class an Auto class builds for a config (has it a FlashAttention path?)",
     "transformers:PreTrainedModel._supports_flash_attn": "core/policies.py: whether that class has a FlashAttention path",
     "transformers:PreTrainedTokenizerFast._tokenizer":
         "core/models.py: add_prefix_space turned on for token_cls' byte-level BPE (prefix_space_for_words)",
