@@ -52,11 +52,7 @@ def blend(adapters: list[str], weights: str | list[float], output: str | Path, *
     # On the CPU: the factors are small, and dare_linear's seed then gives the same blend on every machine.
     model, tokenizer = models.load_adapted(named[0][1], quantized=False, device="cpu", adapter_name=internal[0])
     for key, (name, source) in zip(internal[1:], named[1:]):
-        try:
-            model.load_adapter(str(source.adapter_dir), adapter_name=key, is_trainable=False)
-        except (RuntimeError, ValueError, KeyError) as e:
-            raise ModelError(f"the adapter does not fit the base model: {str(e).strip()[:300]}",
-                             where=f"--adapter {name}", fix="give adapters trained on the same base") from None
+        models.load_beside(model, source, key, where=f"--adapter {name}")
     torch.manual_seed(seed)  # dare_linear's random drops
     # "default": peft saves the adapter of that name at the top of the directory, not in a subfolder.
     model.add_weighted_adapter(internal, weights, adapter_name="default", combination_type=method, density=density)

@@ -164,11 +164,7 @@ def load_adapters(pairs: list[tuple[str, Path]], option: str = "--adapter") -> S
     served = Served(model)
     for name, source in named:
         if name != first_name:
-            try:
-                model.load_adapter(str(source.adapter_dir), adapter_name=name, is_trainable=False)
-            except (RuntimeError, ValueError, KeyError) as e:
-                raise ModelError(f"the adapter does not fit the base model: {str(e).strip()[:300]}",
-                                 where=f"{option} {name}", fix="give adapters trained on the same base") from None
+            models.load_beside(model, source, name, where=f"{option} {name}")
             tokenizer = models.load_adapter_tokenizer(source)
         served.sources[name], served.tokenizers[name] = source, tokenizer
         served.recipes[name] = source.run_recipe()

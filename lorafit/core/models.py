@@ -366,6 +366,16 @@ def load_adapted(source: AdapterSource, *, dtype: str | None = None, quantized: 
     return model.eval(), tokenizer
 
 
+def load_beside(model, source: AdapterSource, adapter_name: str, *, where: str) -> None:
+    """Another adapter of the same base loaded beside those *model* (a PeftModel) holds, under *adapter_name*
+    (peft load_adapter): generate's and blend's several adapters. One that does not fit is ModelError at *where*."""
+    try:
+        model.load_adapter(str(source.adapter_dir), adapter_name=adapter_name, is_trainable=False)
+    except (RuntimeError, ValueError, KeyError) as e:
+        raise ModelError(f"the adapter does not fit the base model: {str(e).strip()[:300]}", where=where,
+                         fix="give adapters trained on the same base") from None
+
+
 def attention_implementation(model) -> str:
     """The attention implementation a loaded model (or peft model) runs with, as transformers resolved it."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
