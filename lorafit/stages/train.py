@@ -22,6 +22,7 @@ from lorafit.core import distributed, libs, policies
 from lorafit.core.files import replace_dir
 from lorafit.errors import RunFailed, TrainingInterrupted
 from lorafit.recipe import EvaluationSpec, TrainingSpec
+from lorafit.stages.resume import check_checkpoint, find_checkpoint  # noqa: F401  (their former home; see the end)
 from lorafit.stages.resume import drop_checkpoints_after, latest_checkpoint
 
 _NEVER = 10**9  # "only at the end": Trainer saves/evaluates at the last step for step strategies
@@ -536,6 +537,5 @@ def warn_if_untrained(summary: dict) -> None:
         log.warn(f"loss did not fall ({first:.4f} → {final:.4f}); check the learning rate and the data")
 
 
-# The resume rules moved to stages.resume; their former names here stay for existing callers (tests).
-from lorafit.stages.resume import check_checkpoint, find_checkpoint  # noqa: E402,F401
+# The resume rules live in stages.resume; their former names here stay for existing callers (tests).
 _latest_checkpoint, _drop_checkpoints_after = latest_checkpoint, drop_checkpoints_after
