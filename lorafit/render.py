@@ -583,13 +583,56 @@ def serve_lines(result: dict) -> list[str]:
 
 def export_lines(report: dict) -> list[str]:
     """``lorafit export``: what was checked and written, and the exact command that serves it."""
-    lines = [f"checked for vLLM: {report['architecture'] or 'architecture unknown'}, LoRA on "
-             f"{', '.join(report['target_modules'])}, rank {report['r']} → --max-lora-rank {report['max_lora_rank']}",
-             f"wrote {report['output']} ({len(report['files'])} files)"]
-    if report["chat_template"]:
-        lines.append(f"chat template the adapter was trained with (not the base's): {report['chat_template']}")
-    lines += [f"note: {n}" for n in report["notes"]]
-    lines += ["", "serve:", f"  {report['command']}",
-              f"ask with \"model\": \"{report['request_model']}\"; the same adapter as JSON:",
-              f"  {report['lora_modules_json']}"]
+    if report["to"] == "vllm":
+        lines = [f"checked for vLLM: {report['architecture'] or 'architecture unknown'}, LoRA on "
+                 f"{', '.join(report['target_modules'])}, rank {report['r']} → --max-lora-rank {report['max_lora_rank']}",
+                 f"wrote {report['output']} ({len(report['files'])} files)"]
+        if report["chat_template"]:
+            lines.append(f"chat template the adapter was trained with (not the base's): {report['chat_template']}")
+        lines += [f"note: {n}" for n in report["notes"]]
+        lines += ["", "serve:", f"  {report['command']}",
+                  f"ask with \"model\": \"{report['request_model']}\"; the same adapter as JSON:",
+                  f"  {report['lora_modules_json']}"]
+        return lines
+    return gguf_export_lines(report)
+
+
+def gguf_export_lines(report: dict) -> list[str]:
+    """``lorafit export --to gguf|ollama``: the files, the check in llama.cpp (--verify), the commands."""
+    lines = [f"wrote {report['output']} ({report['quant']}):"]
+    for what, path in report["files"].items():
+        size = report["bytes"].get(what)
+        shown = "" if size is None else f"  ({size / 1e6:.1f} MB)" if size >= 1e5 else f"  ({size / 1e3:.0f} kB)"
+        lines.append(f"  {what:<9} {path}{shown}")
+    if report.get("system_prompt"):
+        lines.append(f"system prompt (every training conversation's): {clip(printable(report['system_prompt']))}")
+    m = report.get("modelfile")
+    if m:
+        template = f"{m['family']} template" if m["template"] else "the GGUF's embedded template"
+        lines.append(f"Modelfile: {template}, stop {', '.join(m['stops'])}" + (", SYSTEM" if m["system"] else ""))
+    lines += [f"note: {n}" for n in report["notes"]] + ([f"note: {m['note']}"] if m and m.get("note") else [])
+    v = report.get("verify")
+    if v:
+        lines.append(f"verify on {v['prompts']} held-out prompts (greedy, up to {v['max_new_tokens']} new tokens):")
+        names = {"merged_vs_lorafit": "float32 merge vs lorafit (base + adapter)",
+                 "gguf_vs_lorafit": f"llama.cpp {v['quant']} vs lorafit",
+                 "gguf_vs_merged": f"llama.cpp {v['quant']} vs the float32 merge",
+                 "gguf_lora_vs_gguf": "llama.cpp base + GGUF LoRA vs merged GGUF",
+                 "transformers_gguf_vs_lorafit": "transformers' GGUF reader vs lorafit"}
+        for key, a in v["agreement"].items():
+            lines.append(f"  {names.get(key, key)}: {a['identical']}/{a['prompts']} identical answers"
+                         + (f" (differ: prompts {', '.join(str(d['prompt']) for d in a['differing'])})"
+                            if a["differing"] else ""))
+        if v["exact_match"]:
+            lines.append("  exact match with the references: " + ", ".join(
+                f"{k} {x:.0%}" for k, x in v["exact_match"].items()))
+        c = v.get("checks") or {}
+        if c:
+            lines.append(f"  prompt ids identical on {c['prompt_ids_identical']}/{v['prompts']}; chat template "
+                         f"{'identical' if c['chat_template_identical'] else 'DIFFERENT'}; stop ids lorafit "
+                         f"{c['stop_ids']['lorafit']} ⊆ GGUF {c['stop_ids']['gguf']}")
+        goal = "" if v["goal_met"] or v["quant"] == "f16" else f" (goal: {v['goal']:.0%} identical answers, not met)"
+        lines.append(f"  {'passed' if v['passed'] else 'FAILED: ' + '; '.join(v['failures'])}{goal}; "
+                     f"details in lorafit-export.json")
+    lines += ["", "run:"] + [f"  {cmd}" for cmd in report["commands"].values()]
     return lines

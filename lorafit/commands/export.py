@@ -13,7 +13,7 @@ from lorafit.core.adapters import AdapterSource, find_adapter
 from lorafit.core.files import atomic_dir
 from lorafit.errors import LorafitError
 
-TARGETS = ("vllm",)
+TARGETS = ("vllm", "gguf", "ollama")
 QUANTS = ("f16", "q8_0", "q4_k_m")
 
 
@@ -39,9 +39,14 @@ def export(path: str | Path, to: str, output: str | Path, *, name: str | None = 
 
     final = output.resolve()
     with atomic_dir(output) as work:  # renamed to *output* once complete
-        from lorafit.export import vllm
+        if to == "vllm":
+            from lorafit.export import vllm
 
-        return vllm.export(source, work, final, name=name)
+            return vllm.export(source, work, final, name=name)
+        from lorafit.export import gguf
+
+        return gguf.export(source, work, final, name=name, quant=quant or "f16", verify=verify,
+                           ollama=to == "ollama", verify_rows=verify_rows)
 
 
 def adapter_name(source: AdapterSource, name: str | None) -> str:

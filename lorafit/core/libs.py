@@ -93,7 +93,12 @@ INTERNALS: dict[str, str] = {
         "core/gguf.py: the metadata parsed once per file and process (gguf_metadata_memo)",
     "transformers.modeling_gguf_pytorch_utils:get_gguf_hf_weights_map":
         "core/gguf.py: file tensors the legacy reader would skip silently are recorded (every tensor must map)",
-    "transformers.modeling_gguf_pytorch_utils:tqdm": "core/gguf.py: the legacy reader's raw progress bar silenced",
+    "transformers.modeling_gguf_pytorch_utils:tqdm":
+        "core/gguf.py, export/gguf_verify.py: the legacy reader's raw progress bar silenced",
+    # gguf-py (the converters' own copy, run by export/llamacpp.py; the same code as the installed gguf's)
+    "gguf.scripts.gguf_new_metadata:copy_with_new_metadata(reader, writer, new_metadata, remove_metadata)":
+        "export/llamacpp.py: the end-of-turn token and the system prompt added to an exported GGUF's metadata",
+    "gguf.scripts.gguf_new_metadata:MetadataDetails": "export/llamacpp.py: the values of those metadata keys",
     # bitsandbytes
     "bitsandbytes.functional:_convert_weight_packed_for_cpu_inverse":
         "core/quantization.py: a 4-bit layer's AVX512-BF16 CPU repack undone (it breaks later gradients)",

