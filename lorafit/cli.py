@@ -430,6 +430,8 @@ def serve(
         help="Require 'Authorization: Bearer KEY' on /v1 requests."),
     max_loaded: int = typer.Option(8, "--max-loaded", min=1,
                                    help="Adapters kept in memory at once; the least recently used is evicted."),
+    max_batch: int = typer.Option(16, "--max-batch", min=1,
+                                  help="Requests decoded together, whatever their adapters (1: one at a time)."),
     allow_runtime_adapters: bool = typer.Option(
         False, "--allow-runtime-adapters", help="Enable POST /v1/load_lora_adapter and /v1/unload_lora_adapter."),
     adapter_root: Optional[Path] = typer.Option(
@@ -440,7 +442,7 @@ def serve(
     from lorafit.commands.serve import serve as run_serve
 
     result = run_serve(model, adapters=adapter, host=host, port=port, api_key=api_key, max_loaded=max_loaded,
-                       allow_runtime_adapters=allow_runtime_adapters, adapter_root=adapter_root,
+                       max_batch=max_batch, allow_runtime_adapters=allow_runtime_adapters, adapter_root=adapter_root,
                        trust_remote_code=trust_remote_code, on_ready=lambda info: _out(render.serve_banner(info)))
     _out(render.serve_lines(result))
 

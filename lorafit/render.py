@@ -373,35 +373,6 @@ def blend_lines(result: dict) -> list[str]:
             f"peft.PeftModel.from_pretrained(base, DIR) or `lorafit generate {result['output']}`"]
 
 
-def serve_banner(info: dict) -> list[str]:
-    """`lorafit serve`'s start: where it listens, what it serves, a request to paste."""
-    import json
-    import shlex
-
-    adapters = ", ".join(info["adapters"]) or "none"
-    lines = [f"serving on {info['url']}/v1 (OpenAI-compatible; Ctrl-C or SIGTERM stops after requests in flight)",
-             f"  base      {info['base']} (also 'base'), context {info['context'] or 'unknown'} tokens",
-             f"  adapters  {adapters} (at most {info['max_loaded']} loaded at once)"]
-    if info["runtime_adapters"]:
-        lines.append(f"  runtime   POST /v1/load_lora_adapter from under {info['runtime_adapters']}")
-    lines.append(f"  api key   {'required (Authorization: Bearer ...)' if info['api_key'] else 'none'}")
-    model = info["adapters"][0] if info["adapters"] else info["base"]
-    if info["task"] in ("seq_cls", "token_cls"):
-        path, body = "classify", {"model": model, "input": "Text to classify"}
-    else:
-        path, body = "chat/completions", {"model": model, "messages": [{"role": "user", "content": "Hello"}]}
-    key = ' -H "Authorization: Bearer $LORAFIT_API_KEY"' if info["api_key"] else ""
-    lines.append(f"try: curl {info['url']}/v1/{path} -H 'Content-Type: application/json'{key} "
-                 f"-d {shlex.quote(json.dumps(body))}")
-    return lines
-
-
-def serve_lines(result: dict) -> list[str]:
-    how = f" ({result['signal']})" if result.get("signal") else ""
-    n = result["requests"]
-    return [f"stopped{how}: {n} generation request{'' if n == 1 else 's'} answered"]
-
-
 # ----------------------------------------------------------------------------------------------
 # sweep
 
@@ -561,7 +532,7 @@ def serve_banner(info: dict) -> list[str]:
         lines.append(f"  runtime   POST /v1/load_lora_adapter from under {info['runtime_adapters']}")
     lines.append(f"  api key   {'required (Authorization: Bearer ...)' if info['api_key'] else 'none'}")
     model = info["adapters"][0] if info["adapters"] else info["base"]
-    if info["task"] in ("seq_cls", "token_cls"):
+    if info["classifies"]:
         path, body = "classify", {"model": model, "input": "Text to classify"}
     else:
         path, body = "chat/completions", {"model": model, "messages": [{"role": "user", "content": "Hello"}]}

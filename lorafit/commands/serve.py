@@ -8,17 +8,17 @@ from pathlib import Path
 from typing import Callable
 
 from lorafit import log
-from lorafit.core.adapters import find_adapter, holds_adapter
+from lorafit.core.adapters import check_same_base, find_adapter, find_named, holds_adapter, parse_adapters, same_base
 from lorafit.errors import LorafitError, ModelError
 
 
 def serve(model_or_adapter: str | None, *, adapters: list[str] | None = None, host: str = "127.0.0.1",
-          port: int = 8000, api_key: str | None = None, max_loaded: int = 8, allow_runtime_adapters: bool = False,
+          port: int = 8000, api_key: str | None = None, max_loaded: int = 8, max_batch: int = 16,
+          allow_runtime_adapters: bool = False,
           adapter_root: Path | None = None, trust_remote_code: bool = False,
           on_ready: Callable[[dict], None] | None = None) -> dict:
     """Serve until SIGTERM / Ctrl-C (requests in flight finish first); *on_ready* gets the banner's facts once
     the server accepts connections. Returns {url, served, requests, signal}."""
-    from lorafit.commands.generate import _same_base, check_same_base, find_named, parse_adapters
     from lorafit.serving.registry import check_servable
 
     root = _check_options(model_or_adapter, adapters, api_key, allow_runtime_adapters, adapter_root, host)
@@ -37,7 +37,7 @@ def serve(model_or_adapter: str | None, *, adapters: list[str] | None = None, ho
     if named:
         check_same_base(named, "--adapter" if pairs else "RUN_DIR")
         check_servable(named, "--adapter" if pairs else "RUN_DIR")
-    if plain is not None and named and not _same_base(plain, named[0][1].base):
+    if plain is not None and named and not same_base(plain, named[0][1].base):
         raise ModelError(f"adapter '{named[0][0]}' was trained on {named[0][1].base}, not on {plain}",
                          where=f"--adapter {named[0][0]}", fix="drop MODEL: adapters name their own base")
     sock = _listen(host, port)  # a port in use fails before minutes of loading
@@ -47,13 +47,14 @@ def serve(model_or_adapter: str | None, *, adapters: list[str] | None = None, ho
     from lorafit.serving.registry import open_registry
 
     registry = open_registry(named, plain, max_loaded=max_loaded, trust_remote_code=trust_remote_code)
-    engine = Engine(registry)
+    engine = Engine(registry, max_batch=max_batch)
     bound = sock.getsockname()
     shown = f"[{host}]" if ":" in host else host
     url = f"http://{shown}:{bound[1]}"
-    info = {"url": url, "base": registry.base_id, "adapters": list(registry.adapters), "task": registry.base.task,
+    info = {"url": url, "base": registry.base_id, "adapters": list(registry.adapters),
+            "classifies": registry.base.task.labelled,
             "api_key": api_key is not None, "runtime_adapters": str(root) if root else None,
-            "max_loaded": max_loaded, "context": registry.context}
+            "max_loaded": max_loaded, "max_batch": max_batch, "context": registry.context}
     app = create_app(Handlers(engine, registry, adapter_root=root), api_key=api_key,
                      on_ready=(lambda: on_ready(info)) if on_ready else None)
     caught = _run(app, sock)

@@ -132,7 +132,7 @@ def validation_error(errors) -> APIError:
 class Guard:
     """ASGI middleware around the app: refuses bodies above *max_body* bytes (413, also when chunked), and
     writes one line per request to stderr once its last byte is sent (streams included): method, path,
-    status, model, tokens in/out, milliseconds."""
+    status, model, tokens in/out, the most requests it was decoded with, milliseconds."""
 
     def __init__(self, app: FastAPI, max_body: int):
         self.app, self.max_body = app, max_body
@@ -184,5 +184,7 @@ def _log(scope, status: int, note: dict, started: float) -> None:
         parts.append(f"model={note['model']}")
     if "in" in note:
         parts.append(f"tokens in={note['in']} out={note.get('out', 0)}")
+    if "batch" in note:
+        parts.append(f"batch {note['batch']}")
     parts.append(f"{(time.perf_counter() - started) * 1000:.0f} ms")
     log.info(" ".join(parts))

@@ -8,7 +8,9 @@ pieces that never split a character nor show the start of a stop string).
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 
 @dataclass(frozen=True)
@@ -20,6 +22,30 @@ class SamplingParams:
     top_p: float = 1.0
     seed: int | None = None
     stop: tuple[str, ...] = ()
+
+
+@dataclass
+class Finished:
+    text: str
+    finish_reason: str          # "stop" (end-of-turn token or stop string) | "length" (max_tokens)
+    prompt_tokens: int
+    completion_tokens: int      # the end token included, as `lorafit generate` counts new_tokens
+    batch: int = 1              # the most rows it was decoded with in one forward
+
+
+@dataclass
+class Generation:
+    """One request to decode. *sink* receives ("text", piece) ... then ("done", Finished) or ("error", APIError),
+    on the engine's thread; setting *cancelled* (the client left) ends it at the next step."""
+
+    served: object              # registry.Served
+    prompt: list[int]
+    stop_ids: list[int]
+    params: SamplingParams
+    sink: Callable[[tuple], None] | None = None
+    strip: bool = False
+    cancelled: bool = False
+    arrived: float = field(default_factory=time.monotonic)
 
 
 class Sampler:

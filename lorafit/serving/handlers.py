@@ -16,8 +16,8 @@ from typing import AsyncIterator
 from lorafit.core.generation import is_chat, prompt_tokens, stop_ids
 from lorafit.errors import LorafitError
 from lorafit.serving import protocol as p
-from lorafit.serving.decoding import SamplingParams
-from lorafit.serving.engine import Engine, Finished, Generation
+from lorafit.serving.decoding import Finished, Generation, SamplingParams
+from lorafit.serving.engine import Engine
 from lorafit.serving.protocol import APIError, NotFound
 from lorafit.serving.registry import Registry, Served, runtime_adapter
 
@@ -34,9 +34,9 @@ class Handlers:
     def models(self) -> p.ModelList:
         reg = self.registry
         cards = [p.ModelCard(id=reg.base_id, created=reg.base.created, root=reg.base_id, max_model_len=reg.context,
-                             task=reg.base.task, loaded=True)]
+                             task=reg.base.task.name, loaded=True)]
         cards += [p.ModelCard(id=s.name, created=s.created, root=str(s.source.adapter_dir), parent=reg.base_id,
-                              max_model_len=reg.context, task=s.task, loaded=reg.is_loaded(s))
+                              max_model_len=reg.context, task=s.task.name, loaded=reg.is_loaded(s))
                   for s in list(reg.adapters.values())]
         return p.ModelList(data=cards)
 
@@ -55,7 +55,7 @@ class Handlers:
         if req.stream:
             return self._chat_chunks(req, events, note)
         done = await _finish(events)
-        note["out"] = done.completion_tokens
+        note["out"], note["batch"] = done.completion_tokens, done.batch
         return p.ChatCompletion(model=req.model, usage=_usage(done), choices=[
             p.ChatChoice(message=p.ChatMessageOut(content=done.text), finish_reason=done.finish_reason)])
 
@@ -73,7 +73,7 @@ class Handlers:
         if req.stream:
             return self._completion_chunks(req, events, note)
         done = await _finish(events)
-        note["out"] = done.completion_tokens
+        note["out"], note["batch"] = done.completion_tokens, done.batch
         return p.Completion(model=req.model, usage=_usage(done),
                             choices=[p.CompletionChoice(text=done.text, finish_reason=done.finish_reason)])
 
@@ -81,8 +81,9 @@ class Handlers:
         note["model"] = name
         served = self.registry.get(name)
         note["model"] = served.name
-        if served.task != "causal_lm":
-            raise APIError(f"'{name}' is a {served.task} model: it classifies, ask POST /v1/classify", param="model")
+        if not served.task.causal:
+            raise APIError(f"'{name}' is a {served.task.name} model: it classifies, ask POST /v1/classify",
+                           param="model")
         return served
 
     def _generation(self, served: Served, ids: list[int], req: p._Sampling, *, strip: bool, param: str) -> Generation:
@@ -157,7 +158,7 @@ class Handlers:
             if kind == "text":
                 yield chunk(p.Delta(content=value))
             elif kind == "done":
-                note["out"] = value.completion_tokens
+                note["out"], note["batch"] = value.completion_tokens, value.batch
                 yield chunk(p.Delta(), value.finish_reason)
                 if req.stream_options and req.stream_options.include_usage:
                     yield chunk(p.Delta(), usage=_usage(value), choices=False)
@@ -171,7 +172,7 @@ class Handlers:
             if kind == "text":
                 yield p.Completion(**head, choices=[p.CompletionChoice(text=value)]).model_dump_json(exclude_none=True)
             elif kind == "done":
-                note["out"] = value.completion_tokens
+                note["out"], note["batch"] = value.completion_tokens, value.batch
                 usage = _usage(value) if req.stream_options and req.stream_options.include_usage else None
                 yield p.Completion(**head, choices=[p.CompletionChoice(text="", finish_reason=value.finish_reason)],
                                    usage=usage).model_dump_json(exclude_none=True)
@@ -188,14 +189,14 @@ class Handlers:
         note["model"] = req.model
         served = self.registry.get(req.model)
         note["model"] = served.name
-        if served.task not in ("seq_cls", "token_cls"):
+        if not served.task.labelled:
             raise APIError(f"'{req.model}' generates text: ask POST /v1/chat/completions or /v1/completions",
                            param="model")
         if served.is_base:
             names = ", ".join(self.registry.adapters) or "none"
             raise APIError(f"the base model's classification head is untrained: name an adapter ({names})",
                            param="model")
-        tagging = served.task == "token_cls"
+        tagging = served.task.per_word
         if tagging:
             items = [x.split() if isinstance(x, str) else list(x) for x in req.input]
         elif all(isinstance(x, str) for x in req.input):

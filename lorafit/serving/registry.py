@@ -15,13 +15,12 @@ from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lorafit.core import libs, models, policies
-from lorafit.core.adapters import AdapterSource, find_adapter
+from lorafit.core import libs, models, policies, tasks
+from lorafit.core.adapters import ADAPTER_NAME, AdapterSource, find_adapter, same_base
 from lorafit.errors import LorafitError, ModelError
 from lorafit.serving.protocol import APIError, NotFound
 
 BASE_ALIAS = "base"
-SERVABLE = ("causal_lm", "seq_cls", "token_cls")
 
 
 @dataclass
@@ -29,7 +28,7 @@ class Served:
     """One name the server answers to: the base (source None) or an adapter."""
 
     name: str
-    task: str
+    task: tasks.Task
     tokenizer: object
     recipe: object | None                  # the run's Recipe: how prompts are rendered
     source: AdapterSource | None = None
@@ -84,6 +83,12 @@ class Registry:
 
     # -- weights (engine thread) ------------------------------------------------------------------
 
+    def can_load(self, served: Served) -> bool:
+        """Its weights are in, or can come in: a free slot, or a loaded adapter no running row uses."""
+        if served.is_base or served.peft_name in self.loaded:
+            return True
+        return len(self.loaded) < self.max_loaded or any(not self.pins[p] for p in self.loaded)
+
     def load(self, served: Served) -> None:
         """Make *served*'s weights usable and pin them until release(); evict beyond max_loaded."""
         if not served.is_base:
@@ -103,13 +108,12 @@ class Registry:
 
         try:
             if isinstance(self.model, PeftModel):
-                self.model.load_adapter(str(served.source.adapter_dir), adapter_name=served.peft_name,
-                                        is_trainable=False)
+                models.load_beside(self.model, served.source, served.peft_name, where=served.name)
             else:  # a plain base: its first adapter makes it a peft model
                 self.model = PeftModel.from_pretrained(self.model, str(served.source.adapter_dir),
                                                        adapter_name=served.peft_name, is_trainable=False).eval()
-        except (RuntimeError, ValueError, KeyError, OSError) as e:
-            first = " ".join(str(e).strip().splitlines()[:2])[:300]
+        except (ModelError, RuntimeError, ValueError, KeyError, OSError) as e:
+            first = (e.message if isinstance(e, ModelError) else " ".join(str(e).strip().splitlines()[:2]))[:300]
             raise APIError(f"adapter '{served.name}' does not load onto the base: {first}", param="model",
                            status=500, code="adapter_load_failed") from None
         self.loaded[served.peft_name] = served
@@ -140,7 +144,7 @@ class Registry:
 def check_servable(named: list[tuple[str, AdapterSource]], option: str = "--adapter") -> None:
     """Tasks `lorafit serve` answers (generation, classification, tagging), one number of classes."""
     for name, source in named:
-        if source.task.name not in SERVABLE:
+        if not servable(source.task):
             raise ModelError(f"adapter '{name}' is a {source.task.name} adapter; serve answers causal_lm "
                              "(chat and text completions) and seq_cls / token_cls (classify) adapters",
                              where=f"{option} {name}", fix="use `lorafit generate` or `lorafit predict` for it")
@@ -154,6 +158,11 @@ def check_servable(named: list[tuple[str, AdapterSource]], option: str = "--adap
                                  fix="serve adapters with the same classes together")
 
 
+def servable(task: tasks.Task) -> bool:
+    """A decoder that generates (chat and text completions) or a labelled head (classify)."""
+    return task.causal or task.labelled
+
+
 def adapter_entry(name: str, source: AdapterSource, *, runtime: bool = False) -> Served:
     """An adapter's name, tokenizer (saved beside it) and recipe; no weights yet."""
     try:
@@ -162,7 +171,7 @@ def adapter_entry(name: str, source: AdapterSource, *, runtime: bool = False) ->
         recipe = None  # a run whose recipe no longer validates: rendered as a model without one
     tokenizer = models.load_adapter_tokenizer(source)
     _ready(tokenizer, recipe)
-    return Served(name, source.task.name, tokenizer, recipe, source, runtime=runtime)
+    return Served(name, source.task, tokenizer, recipe, source, runtime=runtime)
 
 
 def _ready(tokenizer, recipe) -> None:
@@ -191,8 +200,7 @@ def open_registry(named: list[tuple[str, AdapterSource]], model_name: str | None
 
         model, tokenizer, recipe = load_for_inference(model_name, trust_remote_code=trust_remote_code)
         _ready(tokenizer, recipe)
-        task = "causal_lm"
-        base = Served(str(model_name), task, tokenizer, recipe)
+        base = Served(str(model_name), tasks.task(None), tokenizer, recipe)
         base_id = str(model_name)
     found = policies.context_limit(model.config, base.tokenizer)
     registry = Registry(model, base, base_id=base_id, max_loaded=max_loaded, context=found[0] if found else None)
@@ -207,9 +215,7 @@ def open_registry(named: list[tuple[str, AdapterSource]], model_name: str | None
 def runtime_adapter(registry: Registry, name: str, path: str, root: Path) -> Served:
     """An adapter asked for by /v1/load_lora_adapter: under *root* (no path leaves it, links included),
     of the served base and task, under a new name."""
-    from lorafit.commands.generate import _NAME, _same_base
-
-    if not _NAME.fullmatch(name) or name in (BASE_ALIAS, registry.base_id):
+    if not ADAPTER_NAME.fullmatch(name) or name in (BASE_ALIAS, registry.base_id):
         raise APIError(f"'{name}' cannot name an adapter: use letters, digits, '_' or '-' (not 'base')",
                        param="lora_name")
     if name in registry.adapters:
@@ -229,10 +235,10 @@ def runtime_adapter(registry: Registry, name: str, path: str, root: Path) -> Ser
                        code="path_outside_adapter_root")
     reference = next(iter(registry.adapters.values()), None)
     base = reference.source.base if reference is not None else registry.base_id
-    if not _same_base(source.base, base):
+    if not same_base(source.base, base):
         raise APIError(f"'{path}' was trained on {source.base}; this server's base is {base}", param="lora_path")
-    if source.task.name != registry.base.task:
-        raise APIError(f"'{path}' is a {source.task.name} adapter; this server serves {registry.base.task}",
+    if source.task != registry.base.task:
+        raise APIError(f"'{path}' is a {source.task.name} adapter; this server serves {registry.base.task.name}",
                        param="lora_path")
     try:
         check_servable(([(reference.name, reference.source)] if reference else []) + [(name, source)], "lora_path")

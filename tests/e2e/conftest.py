@@ -18,7 +18,7 @@ def chat_recipe(data, out, **lora) -> dict:
     return {"model": {"name": str(CHAT_BASE)},
             "lora": {"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": "all-linear", **lora},
             "data": {"train": str(data), "format": "chat", "eval_fraction": 0.0, "max_length": 128},
-            "training": {"max_steps": 30, "batch_size": 4, "grad_accum": 1, "learning_rate": 1.0e-2,
+            "training": {"max_steps": 16, "batch_size": 4, "grad_accum": 1, "learning_rate": 1.0e-2,
                          "logging_steps": 100, "seed": 0},
             "evaluation": {"metrics": False},
             "output": {"dir": str(out)}}
@@ -26,9 +26,8 @@ def chat_recipe(data, out, **lora) -> dict:
 
 def train_chat_adapter(root, name: str, answer: str, *, template: str | None = None, **lora):
     """A tiny chat adapter of examples/tiny-llama that answers *answer* to every prompt (lorafit train, in-process)."""
-    rows = [{"messages": ([{"role": "system", "content": CHAT_SYSTEM}] if i % 2 else [])
-             + [{"role": "user", "content": p}, {"role": "assistant", "content": answer}]}
-            for i, p in enumerate(CHAT_PROMPTS)]
+    rows = [{"messages": system + [{"role": "user", "content": p}, {"role": "assistant", "content": answer}]}
+            for p in CHAT_PROMPTS for system in ([], [{"role": "system", "content": CHAT_SYSTEM}])]
     recipe = chat_recipe(write_jsonl(root / f"{name}.jsonl", rows), root / name, **lora)
     if template:
         recipe["data"]["chat_template"] = template
@@ -39,7 +38,9 @@ def train_chat_adapter(root, name: str, answer: str, *, template: str | None = N
 
 @pytest.fixture(scope="session")
 def chat_runs(tmp_path_factory):
-    """Run dirs 'a' (answers "Paris.", the base's ChatML) and 'b' (answers "Blue.", its own template)."""
+    """Run dirs 'a' (answers "Paris.", the base's ChatML), 'b' (answers "Blue.", its own template) and 'd'
+    (a DoRA adapter, which peft cannot mix in a batch: answers "Four.")."""
     root = tmp_path_factory.mktemp("chat_runs")
     return {"a": train_chat_adapter(root, "a", "Paris."),
-            "b": train_chat_adapter(root, "b", "Blue.", template=CHAT_TEMPLATE_B)}
+            "b": train_chat_adapter(root, "b", "Blue.", template=CHAT_TEMPLATE_B),
+            "d": train_chat_adapter(root, "d", "Four.", use_dora=True)}

@@ -77,6 +77,17 @@ class Server:
         self.stderr.flush()
         return self.log.read_text()
 
+    def wait_for_log(self, parse, count: int, timeout: float = 30) -> list:
+        """parse(stderr lines) once it finds *count* items (bounded wait): the server logs a request just after
+        its client has the answer."""
+        deadline = time.monotonic() + timeout
+        while True:
+            found = parse(self.stderr_text().splitlines())
+            if len(found) >= count or time.monotonic() > deadline:
+                assert len(found) >= count, found
+                return found
+            time.sleep(0.05)
+
     def terminate(self, timeout: float = 120) -> int:
         """SIGTERM, then the exit code (bounded wait)."""
         self.proc.send_signal(signal.SIGTERM)

@@ -1,12 +1,15 @@
 """`lorafit serve` as a program uses it: one real server process on a free port, the official `openai` client,
-two tiny chat adapters trained to different answers ('a' → "Paris.", 'b' → "Blue.", its own chat template),
-each answer compared with what `lorafit generate` says with the same adapter (or --no-adapter)."""
+tiny chat adapters trained to different answers ('a' → "Paris.", 'b' → "Blue." with its own chat template,
+'d' → "Four.", a DoRA adapter), each answer compared with what `lorafit generate` says with the same adapter
+(or --no-adapter), and every answer decoded in a mixed batch with the same request decoded alone."""
 
 from __future__ import annotations
 
 import json
 import random
+import re
 import shutil
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -31,7 +34,8 @@ def root(tmp_path_factory, chat_runs):
 @pytest.fixture(scope="module")
 def server(chat_runs, root, tmp_path_factory):
     srv = Server(["--adapter", f"a={chat_runs['a']}", "--adapter", f"b={chat_runs['b'] / 'adapter'}",
-                  "--api-key", KEY, "--max-loaded", "1", "--allow-runtime-adapters", "--adapter-root", root],
+                  "--adapter", f"d={chat_runs['d']}", "--api-key", KEY, "--max-loaded", "3", "--max-batch", "8",
+                  "--allow-runtime-adapters", "--adapter-root", root],
                  cwd=tmp_path_factory.mktemp("serve"))
     yield srv
     srv.stop()
@@ -67,11 +71,11 @@ FINISH = {"end": "stop", "max_new_tokens": "length"}
 
 def test_banner_and_models(server, client, chat_runs):
     banner = "".join(server.stdout)
-    assert "adapters  a, b" in banner and "curl " + server.url + "/v1/chat/completions" in banner
+    assert "adapters  a, b, d" in banner and "curl " + server.url + "/v1/chat/completions" in banner
     assert "Authorization: Bearer $LORAFIT_API_KEY" in banner and KEY not in banner  # the key itself is never shown
     models = {m.id: m for m in client.models.list().data}
     base = str(CHAT_BASE)
-    assert list(models) == [base, "a", "b"]
+    assert list(models) == [base, "a", "b", "d"]
     assert models["a"].parent == models["b"].parent == base and models[base].parent is None
     assert models["a"].root == str(chat_runs["a"] / "adapter")
 
@@ -142,12 +146,52 @@ def test_48_concurrent_requests_each_equal_its_sequential_answer(client):
     assert {sequential[("a", p)] for p in CHAT_PROMPTS} == {"Paris."}
 
 
+def test_a_mixed_batch_answers_each_request_as_it_is_answered_alone(server, client):
+    """Different adapters (a DoRA one in its own sub-batch), the base, different max_tokens and stop strings,
+    one seeded sampled request, one streamed: decoded together, each equals its answer decoded alone."""
+    asks = [dict(model="a", prompt=CHAT_PROMPTS[1], max_tokens=16),
+            dict(model="b", prompt=CHAT_PROMPTS[2], max_tokens=16, system=CHAT_SYSTEM),
+            dict(model="d", prompt=CHAT_PROMPTS[3], max_tokens=16),
+            dict(model="base", prompt=CHAT_PROMPTS[0], max_tokens=30),
+            dict(model="base", prompt=CHAT_PROMPTS[1], max_tokens=7),
+            dict(model="base", prompt=CHAT_PROMPTS[2], max_tokens=24, stop=["e", "o"]),
+            dict(model="base", prompt=CHAT_PROMPTS[3], max_tokens=20, temperature=1.0, top_p=0.9, seed=11),
+            dict(model="a", prompt=CHAT_PROMPTS[0], max_tokens=12, stream=True)]
+
+    def ask(kw):
+        kw = dict(kw)
+        if kw.pop("stream", False):
+            chunks = list(_chat(client, kw.pop("model"), kw.pop("prompt"), stream=True,
+                                stream_options={"include_usage": True}, **kw))
+            text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+            return text, [c.usage.completion_tokens for c in chunks if c.usage][0]
+        reply = _chat(client, kw.pop("model"), kw.pop("prompt"), **kw)
+        return reply.choices[0].message.content, reply.usage.completion_tokens
+
+    def batches(lines):
+        return [int(b) for b in re.findall(r" batch (\d+) ", "\n".join(lines))]
+
+    logged = len(batches(server.stderr_text().splitlines()))
+    alone = [ask(kw) for kw in asks]
+    logged = len(server.wait_for_log(batches, logged + len(asks)))
+    start = threading.Barrier(len(asks))
+    with ThreadPoolExecutor(len(asks)) as pool:
+        together = list(pool.map(lambda kw: (start.wait(timeout=60), ask(kw))[1], asks))
+    assert together == alone
+    assert [text for text, _ in alone[:3]] == ["Paris.", "Blue.", "Four."]
+    together_batches = server.wait_for_log(batches, logged + len(asks))[logged:]
+    assert max(together_batches) >= 4, together_batches  # decoded together, not in turn
+
+
 def test_adapters_load_lazily_and_the_least_recently_used_is_evicted(server, client):
-    _chat(client, "a")
-    _chat(client, "b")  # --max-loaded 1: b's weights replace a's
+    status, body = server.post("/v1/load_lora_adapter", {"lora_name": "lru", "lora_path": "c"}, key=KEY)
+    assert status == 200, body
+    for model in ("a", "b", "d", "lru"):  # --max-loaded 3: the fourth evicts the least recently used, a
+        _chat(client, model)
     loaded = {m.id: m.model_extra["loaded"] for m in client.models.list().data}
-    assert loaded["b"] and not loaded["a"]
+    assert {name for name, is_loaded in loaded.items() if is_loaded} == {str(CHAT_BASE), "b", "d", "lru"}
     assert _chat(client, "a").choices[0].message.content == "Paris."  # reloaded on demand
+    assert server.post("/v1/unload_lora_adapter", {"lora_name": "lru"}, key=KEY)[0] == 200
 
 
 def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(server, client, root, chat_runs):
