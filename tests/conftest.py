@@ -151,3 +151,43 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.get_closest_marker("gpu"):
             item.add_marker(skip)
+
+
+# ----------------------------------------------------------------------------------------------
+# Trained tiny runs, shared by every test that only reads a run
+
+BASE = REPO / "examples" / "tiny-llama"  # the shipped tiny llama (ChatML template)
+PROMPTS = ["What is the capital of France?", "Name a colour.", "Count to five.", "What is two plus two?"]
+# Not the base's ChatML: proves generate renders with the template saved beside the adapter.
+TEMPLATE = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + ': ' + m['content'] + '</s>' }}{% endfor %}"
+            "{% if add_generation_prompt %}{{ '<|im_start|>assistant: ' }}{% endif %}")
+SYSTEM = "You answer briefly."
+
+
+def _memorise_recipe(data, out, fmt, **data_extra) -> dict:
+    return {"model": {"name": str(BASE)},
+            "lora": {"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": "all-linear"},
+            "data": {"train": str(data), "format": fmt, "eval_fraction": 0.0, "max_length": 128, **data_extra},
+            "training": {"max_steps": 40, "batch_size": 4, "grad_accum": 1, "learning_rate": 1.0e-2,
+                         "logging_steps": 100, "seed": 0},
+            "evaluation": {"metrics": False},
+            "output": {"dir": str(out)}}
+
+
+@pytest.fixture(scope="session")
+def memorised_adapters(tmp_path_factory):
+    """Two run dirs under one root, trained once per session on the shipped tiny llama: 'a' (alpaca rows)
+    always answers "Paris.", 'b' (chat rows, its own chat TEMPLATE, SYSTEM on half the rows) always answers
+    "Blue.". For every test that reads adapters (generate, blend, serve, export, ...)."""
+    from lorafit.pipeline import train
+    from lorafit.recipe import validate_recipe
+
+    root = tmp_path_factory.mktemp("adapters")
+    alpaca = write_jsonl(root / "a.jsonl", [{"instruction": p, "input": "", "output": "Paris."} for p in PROMPTS])
+    chat = write_jsonl(root / "b.jsonl", [
+        {"messages": ([{"role": "system", "content": SYSTEM}] if i % 2 else [])
+         + [{"role": "user", "content": p}, {"role": "assistant", "content": "Blue."}]}
+        for i, p in enumerate(PROMPTS)])
+    train(validate_recipe(_memorise_recipe(alpaca, root / "a", "alpaca")))
+    train(validate_recipe(_memorise_recipe(chat, root / "b", "chat", chat_template=TEMPLATE)))
+    return root

@@ -9,42 +9,14 @@ import shutil
 
 import pytest
 
-from tests.conftest import REPO, run_cli, write_jsonl
+from tests.conftest import BASE, PROMPTS, SYSTEM, TEMPLATE, run_cli, write_jsonl
 
-BASE = REPO / "examples" / "tiny-llama"
-PROMPTS = ["What is the capital of France?", "Name a colour.", "Count to five.", "What is two plus two?"]
 ASK = "What is the capital of France?"
-# Not the base's ChatML: proves generate renders with the template saved beside the adapter.
-TEMPLATE = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + ': ' + m['content'] + '</s>' }}{% endfor %}"
-            "{% if add_generation_prompt %}{{ '<|im_start|>assistant: ' }}{% endif %}")
-SYSTEM = "You answer briefly."
-
-
-def _recipe(data, out, fmt, **data_extra) -> dict:
-    return {"model": {"name": str(BASE)},
-            "lora": {"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": "all-linear"},
-            "data": {"train": str(data), "format": fmt, "eval_fraction": 0.0, "max_length": 128, **data_extra},
-            "training": {"max_steps": 40, "batch_size": 4, "grad_accum": 1, "learning_rate": 1.0e-2,
-                         "logging_steps": 100, "seed": 0},
-            "evaluation": {"metrics": False},
-            "output": {"dir": str(out)}}
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    """Two adapters of the shipped tiny llama, trained in-process (the pipeline `lorafit train` runs)."""
-    from lorafit.pipeline import train
-    from lorafit.recipe import validate_recipe
-
-    root = tmp_path_factory.mktemp("adapters")
-    alpaca = write_jsonl(root / "a.jsonl", [{"instruction": p, "input": "", "output": "Paris."} for p in PROMPTS])
-    chat = write_jsonl(root / "b.jsonl", [
-        {"messages": ([{"role": "system", "content": SYSTEM}] if i % 2 else [])
-         + [{"role": "user", "content": p}, {"role": "assistant", "content": "Blue."}]}
-        for i, p in enumerate(PROMPTS)])
-    train(validate_recipe(_recipe(alpaca, root / "a", "alpaca")))
-    train(validate_recipe(_recipe(chat, root / "b", "chat", chat_template=TEMPLATE)))
-    return root
+def runs(memorised_adapters):
+    return memorised_adapters
 
 
 def _json(proc) -> dict:
