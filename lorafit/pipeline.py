@@ -176,6 +176,7 @@ def check_model_source(recipe: Recipe):
     models.warn_remote_code(spec)
     config = load_config(spec.name, revision=spec.revision, trust_remote_code=spec.trust_remote_code,
                          gguf_file=spec.gguf_file)
+    models.check_gguf_mapping(spec, config)  # the conversion's own check, from the tensor names: no weight read
     if recipe.data.packing:
         packing.check_model_type(config.model_type)
     # The CUDA levers asked for explicitly: refused here, before any weights load, where they cannot run.

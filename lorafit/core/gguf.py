@@ -190,6 +190,9 @@ def materialize_gguf(spec: ModelSpec) -> ModelSpec:
     (gguf_dtype), every tensor mapped (else ModelError), and is rebuilt when deleted. Returns the spec of
     that directory, with base_id the hub id the adapter should record (model.base_id, else the GGUF's
     metadata; None when neither knows). Returns *spec* unchanged when it names no GGUF.
+
+    The directory holds the file's language model (tasks.language_model), shared by every task: a seq_cls or
+    token_cls run loads it with its own class, whose head is drawn afresh as on any causal checkpoint.
     """
     spec = gguf_spec(spec)
     if not spec.gguf_file:
@@ -198,8 +201,8 @@ def materialize_gguf(spec: ModelSpec) -> ModelSpec:
     metadata = gguf_metadata(gguf)
     dtype = gguf_dtype(gguf, metadata)
     stat = gguf.stat()
-    key = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}:{spec.task}:{dtype}"
-                         .encode()).hexdigest()[:16]
+    # One conversion per file, whatever the task: the file holds a language model; a task's head is new.
+    key = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}:{dtype}".encode()).hexdigest()[:16]
     out = gguf_cache_root() / "gguf" / f"{gguf.stem}-{key}"
     hub = spec.base_id or gguf_hub_id(metadata)
     if not (out / "config.json").is_file():
@@ -210,9 +213,11 @@ def materialize_gguf(spec: ModelSpec) -> ModelSpec:
 def _convert_gguf(spec: ModelSpec, gguf: Path, out: Path, dtype: str, metadata: dict) -> None:
     import torch
 
+    config = gguf_config(gguf)
+    check_tensor_names(gguf, config)  # validate's check: refused before a single weight is read
     log.info(f"model: dequantizing {gguf.name} ({gguf.stat().st_size / 1e6:.0f} MB) once, as {dtype}, into {out} "
              f"(set LORAFIT_CACHE to put it elsewhere; rebuilt from the GGUF if deleted)")
-    auto_class = tasks.auto_model_class(spec.task)
+    auto_class = tasks.auto_model_class(tasks.language_model(config).name)
     # Written whole into a temporary sibling, then renamed over an incomplete one (no config.json) if any.
     with atomic_dir(out) as tmp:
         from transformers import AutoTokenizer
@@ -244,7 +249,9 @@ def _convert_gguf(spec: ModelSpec, gguf: Path, out: Path, dtype: str, metadata: 
         plain.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / GGUF_MARKER).write_text(json.dumps({"gguf_file": str(gguf.resolve()), "dtype": dtype,
-                                                   "hub_id": gguf_hub_id(metadata), "task": spec.task},
+                                                   "hub_id": gguf_hub_id(metadata),
+                                                   "quantization": gguf_quantization(gguf, metadata),
+                                                   "model_class": type(plain).__name__},
                                                   indent=2) + "\n", encoding="utf-8")
     size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
     hint = "" if spec.base_id or gguf_hub_id(metadata) else \
@@ -252,14 +259,18 @@ def _convert_gguf(spec: ModelSpec, gguf: Path, out: Path, dtype: str, metadata: 
     log.info(f"model: {gguf.name} dequantized: {size / 1e6:.0f} MB in {out}{hint}")
 
 
-def _check_mapping(model, *, missing: set[str], unused: set[str], mismatched, gguf: Path) -> None:
+def _check_mapping(model, *, missing: set[str], unused: set[str], mismatched, gguf: Path,
+                   empty: set[str] | None = None) -> None:
     """Every parameter of the model came from the file and every tensor of the file went into the model,
-    else ModelError naming them. A tied weight (lm_head = embed_tokens) is no missing tensor."""
+    else ModelError naming them. A tied weight (lm_head = embed_tokens) is no missing tensor. *empty*: the
+    parameters no file tensor fills (check_tensor_names, on a meta model); else those reported *missing* or
+    still on the meta device after loading."""
     params = dict(model.named_parameters(remove_duplicate=False))
-    # Reported missing, or still on the meta device (filled from nowhere): parameters only, buffers are
-    # computed from the config (rotary frequencies, position ids).
-    empty = {n for n in missing if n in params} | {n for n, p in params.items() if p.device.type == "meta"}
-    filled = [p for n, p in params.items() if n not in empty and p.device.type != "meta"]
+    if empty is None:
+        # Reported missing, or still on the meta device (filled from nowhere): parameters only, buffers are
+        # computed from the config (rotary frequencies, position ids).
+        empty = {n for n in missing if n in params} | {n for n, p in params.items() if p.device.type == "meta"}
+    filled = [p for n, p in params.items() if n not in empty]
     missing = {n for n in empty if not any(params[n] is p for p in filled)}  # tied to a filled one: fine
     problems = []
     if missing:
@@ -273,6 +284,85 @@ def _check_mapping(model, *, missing: set[str], unused: set[str], mismatched, gg
                          where="model.gguf_file",
                          fix="use a GGUF file transformers converts completely for this architecture (or the "
                              "original safetensors model)")
+
+
+def gguf_config(gguf: Path):
+    """The transformers config a GGUF file's metadata makes (no tensor read)."""
+    from transformers import AutoConfig
+
+    with gguf_metadata_memo():
+        return AutoConfig.from_pretrained(str(gguf.parent), gguf_file=str(gguf))
+
+
+def gguf_quantization(gguf: Path, metadata: dict | None = None) -> str:
+    """How a GGUF file stores its weights, by ggml's name (general.file_type: F16, Q4_1, Q4_K_M ...), else the
+    types its tensors use."""
+    metadata = gguf_metadata(gguf) if metadata is None else metadata
+    file_type = metadata.get("general.file_type")
+    try:
+        from gguf import LlamaFileType
+
+        name = LlamaFileType(int(file_type)).name.removeprefix("MOSTLY_") if file_type is not None else None
+    except (ImportError, ValueError, TypeError):
+        name = None
+    if name:
+        return name.replace("ALL_F32", "F32")
+    try:
+        from transformers.integrations.gguf.reader import GgufHeader
+
+        from gguf import GGMLQuantizationType
+
+        types = {GGMLQuantizationType(t).name for t in GgufHeader.from_file(str(gguf)).ggml_types.values()}
+        return "+".join(sorted(types)) or "unknown"
+    except (ImportError, ValueError, OSError):
+        return "unknown"
+
+
+def check_gguf_mapping(spec: ModelSpec, config) -> None:
+    """check_tensor_names for a recipe's model when it is a GGUF (validate and train, before anything loads)."""
+    spec = gguf_spec(spec)
+    if spec.gguf_file:
+        check_tensor_names(gguf_path(spec), config)
+
+
+def check_tensor_names(gguf: Path, config) -> None:
+    """Every tensor of a GGUF file has a place in its language model, and every parameter of that model is in
+    the file: told from the file's tensor names and the model built on the meta device (transformers' own name
+    map), no weight read. `validate` and `train` run this one check (train before it converts: a file that does
+    not map is refused by both, with one message); the conversion checks the loaded tensors again.
+
+    Architectures that transformers' newer GGUF reader converts (its own renaming rules) are left to that
+    second check."""
+    import torch
+
+    try:
+        from transformers.integrations.gguf.reader import read_gguf_metadata
+        from transformers.integrations.gguf.utils import is_gguf_arch_supported
+        from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor, get_gguf_hf_weights_map
+    except ImportError:  # another transformers: the conversion's check alone
+        return
+    metadata, names = read_gguf_metadata(str(gguf))
+    arch = metadata.get("general.architecture")
+    if is_gguf_arch_supported(arch):
+        return
+    auto_class = tasks.auto_model_class(tasks.language_model(config).name)
+    with torch.device("meta"):
+        model = auto_class.from_config(copy.deepcopy(config))
+    model.tie_weights()
+    processor = TENSOR_PROCESSORS.get(arch, TensorProcessor)(config=config.to_dict())
+    try:
+        to_model = get_gguf_hf_weights_map(model, processor)
+    except NotImplementedError as e:  # gguf-py knows no such architecture: the conversion would fail the same way
+        raise ModelError(f"transformers cannot map the tensors of {gguf.name} (architecture {arch}): "
+                         f"{str(e).splitlines()[0]}", where="model.gguf_file",
+                         fix="use the original safetensors model") from None
+    filled, unused = set(), set()
+    for name in names:
+        # Expert tensors are mapped under their stem (blk.N.ffn_up_exps) and merged by the reader.
+        target = to_model.get(name) or to_model.get(name.rsplit(".", 1)[0])
+        (filled.add(target) if target else unused.add(name))
+    params = {n for n, _ in model.named_parameters(remove_duplicate=False)}
+    _check_mapping(model, missing=set(), unused=unused, mismatched=(), gguf=gguf, empty=params - filled)
 
 
 def _names(names, limit: int = 8) -> str:

@@ -91,8 +91,13 @@ INTERNALS: dict[str, str] = {
     "transformers.integrations.gguf.reader:GgufHeader.from_file": "core/gguf.py: the dtype a GGUF dequantizes to",
     "transformers.modeling_gguf_pytorch_utils:load_gguf_checkpoint(gguf_checkpoint_path, return_tensors)":
         "core/gguf.py: the metadata parsed once per file and process (gguf_metadata_memo)",
-    "transformers.modeling_gguf_pytorch_utils:get_gguf_hf_weights_map":
-        "core/gguf.py: file tensors the legacy reader would skip silently are recorded (every tensor must map)",
+    "transformers.modeling_gguf_pytorch_utils:get_gguf_hf_weights_map(hf_model, processor)":
+        "core/gguf.py: file tensors the legacy reader would skip silently are recorded (every tensor must map); "
+        "validate's mapping check names each file tensor's parameter on a meta model (check_tensor_names)",
+    "transformers.modeling_gguf_pytorch_utils:TENSOR_PROCESSORS":
+        "core/gguf.py: the legacy reader's per-architecture name rules, for check_tensor_names",
+    "transformers.integrations.gguf.utils:is_gguf_arch_supported(gguf_arch)":
+        "core/gguf.py: architectures the newer GGUF reader renames itself (left to the conversion's check)",
     "transformers.modeling_gguf_pytorch_utils:tqdm":
         "core/gguf.py, export/gguf_verify.py: the legacy reader's raw progress bar silenced",
     # gguf-py (the converters' own copy, run by export/llamacpp.py; the same code as the installed gguf's)

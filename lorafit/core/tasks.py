@@ -92,3 +92,11 @@ def format_problem(name: str, fmt: str) -> str | None:
             return f"model.task: format '{own}' needs task '{t.name}'" + (" (an encoder-decoder model)"
                                                                           if t.encoder_decoder else "")
     return None
+
+
+def language_model(config) -> Task:
+    """The generative task a checkpoint's own weights serve (a GGUF file holds a language model and its output
+    head): the encoder-decoder row for an encoder-decoder config, else the decoder-only one. Other tasks load
+    that checkpoint and draw their head afresh."""
+    wanted = bool(getattr(config, "is_encoder_decoder", False))
+    return next(t for t in TASKS.values() if t.generates and t.encoder_decoder == wanted)
