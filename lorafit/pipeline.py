@@ -24,7 +24,7 @@ from lorafit.stages.quantize import prepare_quantized
 from lorafit.stages.report import eval_loss_history, write_report
 from lorafit.stages.resume import check_checkpoint, check_resume, check_run_dir, find_checkpoint
 from lorafit.stages.save import save_adapter, start_run_dir, write_json
-from lorafit.stages.train import peak_memory, train_model, training_arguments, warn_if_untrained
+from lorafit.stages.train import peak_memory, run_arguments, train_model, warn_if_untrained
 
 
 @dataclass
@@ -56,6 +56,9 @@ def train(recipe: Recipe, *, resume: str | None = None, force: bool = False) -> 
     distributed.check_ranks_agree(data.stats)
     log.info(f"data: {render.data_summary(data.stats)}")
     num_labels = policies.class_count(recipe.model.num_labels, data.label_names)
+    # transformers' own refusals (precision, device, a distributed config): validate's, before any weight loads
+    args = run_arguments(recipe, run_dir=run_dir, precision=precision, has_eval=data.eval is not None,
+                         model_type=config.model_type)
 
     # load → quantize → inject. Seeded first: a new head's initial weights and LoRA's A are part of the run.
     set_seed(recipe.training.seed)
@@ -83,10 +86,6 @@ def train(recipe: Recipe, *, resume: str | None = None, force: bool = False) -> 
 
     # train → evaluate
     use_liger = policies.liger(recipe.training, recipe.model.task, config.model_type)
-    args = training_arguments(recipe.training, recipe.evaluation, output_dir=run_dir / rundir.CHECKPOINTS,
-                              precision=precision, gradient_checkpointing=use_gc, has_eval=data.eval is not None,
-                              run_name=recipe.output.run_name or run_dir.name, packed=recipe.data.packing,
-                              liger=use_liger)
     trainer, summary = train_model(model, data, args, resume_from=checkpoint,
                                    save_minutes=recipe.training.save_minutes)
     summary.update(flops.train_throughput_or_none(model, data.train, task=recipe.model.task, precision=precision,
@@ -152,6 +151,8 @@ def validate(recipe: Recipe, *, recipe_path: Path | None = None, show_example: i
     policies.check_max_length(recipe.data, config, tokenizer, spec.name)
     policies.check_prompts(recipe, config, tokenizer)
     data = build_datasets(recipe.data, tokenizer, spec.task, spec.num_labels)
+    run_arguments(recipe, run_dir=Path(recipe.output.dir), precision=precision, has_eval=data.eval is not None,
+                  model_type=config.model_type)  # train's real TrainingArguments: what transformers refuses
     # The estimate builds the meta model and resolves the targets (raising on a name that matches
     # nothing): one pass serves the targets and the memory plan.
     example = show_train_row(data, tokenizer, show_example) if show_example is not None else None

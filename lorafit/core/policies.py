@@ -7,6 +7,8 @@ machine, or ``"cuda"`` / ``"cpu"`` for a hypothetical one (estimate plans both).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from lorafit import log
 from lorafit.core import tasks
 from lorafit.errors import ModelError, RecipeError
@@ -20,25 +22,45 @@ CPU_OPTIM = {"paged_adamw_8bit": "adamw_torch", "paged_adamw_32bit": "adamw_torc
 GRADIENT_CHECKPOINTING_KWARGS = {"use_reentrant": False}
 
 
-def this_device() -> str:
+@dataclass(frozen=True)
+class Machine:
+    """This machine as every decision here reads it."""
+
+    device: str       # "cuda" | "cpu"
+    bf16: bool        # the GPU computes in bfloat16 itself (compute capability 8.0+, or ROCm); False on CPU
+    name: str = "cpu"
+
+
+def machine() -> Machine:
+    """The one capability check: which device trains, and whether it computes in bf16. Not torch's
+    is_bf16_supported(), which says yes on a V100 or T4 where bf16 is only emulated (slowly)."""
     import torch
 
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    if not torch.cuda.is_available():
+        return Machine("cpu", bf16=False)
+    native = bool(torch.version.hip) or torch.cuda.get_device_capability()[0] >= 8
+    return Machine("cuda", bf16=native, name=torch.cuda.get_device_name())
+
+
+def this_device() -> str:
+    return machine().device
 
 
 def precision(training: TrainingSpec, device: str | None = None) -> str:
-    """auto → bf16 on a GPU that supports it, else fp32 (CPU bf16 autocast is slower than fp32 on most CPUs).
+    """auto → bf16 on a GPU that computes in it, else fp32 (CPU bf16 autocast is slower than fp32 on most CPUs).
 
-    On this machine (*device* None) fp16 without CUDA is the user's mistake; a plan for a hypothetical
-    device assumes a GPU with bf16."""
+    On this machine (*device* None) fp16 without CUDA, and bf16 on a GPU without it, are the user's mistakes,
+    refused before anything loads; a plan for a hypothetical device assumes a GPU with bf16."""
     if device is None:
-        import torch
-
-        cuda = torch.cuda.is_available()
-        if training.precision == "fp16" and not cuda:
+        here = machine()
+        if training.precision == "fp16" and here.device != "cuda":
             raise ModelError("fp16 mixed precision needs a CUDA GPU", where="training.precision",
                              fix="use precision: bf16, fp32 or auto on CPU")
-        bf16_ok = cuda and torch.cuda.is_bf16_supported()
+        if training.precision == "bf16" and here.device == "cuda" and not here.bf16:
+            raise ModelError(f"bf16 needs a GPU that computes in bfloat16 (compute capability 8.0 or newer: A100, "
+                             f"H100, L4, RTX 30xx/40xx ...), and this {here.name} does not", where="training.precision",
+                             fix="set precision: auto (bf16 where the GPU has it, else fp32), or fp16")
+        bf16_ok = here.device == "cuda" and here.bf16
     else:
         bf16_ok = device == "cuda"
     if training.precision != "auto":

@@ -52,7 +52,7 @@ def training_arguments(spec: TrainingSpec, evaluation: EvaluationSpec, *, output
         **_checkpointing_args(TrainingArguments, gradient_checkpointing),
         bf16=precision == "bf16",
         fp16=precision == "fp16",
-        use_cpu=not torch.cuda.is_available(),
+        use_cpu=policies.this_device() == "cpu",
         logging_steps=spec.logging_steps,
         logging_first_step=True,
         logging_nan_inf_filter=False,  # a NaN loss must show, not be averaged away
@@ -75,6 +75,53 @@ def training_arguments(spec: TrainingSpec, evaluation: EvaluationSpec, *, output
         use_liger_kernel=liger,
         **distributed.trainer_kwargs(spec.distributed),
     )
+
+
+# What a refusal of transformers / accelerate names → the recipe field to change, and how.
+_REFUSALS = (
+    (("bf16", "fp16", "mixed precision", "mixed_precision"), "training.precision",
+     "set training.precision: auto (bf16 where the GPU computes in it, else fp32)"),
+    (("deepspeed",), "training.distributed", "install deepspeed, or set training.distributed.strategy: ddp"),
+    (("fsdp", "auto_wrap_policy"), "training.distributed.config",
+     "fix that file (transformers' fsdp_config keys), or set config: null for lorafit's defaults"),
+    (("optim",), "training.optim", "choose another training.optim"),
+    (("eval",), "training.eval_steps", "change training.eval_steps"),
+    (("save",), "training.save_steps", "change training.save_steps"),
+)
+
+
+def run_arguments(recipe, *, run_dir: Path, precision: str, has_eval: bool, model_type: str | None):
+    """The run's real TrainingArguments, built before any weight loads and before anything is written (`validate`
+    builds them too): what transformers or accelerate refuse there (their precision and device checks, a
+    distributed config they cannot read, accelerate's ACCELERATE_* environment) is the user's mistake, exit 2,
+    naming what to change, never a failure after gigabytes of weights have loaded."""
+    import os
+    import re
+
+    from lorafit.core import rundir
+    from lorafit.errors import RecipeError
+
+    try:
+        return training_arguments(
+            recipe.training, recipe.evaluation, output_dir=Path(run_dir) / rundir.CHECKPOINTS, precision=precision,
+            gradient_checkpointing=policies.gradient_checkpointing(recipe), has_eval=has_eval,
+            run_name=recipe.output.run_name or Path(run_dir).name, packed=recipe.data.packing,
+            liger=policies.liger(recipe.training, recipe.model.task, model_type))
+    except (ValueError, ImportError, RuntimeError, OSError) as e:  # PackageNotFoundError is an ImportError
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0].strip().rstrip(".")
+        said = first.lower()
+        where, fix = next(((w, f) for words, w, f in _REFUSALS if any(k in said for k in words)),
+                          ("training", "change the setting transformers names"))
+        # accelerate reads its own configuration from the environment: one that asks for what the recipe does not.
+        env = sorted(k for k in os.environ if k.startswith("ACCELERATE_"))
+        words = set(re.findall(r"[a-z0-9]+", said)) - {"accelerate", "use"}
+        asked = [k for k in env if words & set(k.lower().split("_"))]
+        if asked:
+            where = f"environment {', '.join(asked)}"
+            fix = f"unset {' and '.join(asked)} (accelerate's; lorafit takes the strategy and precision from the recipe)"
+        elif env:
+            fix += f"; accelerate also reads {', '.join(env)} from the environment"
+        raise RecipeError(f"transformers refuses the training arguments: {first}", where=where, fix=fix) from None
 
 
 def _checkpointing_args(args_class, enabled: bool) -> dict:
