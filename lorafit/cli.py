@@ -70,10 +70,12 @@ def _console():
     return Console()
 
 
-def _recipe(path: Path, overrides: Optional[List[str]]):
+def _recipe(path: Path, overrides: Optional[List[str]], *, output_dir: Optional[Path] = None):
     from lorafit.recipe import load_recipe
 
-    return load_recipe(path, overrides or [])
+    # --output-dir is a path, taken as written: never read as YAML as --set values are ("exp #3", "2024-06-01", "no")
+    literal = {"output.dir": str(output_dir)} if output_dir is not None else None
+    return load_recipe(path, overrides or [], literal=literal)
 
 
 @app.command()
@@ -100,12 +102,10 @@ def train(
     from lorafit.pipeline import train as run_train
 
     overrides = list(set_ or [])
-    if output_dir is not None:
-        overrides.append(f"output.dir={output_dir}")
     if overwrite:
         overrides.append("output.overwrite=true")
     try:
-        result = run_train(_recipe(recipe, overrides), resume=resume, force=force)
+        result = run_train(_recipe(recipe, overrides, output_dir=output_dir), resume=resume, force=force)
     except TrainingInterrupted as e:  # the same command line, continued
         import shlex
 

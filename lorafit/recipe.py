@@ -420,8 +420,9 @@ def _load_yaml(text: str):
         loader.dispose()
 
 
-def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
-    """Read a YAML recipe, apply ``--set key=value`` overrides, validate. Raises RecipeError."""
+def load_recipe(path: str | Path, overrides: list[str] | None = None, *, literal: dict[str, str] | None = None) -> Recipe:
+    """Read a YAML recipe, apply ``--set key=value`` overrides, then *literal* values (dotted key → the string
+    itself, never read as YAML: ``--output-dir``), validate. Raises RecipeError."""
     path = Path(path)
     if not path.is_file():
         raise RecipeError(f"recipe file not found: {path}", fix="pass the path of a .yaml recipe")
@@ -461,6 +462,8 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
         raise RecipeError("a recipe is a mapping of sections (model:, lora:, data:, ...)", where=str(path))
     for item in overrides or []:
         apply_override(raw, item)
+    for key, value in (literal or {}).items():
+        apply_override(raw, f"{key}={value}", literal=True)
     return resolve_paths(validate_recipe(raw, source=str(path)), path.parent)
 
 
@@ -516,8 +519,9 @@ def _refuse_tokens(node, source: str, path: str = "") -> None:
                           fix="remove it: lorafit reads the token from HF_TOKEN or `hf auth login`, never from a recipe")
 
 
-def apply_override(raw: dict, item: str) -> None:
-    """``a.b=c``: set a nested key; the value is read as YAML (numbers, lists, null), typed later by the schema."""
+def apply_override(raw: dict, item: str, *, literal: bool = False) -> None:
+    """``a.b=c``: set a nested key; the value is read as YAML (numbers, lists, null), typed later by the schema;
+    *literal*: the value is the string as written."""
     key, sep, value = item.partition("=")
     if not sep or not key.strip():
         raise RecipeError(f"--set {item!r}: expected KEY=VALUE, e.g. --set lora.r=8")
@@ -534,7 +538,7 @@ def apply_override(raw: dict, item: str) -> None:
                 raise RecipeError(f"the value is longer than {MAX_SET_CHARS:,} characters", where=f"--set {dotted}",
                                   fix="put long values (templates, lists) in the recipe file")
             try:
-                node[part] = _load_yaml(value) if value.strip() else ""
+                node[part] = value if literal else _load_yaml(value) if value.strip() else ""
             except _YAMLLimit as e:
                 raise RecipeError(f"refused: {e.message}", where=f"--set {dotted}", fix=e.fix) from None
             except (yaml.YAMLError, ValueError, RecursionError):
