@@ -188,11 +188,16 @@ class DataSpec(Section):
             raise ValueError("must be in [0, 0.5] (0.1 holds out 10 %)")
         return v
 
-    @field_validator("prompt_template")
+    @field_validator("prompt_template", "prompt_template_no_input")
     @classmethod
-    def _template(cls, v: str) -> str:
+    def _template(cls, v: str, info) -> str:
+        # Only {instruction} and {input} are filled in (core/prompts.fill_template); other braces are literal.
         if "{instruction}" not in v:
-            raise ValueError("must contain {instruction}")
+            raise ValueError("must contain {instruction}, where each row's instruction goes (other braces are "
+                             "literal text)")
+        if info.field_name == "prompt_template_no_input" and "{input}" in v:
+            raise ValueError("rows without an input use this template: remove {input} (rows with one use "
+                             "data.prompt_template)")
         return v
 
 

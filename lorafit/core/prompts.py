@@ -68,10 +68,23 @@ def _alpaca_segments(row, loc, spec, render):
     extra = column(row, loc, spec, "input", "optional input", optional=True)
     output = column(row, loc, spec, "output", "response")
     if extra and extra.strip():
-        prompt = spec.prompt_template.format(instruction=instruction, input=extra)
+        prompt = fill_template(spec.prompt_template, instruction=instruction, input=extra)
     else:
-        prompt = spec.prompt_template_no_input.format(instruction=instruction)
+        prompt = fill_template(spec.prompt_template_no_input, instruction=instruction)
     return [(prompt, False), (output, True)]
+
+
+_TEMPLATE_TOKEN = re.compile(r"\{\{|\}\}|\{(instruction|input)\}")
+
+
+def fill_template(template: str, **values: str) -> str:
+    """An alpaca prompt template with {instruction} and {input} filled in. Every other brace is literal text (a
+    template may show JSON); ``{{`` and ``}}`` still stand for one brace, as in a str.format template."""
+    def one(match) -> str:
+        token = match.group(0)
+        return token[0] if match.group(1) is None else values.get(match.group(1), token)
+
+    return _TEMPLATE_TOKEN.sub(one, template)
 
 
 def _completion_segments(row, loc, spec, render):

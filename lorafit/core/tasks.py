@@ -65,6 +65,20 @@ def task(name: str | None) -> Task:
     return TASKS[name or DEFAULT]
 
 
+def known(name: str, *, where: str) -> Task:
+    """The row for a task named on the command line (find-targets --task); an unknown name is the user's mistake,
+    with the closest name and the list."""
+    if name in TASKS:
+        return TASKS[name]
+    import difflib
+
+    from lorafit.errors import LorafitError
+
+    close = difflib.get_close_matches(name, list(TASKS), n=1, cutoff=0.5)
+    hint = f"did you mean '{close[0]}'? The tasks: " if close else "use one of: "
+    raise LorafitError(f"unknown task '{name}'", where=where, fix=hint + ", ".join(TASKS))
+
+
 def from_peft_type(task_type: str | None) -> Task:
     """The row for an adapter_config.json's task_type (a plain peft adapter may have none: causal LM)."""
     for t in TASKS.values():
