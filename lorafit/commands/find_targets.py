@@ -20,7 +20,7 @@ BLOCKS = ("attention", "mlp", "other")
 def find_targets(model: str, *, r: int = 16, task: str = tasks.DEFAULT, trust_remote_code: bool = False) -> dict:
     """The report behind ``lorafit find-targets`` (a JSON-ready dict). Raises ModelError."""
     tasks.known(task, where="--task")
-    config = T.load_config(model, trust_remote_code=trust_remote_code, where="MODEL")
+    config = T.load_config(model, trust_remote_code=trust_remote_code, where="MODEL", config_only=True)
     meta = T.build_meta_model(config, task, trust_remote_code=trust_remote_code)
     return describe(meta, r=r, task=task, model_name=model, model_type=getattr(config, "model_type", None))
 

@@ -46,7 +46,7 @@ def estimate(recipe: Recipe) -> dict:
     """The report behind ``lorafit estimate`` (a JSON-ready dict). Raises ModelError / RecipeError."""
     spec, lora = recipe.model, recipe.lora
     config = T.load_config(spec.name, revision=spec.revision, trust_remote_code=spec.trust_remote_code,
-                           gguf_file=spec.gguf_file)
+                           gguf_file=spec.gguf_file, config_only=True)  # validate has loaded it already
     num_labels = policies.config_num_labels(spec, config)
     meta = T.build_meta_model(config, spec.task, trust_remote_code=spec.trust_remote_code, num_labels=num_labels)
     keys, chosen = T.resolve_targets(meta, lora.target_modules, model_name=spec.name)

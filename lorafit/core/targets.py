@@ -257,10 +257,11 @@ def count_trainable(model, chosen: list[LinearModule], *, r: int, bias: str = "n
 
 
 def load_config(name: str, *, revision: str | None = None, trust_remote_code: bool = False, gguf_file: str | None = None,
-                where: str = "model.name"):
+                where: str = "model.name", config_only: bool = False):
     """AutoConfig for a hub id (cached) or a local dir; ModelError naming what was looked for.
 
-    *where* names the input in errors: the recipe's model.name, or find-targets' MODEL argument."""
+    *where* names the input in errors: the recipe's model.name, or find-targets' MODEL argument. *config_only*:
+    the caller reads nothing else (find-targets, estimate), and a missing model's fix says so."""
     from transformers import AutoConfig
 
     if gguf_file is None and is_gguf_name(name):  # a .gguf file: its folder + its name
@@ -297,10 +298,17 @@ def load_config(name: str, *, revision: str | None = None, trust_remote_code: bo
                              where=where, fix="restore it from the model's source (it must be valid JSON)") from None
         from huggingface_hub import constants
 
+        from lorafit.core.hub import hub_unreachable
+
+        away = hub_unreachable()
+        fix = ("download it on a machine that reaches the hub (hf download NAME) and copy it into this cache, or pass "
+               "a local directory" if away else "download it first (hf download NAME) or pass a local directory")
+        if config_only:
+            fix += " (a folder holding only its config.json is enough here: nothing else is read)"
         raise ModelError(f"'{name}' is neither a local model directory nor a model in the hub cache "
-                         f"({constants.HF_HUB_CACHE})",
-                         where=where,
-                         fix="download it first (hf download NAME) or pass a local directory") from None
+                         f"({constants.HF_HUB_CACHE})" + (f", and the hub ({away}) cannot be reached from this "
+                                                          "machine" if away else ""),
+                         where=where, fix=fix) from None
 
 
 def build_meta_model(config, task: str = tasks.DEFAULT, *, trust_remote_code: bool = False, num_labels: int | None = None):
