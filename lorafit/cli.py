@@ -29,6 +29,7 @@ app = typer.Typer(
 )
 
 SET_HELP = "Override a recipe field: --set lora.r=8 (repeatable; values are read as YAML)."
+STRICT_HELP = "Make every advice (docs/advice.md) an error, exit 2 (advice.strict)."
 
 
 def _version(value: bool) -> None:
@@ -89,6 +90,7 @@ def train(
     overwrite: bool = typer.Option(False, "--overwrite",
                                    help="Replace a finished (or interrupted) run in the run directory (output.overwrite)."),
     force: bool = typer.Option(False, "--force", help="--resume even though the recipe changed (recorded in metrics.json)."),
+    strict: bool = typer.Option(False, "--strict", help=STRICT_HELP),
     nproc: Optional[int] = typer.Option(
         None, "--nproc", min=1, help="Train in N processes on this machine (one per GPU), under torchrun."),
     nnodes: int = typer.Option(1, "--nnodes", min=1, help="With --nproc: machines taking part (run the same command on each)."),
@@ -104,6 +106,8 @@ def train(
     overrides = list(set_ or [])
     if overwrite:
         overrides.append("output.overwrite=true")
+    if strict:
+        overrides.append("advice.strict=true")
     try:
         result = run_train(_recipe(recipe, overrides, output_dir=output_dir), resume=resume, force=force)
     except TrainingInterrupted as e:  # the same command line, continued
@@ -164,13 +168,15 @@ def validate(
     show_example: Optional[int] = typer.Option(
         None, "--show-example", metavar="N", min=1,
         help="Also print train row N (1-based, before shuffling) as the model sees it, trained tokens marked."),
+    strict: bool = typer.Option(False, "--strict", help=STRICT_HELP),
 ) -> None:
     """Run every check that needs no training (schema, files, data rows, model, targets). Writes nothing."""
     import dataclasses
 
     from lorafit.pipeline import validate as run_validate
 
-    report = run_validate(_recipe(recipe, set_), recipe_path=recipe, show_example=show_example)
+    overrides = list(set_ or []) + (["advice.strict=true"] if strict else [])
+    report = run_validate(_recipe(recipe, overrides), recipe_path=recipe, show_example=show_example)
     if as_json:
         _print_json(dataclasses.asdict(report))
     else:

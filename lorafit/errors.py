@@ -41,6 +41,10 @@ class ModelError(LorafitError):
     """The model (or adapter) cannot be found or does not fit the recipe."""
 
 
+class AdviceError(LorafitError):
+    """Advice (docs/advice.md) made an error by advice.strict or --strict: the run would start, but unwisely."""
+
+
 class RunFailed(LorafitError):
     """Training produced a NaN/inf loss: the adapter is not saved."""
 

@@ -12,10 +12,10 @@ from pathlib import Path
 from lorafit import log, render
 from lorafit.core import distributed, flops, libs, memory, models, policies, quantization, rundir
 from lorafit.core.secrets import command_line
-from lorafit.core.targets import build_meta_model, load_config, resolve_targets
+from lorafit.core.targets import build_meta_model, layout, load_config, resolve_targets
 from lorafit.errors import RecipeError
 from lorafit.recipe import Recipe
-from lorafit.stages import packing
+from lorafit.stages import advise, packing
 from lorafit.stages.data import build_datasets
 from lorafit.stages.data.example import show_train_row
 from lorafit.stages.evaluate import evaluate_model
@@ -41,7 +41,7 @@ def train(recipe: Recipe, *, resume: str | None = None, force: bool = False) -> 
     checkpoint = find_checkpoint(run_dir / rundir.CHECKPOINTS, resume)
     forced_changes = check_resume(run_dir, recipe, checkpoint, force=force)  # --force: resumed despite these
     precision = policies.precision(recipe.training)
-    config = check_model(recipe)  # validate's model checks, in milliseconds: before data, weights, or any write
+    config, model_layout = check_model(recipe)  # validate's model checks, in ms: before data, weights, or any write
 
     # Data first: a bad row should fail in seconds, before gigabytes of weights load. Under torchrun the
     # main process converts and tokenizes first; the others then agree on the data or stop.
@@ -55,6 +55,9 @@ def train(recipe: Recipe, *, resume: str | None = None, force: bool = False) -> 
         data = build_datasets(recipe.data, tokenizer, recipe.model.task, recipe.model.num_labels)
     distributed.check_ranks_agree(data.stats)
     log.info(f"data: {render.data_summary(data.stats)}")
+    advice = advise.check(recipe, data.stats, tokenizer, model_config, model_layout)  # validate's; exit 2 if strict
+    for line in render.advice_lines(advice.given):
+        log.warn(line)
     num_labels = policies.class_count(recipe.model.num_labels, data.label_names)
     # transformers' own refusals (precision, device, a distributed config): validate's, before any weight loads
     args = run_arguments(recipe, run_dir=run_dir, precision=precision, has_eval=data.eval is not None,
@@ -119,6 +122,7 @@ def train(recipe: Recipe, *, resume: str | None = None, force: bool = False) -> 
         "packing": recipe.data.packing,
         "data_seed": recipe.data.seed,
         "resumed_from": checkpoint,
+        "advice": advice.record(),  # what was said before training, and what advice.ignore silenced
     }
     if forced_changes:
         metrics["resume_forced_changes"] = forced_changes
@@ -139,6 +143,7 @@ class ValidationReport:
     plan: dict                  # estimate's report: targets, trainable parameters, memory
     warnings: list[str] = field(default_factory=list)
     example: dict | None = None  # --show-example: one train row as the model sees it
+    advice: dict = field(default_factory=dict)  # stages.advise.Findings.record(): given, silenced, ignore
 
 
 def validate(recipe: Recipe, *, recipe_path: Path | None = None, show_example: int | None = None) -> ValidationReport:
@@ -165,6 +170,7 @@ def validate(recipe: Recipe, *, recipe_path: Path | None = None, show_example: i
     except RecipeError as e:
         report.warnings.append(f"`train` will refuse: {e}")
     report.example = example
+    report.advice = advise.check(recipe, data.stats, tokenizer, config, plan["layout"]).record()  # train's advice
     return report
 
 
@@ -189,10 +195,11 @@ def check_model_source(recipe: Recipe):
 
 def check_model(recipe: Recipe):
     """validate's checks of the model, which train runs before the data, the weights and the run dir:
-    check_model_source, and lora.target_modules resolved on the meta model. Returns the config."""
+    check_model_source, and lora.target_modules resolved on the meta model. Returns the config and the model's
+    layout (targets.layout: what the advice asks of its modules)."""
     spec = recipe.model
     config = check_model_source(recipe)
     meta = build_meta_model(config, spec.task, trust_remote_code=spec.trust_remote_code,
                             num_labels=policies.config_num_labels(spec, config))
-    resolve_targets(meta, recipe.lora.target_modules, model_name=spec.name)
-    return config
+    _, chosen = resolve_targets(meta, recipe.lora.target_modules, model_name=spec.name)
+    return config, layout(meta, chosen)

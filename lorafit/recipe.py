@@ -15,6 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from lorafit.core import tasks
+from lorafit.core.advice import CODES as ADVICE_CODES
 from lorafit.core.secrets import holds_token, redact
 from lorafit.errors import RecipeError
 
@@ -178,8 +179,8 @@ class DataSpec(Section):
                            "that of the rows trained one by one, with almost no padding. Refused where that cannot be "
                            "guaranteed (other tasks, model types or attention implementations not verified); "
                            "docs/performance.md.")
-    strict: bool = Field(False, description="Make the data checks' warnings (truncation, duplicates, empty "
-                                            "fields, ...; docs/data.md) errors: exit 2 before training.")
+    strict: bool = Field(False, description="Former name of advice.strict (the data checks are advice now: "
+                                            "docs/advice.md); true makes every advice an error.")
 
     @field_validator("eval_fraction")
     @classmethod
@@ -306,6 +307,16 @@ class OutputSpec(Section):
     license: Optional[str] = Field(None, description="License of the trained adapter, for the model card `lorafit push` writes (e.g. apache-2.0).")
 
 
+class AdviceSpec(Section):
+    """The known LoRA mistakes, said as advice by `validate` and at the start of `train` (codes: docs/advice.md)."""
+
+    strict: bool = Field(False, description="Make every advice an error: exit 2 before any weight loads (also "
+                                            "`--strict` on validate and train; data.strict is its former name).")
+    ignore: list[Literal[ADVICE_CODES]] = Field(
+        default_factory=list, description="Advice codes silenced on purpose (say why in a comment beside them); "
+                                          "recorded in metrics.json (advice.silenced: those that applied).")
+
+
 class Recipe(Section):
     model: ModelSpec
     quantization: QuantizationSpec = Field(default_factory=QuantizationSpec)
@@ -314,6 +325,7 @@ class Recipe(Section):
     training: TrainingSpec = Field(default_factory=TrainingSpec)
     evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec)
     output: OutputSpec = Field(default_factory=OutputSpec)
+    advice: AdviceSpec = Field(default_factory=AdviceSpec)
 
     @model_validator(mode="after")
     def _cross_checks(self) -> "Recipe":

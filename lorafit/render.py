@@ -35,9 +35,13 @@ def train_lines(result) -> list[str]:
 
 
 def validate_lines(report) -> list[str]:
-    """``lorafit validate``: one ok line per check, then warnings (a pipeline.ValidationReport)."""
+    """``lorafit validate`` (a pipeline.ValidationReport): one line per check, `ok`, or `warn` when advice
+    (docs/advice.md) or a warning concerns it, each advice on a line of its own under its check; the other
+    warnings; then the count."""
     m, s, plan = report.model, report.data, report.plan
     t = plan["trainable"]
+    advice = report.advice or {}
+    given, run = advice.get("given", []), advice.get("run")
     checks = [("recipe", f"{report.recipe}: schema ok"),
               ("model", f"{m['name']} ({m['model_type']}, task {m['task']}, precision {m['precision']})"),
               ("data", f"{s['train_rows']} train / {s['eval_rows']} eval rows, {s['train_tokens']:,} train tokens "
@@ -46,10 +50,42 @@ def validate_lines(report) -> list[str]:
               *data_checks(s),
               ("targets", f"{', '.join(t['target_modules'])} → {t['adapted_modules']} modules, "
                           f"{t['lora_params'] + t['dora_params']:,} LoRA params at r={t['r']}")]
+    if run:
+        rows = f"{run['rows_per_step']} row{'' if run['rows_per_step'] == 1 else 's'}"
+        checks.append(("training", f"{run['optimizer_steps']:,} optimizer steps of {rows} "
+                                   f"({run['epochs']:.1f} epochs), learning rate {run['learning_rate']:g}"))
     head = estimate_headline(plan)
     checks += [("estimate", line) for line in head[:2]]
-    return [f"ok  {what:<10} {detail}" for what, detail in checks] + \
-        [f"warning: {w}" for w in head[2:] + report.warnings]
+    warnings = head[2:] + report.warnings
+    lines, said = [], set()
+    for what, detail in checks:
+        mine = [a for a in given if a["check"] == what] if what not in said else []
+        warned = mine or (what == "estimate" and detail.startswith("memory plan") and head[2:])
+        lines.append(f"{'warn' if warned else 'ok':<4} {what:<10} {detail}")
+        lines += [f"{'warn':<4} {what:<10} {advice_line(a)}" for a in mine]
+        said.add(what)
+    lines += [f"{'warn':<4} {a['check']:<10} {advice_line(a)}" for a in given if a["check"] not in said]
+    lines += [f"warning: {w}" for w in warnings]
+    return lines + [validate_count(given, len(warnings), advice.get("silenced", []))]
+
+
+def advice_line(a: dict) -> str:
+    """One advice: [code] recipe path: what was found; the fix."""
+    return f"[{a['code']}] {a['where']}: {a['message']}; {a['fix']}"
+
+
+def advice_lines(given) -> list[str]:
+    """The advice `train` says before any weight loads (stages.advise.Findings.given), one warning each."""
+    return [advice_line(a if isinstance(a, dict) else vars(a)) for a in given]
+
+
+def validate_count(given: list[dict], others: int, silenced: list[str]) -> str:
+    """validate's last line: how many warnings, which advice codes."""
+    n = len(given) + others
+    codes = f": advice {', '.join(a['code'] for a in given)} (docs/advice.md; --strict makes advice exit 2)" \
+        if given else ""
+    quiet = f"; silenced by advice.ignore: {', '.join(silenced)}" if silenced else ""
+    return f"{n} warning{'' if n == 1 else 's'}{codes}{quiet}"
 
 
 def data_checks(s: dict) -> list[tuple[str, str]]:
@@ -58,12 +94,11 @@ def data_checks(s: dict) -> list[tuple[str, str]]:
         return []
     n = s["token_lengths"]
     eval_dupes = f", {s['eval_in_train']} eval rows also in train" if s.get("eval_in_train") else ""
-    warned = f"; {len(s['warnings'])} data warning(s) on stderr" if s.get("warnings") else ""
     return [("lengths", f"tokens per row p50 {n['p50']:,}, p95 {n['p95']:,}, max {n['max']:,} "
                         f"(data.max_length {s['max_length']:,})"),
             ("rows", f"{s['truncated']} truncated ({s['eos_cut']} lost their EOS), {s['dropped_fully_masked']} with "
                      f"nothing to train, {s['duplicates']} duplicates{eval_dupes}, {s['empty_fields']} with an empty "
-                     f"field{warned}")]
+                     "field")]
 
 
 def data_summary(s: dict) -> str:

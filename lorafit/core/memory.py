@@ -79,6 +79,7 @@ def estimate(recipe: Recipe) -> dict:
                    "fits": mine["total_bytes"] <= memory},
         "rule_of_thumb": rule_of_thumb(recipe, count.base_params),
         "disk": disk_plan(recipe, mine),
+        "layout": T.layout(meta, chosen),  # what validate's advice asks of the model (core/advice.py)
     }
 
 

@@ -166,6 +166,19 @@ def resolve_targets(model, target_modules, *, model_name: str = "model") -> tupl
     return list(target_modules), [m for m in modules if m.name in chosen_names]
 
 
+def layout(model, chosen: list[LinearModule]) -> dict:
+    """What the advice (core/advice.py) asks of a model's modules: the blocks LoRA adapts and those the model has,
+    and its input and output embeddings (paths; the input's rows). Works on the meta model."""
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    names = {id(m): n for n, m in model.named_modules()}
+    return {"targeted_blocks": sorted({m.block for m in chosen}),
+            "model_blocks": sorted({m.block for m in linear_modules(model)}),
+            "embedding": names.get(id(emb)) if emb is not None else None,
+            "embedding_rows": getattr(emb, "num_embeddings", None),
+            "output_embedding": names.get(id(out)) if out is not None else None}
+
+
 def leaf_names(modules: list[LinearModule]) -> list[str]:
     seen: dict[str, None] = {}
     for m in modules:

@@ -42,7 +42,7 @@ def check_run_dir(spec: OutputSpec, *, resume: str | None) -> Path:
 RESUME_FREE = ("training.epochs", "training.max_steps", "training.logging_steps", "training.eval_steps",
                "training.save_steps", "training.save_minutes", "training.save_total_limit", "training.report_to",
                "training.gradient_checkpointing", "training.compile", "training.liger", "model.attn_implementation",
-               "output.", "evaluation.")
+               "output.", "evaluation.", "advice.", "data.strict")
 
 
 def check_resume(run_dir: Path, recipe: Recipe, checkpoint: str | None, *, force: bool) -> list[str]:

@@ -57,9 +57,10 @@ def test_same_recipe_twice_gives_the_same_adapter(tmp_path, tiny_llama):
     # what a rerun needs, in metrics.json
     assert ma["seed"] == 7 and ma["data_seed"] == 42
     assert {"lorafit", "python", "torch", "transformers", "peft", "accelerate", "datasets"} <= set(ma["versions"])
-    assert ma["data"]["files"] == [{"path": str(DATA), "sha256": hashlib.sha256(DATA.read_bytes()).hexdigest()}]
+    assert ma["data"]["files"] == [{"path": str(DATA), "sha256": hashlib.sha256(DATA.read_bytes()).hexdigest(),
+                                    "rows": len(DATA.read_text().splitlines())}]
     command = ma["command"]
     assert command[1:] == ["train", str(tmp_path / "***.yaml"), "--output-dir", str(tmp_path / "a")]
     assert FAKE_TOKEN not in json.dumps(ma)
-    assert {"token_lengths", "eos_cut", "duplicates", "empty_fields", "warnings"} <= set(ma["data"])
+    assert {"token_lengths", "eos_cut", "duplicates", "empty_fields", "first_rows"} <= set(ma["data"])
     assert "data: 28 train / 4 eval rows; tokens per row p50" in procs[0].stderr

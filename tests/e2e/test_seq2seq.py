@@ -80,7 +80,7 @@ def test_truncation_keeps_the_sources_eos_and_counts_a_targets_lost_eos(tiny_t5,
     assert len(first["input_ids"]) == 8 and first["input_ids"][-1] == tok.eos_token_id
     assert len(second["labels"]) == 8 and second["labels"][-1] != tok.eos_token_id
     assert data.stats["truncated"] == 2 and data.stats["eos_cut"] == 1
-    assert any("2 rows longer than data.max_length=8" in w for w in data.stats["warnings"])
+    assert data.stats["first_rows"]["eos_cut"] == f"{tmp_path / 'd.jsonl'}:2"
 
 
 def test_data_doctor_names_the_row(tiny_t5, tmp_path):
@@ -92,7 +92,7 @@ def test_data_doctor_names_the_row(tiny_t5, tmp_path):
     path = write_jsonl(tmp_path / "d.jsonl", [ROWS[0], {"source": "Hi.", "target": "  "}])
     data = build_datasets(DataSpec(train=str(path), format="seq2seq", eval_fraction=0), tok, "seq2seq_lm")
     assert data.stats["empty_fields"] == 1
-    assert any(f"{path}:2 ('target')" in w for w in data.stats["warnings"])
+    assert data.stats["first_rows"]["empty_fields"] == f"{path}:2 ('target')"
     write_jsonl(path, [ROWS[0], {"source": "Hi.", "summary": "Hello."}])
     with pytest.raises(DataError) as e:
         build_datasets(DataSpec(train=str(path), format="seq2seq", eval_fraction=0), tok, "seq2seq_lm")

@@ -11,7 +11,7 @@ import lorafit
 from tests.conftest import REPO, run_cli, write_jsonl, write_recipe
 
 ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-SECTIONS = ["model", "quantization", "lora", "data", "training", "evaluation", "output"]
+SECTIONS = ["model", "quantization", "lora", "data", "training", "evaluation", "output", "advice"]
 # The contract's commands (../shared/CONTRACT.md); every registered command is checked below too.
 COMMANDS = ["train", "validate", "find-targets", "estimate", "evaluate", "merge", "push", "generate", "schema",
             "blend", "predict"]

@@ -62,10 +62,11 @@ def build_datasets(spec: DataSpec, tokenizer, task: str = tasks.DEFAULT, num_lab
     found = tokenize(sources, spec, tokenizer, num_labels=num_labels, label_names=label_names)
 
     train, evaluation = found.parts[0], (found.parts[1] if len(found.parts) > 1 else None)
+    split = None
     if evaluation is None and spec.eval_fraction > 0 and len(train) >= 2:
         n_eval = min(len(train) - 1, max(1, round(len(train) * spec.eval_fraction)))
-        split = train.train_test_split(test_size=n_eval, seed=spec.seed)
-        train, evaluation = split["train"], split["test"]
+        parts = train.train_test_split(test_size=n_eval, seed=spec.seed)
+        train, evaluation = split = parts["train"], parts["test"]
 
     lengths = [len(x) for x in train["input_ids"]]
     digest = (sources[0].digest if len(sources) == 1
@@ -80,11 +81,11 @@ def build_datasets(spec: DataSpec, tokenizer, task: str = tasks.DEFAULT, num_lab
         "trainable_tokens": (sum(lengths) if tasks.task(task).row_label  # a class for the whole row
                              else sum(sum(1 for x in row if x != IGNORE) for row in train["labels"])),
         "fingerprint": digest,
-        "files": [{"path": s.name, "sha256": s.digest.hex()} for s in sources],
+        "files": [{"path": s.name, "sha256": s.digest.hex(), "rows": len(s.rows)} for s in sources],
         "format": spec.format,
         "max_length": spec.max_length,
     }
-    checks.examine(stats, sources, spec, found)
+    checks.examine(stats, sources, spec, found, split=split)
     bundle = DataBundle(train, evaluation, make_collator(tokenizer, task), stats, found.label_names)
     if getattr(spec, "packing", False) and tasks.task(task).causal:
         from lorafit.stages.packing import pack_bundle
