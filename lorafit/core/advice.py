@@ -66,7 +66,7 @@ class Facts:
     """What the rules look at besides the recipe. ``data``: the data stage's stats (train_rows, eval_rows,
     truncated, eos_cut, dropped_fully_masked, duplicates, eval_in_train, empty_fields, token_lengths, files,
     first_rows, packed_blocks); ``layout``: targets.layout of the model (adapted and existing blocks, the input
-    embedding's path and rows)."""
+    embedding's path and rows, the output embedding's path)."""
 
     data: dict
     layout: dict = field(default_factory=dict)
@@ -145,7 +145,7 @@ def _alpha_ratio(recipe, facts, threshold):
     ratio = lora.alpha / lora.r
     if ratio < 1 / threshold or ratio > 2 * threshold:
         rs = " or, at this rank, lora.use_rslora: true (scale alpha/√r)" if lora.r >= 64 else ""
-        return ("lora.alpha", f"alpha/r = {ratio:g} (alpha {lora.alpha:g}, r {lora.r}): the update is scaled by "
+        return ("lora.alpha", f"alpha/r = {ratio:.3g} (alpha {lora.alpha:g}, r {lora.r}): the update is scaled by "
                               "alpha/r, so this acts roughly as a learning "
                               f"rate {ratio / 2:.2g}× the one alpha = 2·r gives",
                 f"set lora.alpha: {2 * lora.r}{rs}")
