@@ -117,7 +117,8 @@ def test_json_document_and_headline(tiny_dir, monkeypatch):
 
     report = json.loads(json.dumps(E.estimate(recipe(tiny_dir))))
     assert report["schema_version"] == 1
-    assert set(report) == {"schema_version", "model", "trainable", "plans", "device", "rule_of_thumb", "disk"}
+    assert set(report) == {"schema_version", "model", "trainable", "plans", "device", "rule_of_thumb", "disk", "layout"}
+    assert report["layout"]["targeted_blocks"] == ["attention", "mlp"] and report["layout"]["embedding_rows"] > 0
     disk, comp = report["disk"], report["plans"][report["device"]["plan"]]["components"]
     assert disk["adapter_bytes"] == comp["gradients"] and disk["checkpoints_kept"] == 2
     assert disk["checkpoint_bytes"] == comp["gradients"] + comp["optimizer_states"] + E.CHECKPOINT_EXTRA
