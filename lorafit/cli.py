@@ -17,7 +17,7 @@ import typer
 
 from lorafit import __version__, render
 from lorafit.core import tasks
-from lorafit.errors import LorafitError, RecipeError, TrainingInterrupted
+from lorafit.errors import EvaluationInterrupted, LorafitError, RecipeError, TrainingInterrupted
 
 app = typer.Typer(
     name="lorafit",
@@ -489,12 +489,16 @@ def main() -> None:
         if is_main_process():
             import signal
 
-            how = "stopped at once, during" if e.immediate else "stopped after"
-            saved = f"last checkpoint: {e.checkpoint}" if e.checkpoint else "no checkpoint was written yet"
-            typer.echo(f"interrupted ({signal.Signals(e.signum).name}): {how} step {e.step}/{e.max_steps}; {saved}",
-                       err=True)
+            typer.echo(f"interrupted ({signal.Signals(e.signum).name}): {render.interrupted_training(e)}", err=True)
             if e.checkpoint and e.resume_command:
                 typer.echo(f"resume with: {e.resume_command}", err=True)
+        sys.exit(e.exit_code)
+    except EvaluationInterrupted as e:  # train's final evaluation: the adapter is saved already
+        if is_main_process():
+            import signal
+
+            typer.echo(f"interrupted ({signal.Signals(e.signum).name}) during the final evaluation: "
+                       f"{render.interrupted_evaluation(e.run_dir)}", err=True)
         sys.exit(e.exit_code)
     except typer.Exit as e:
         sys.exit(e.exit_code)

@@ -53,18 +53,38 @@ class PushError(LorafitError):
     """The push cannot be done as asked (repo id, token, rights)."""
 
 
+class OutOfMemory(LorafitError):
+    """An evaluation ran out of memory even at batch size 1 (it halves its batch first)."""
+
+
 class TrainingInterrupted(Exception):
     """Ctrl-C / SIGTERM stopped `train`: not a mistake and not a failure. The CLI prints the resume
     command and exits 128 + the signal's number (130 for SIGINT, 143 for SIGTERM)."""
 
-    def __init__(self, signum: int, *, step: int, max_steps: int, checkpoint: str | None, immediate: bool = False):
+    def __init__(self, signum: int, *, step: int, max_steps: int, checkpoint: str | None, immediate: bool = False,
+                 saving: str | None = None):
         self.signum = signum
         self.step = step
         self.max_steps = max_steps
         self.checkpoint = checkpoint    # the last complete checkpoint, or None
         self.immediate = immediate      # a second signal: stopped at once, without a new checkpoint
+        self.saving = saving            # the checkpoint being written when it stopped at once (not written), or None
         self.resume_command: str | None = None  # filled in by the CLI, which knows the command line
         super().__init__(f"interrupted at step {step}/{max_steps}")
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum
+
+
+class EvaluationInterrupted(Exception):
+    """Ctrl-C / SIGTERM during the final evaluation of `train`: the adapter and metrics.json are saved already.
+    The CLI says how to evaluate later (`lorafit evaluate RUN`) and exits 128 + the signal's number."""
+
+    def __init__(self, signum: int, run_dir: str | None = None):
+        self.signum = signum
+        self.run_dir = run_dir          # filled in by the train pipeline, which knows it
+        super().__init__(f"interrupted during the final evaluation (signal {signum})")
 
     @property
     def exit_code(self) -> int:

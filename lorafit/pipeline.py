@@ -1,4 +1,4 @@
-"""The whole run on one screen: load → quantize → inject → train → evaluate → save.
+"""The whole run on one screen: load → quantize → inject → train → save → evaluate.
 
 ``validate`` runs every check of ``train`` that needs no training and writes nothing. Both return data;
 the CLI's rendering layer (render.py) turns it into lines.
@@ -18,7 +18,7 @@ from lorafit.recipe import Recipe
 from lorafit.stages import advise, packing
 from lorafit.stages.data import build_datasets
 from lorafit.stages.data.example import show_train_row
-from lorafit.stages.evaluate import evaluate_model
+from lorafit.stages.evaluate import after_training, evaluate_model, not_evaluated
 from lorafit.stages.inject import inject_lora
 from lorafit.stages.quantize import prepare_quantized
 from lorafit.stages.report import eval_loss_history, write_report
@@ -80,7 +80,8 @@ def train(recipe: Recipe, *, resume: str | None = None, force: bool = False) -> 
         packing.prepare_model(model, data.collator)  # attention that keeps rows apart; no KV cache in the forward
     if checkpoint:
         check_checkpoint(checkpoint, model)
-    start_run_dir(run_dir, recipe, resume=resume)  # the first write: every refusal above leaves the dir as it was
+    start_run_dir(run_dir, recipe, resume=resume, checkpoint=checkpoint)  # the first write: every refusal above
+    # leaves the dir as it was; a fresh run clears the old run's artifacts, a resume the checkpoints it abandons
     log.info(f"lora: {injection.adapted_modules} modules ({', '.join(injection.target_keys)}), "
              f"{injection.trainable_params:,} trainable params ({injection.trainable_percent:.4f} %)")
     if injection.saved_modules:
@@ -95,11 +96,9 @@ def train(recipe: Recipe, *, resume: str | None = None, force: bool = False) -> 
                                                   tokens_per_second=summary["train_tokens_per_second"],
                                                   world_size=distributed.world_size()))
     warn_if_untrained(summary)
-    eval_metrics = evaluate_model(trainer, data.eval, recipe.evaluation, recipe=recipe, tokenizer=tokenizer,
-                                  label_names=data.label_names)
-    eval_metrics["loss_history"] = eval_loss_history(trainer.state.log_history)
 
-    # save (main process only)
+    # save (main process only), then evaluate: an evaluation cut short (Ctrl-C, SIGTERM, out of memory) leaves
+    # the adapter and metrics.json, and says how to measure it later
     metrics = {
         "trainable_params": injection.trainable_params,
         "total_params": injection.total_params,
@@ -111,7 +110,7 @@ def train(recipe: Recipe, *, resume: str | None = None, force: bool = False) -> 
         "compile": recipe.training.compile,
         "liger": use_liger,
         "train": summary,
-        "eval": eval_metrics,
+        "eval": not_evaluated(run_dir, trainer.state.log_history),
         "data": data.stats,
         "memory": peak_memory(),
         "versions": libs.versions(),
@@ -130,6 +129,13 @@ def train(recipe: Recipe, *, resume: str | None = None, force: bool = False) -> 
     if distributed.is_main_process():
         save_adapter(trainer.model, tokenizer, run_dir, expected_modules=injection.adapted_modules,
                      state_dict=gathered)
+        write_json(run_dir / rundir.METRICS, metrics)
+    with after_training(run_dir, recipe, metrics):  # Ctrl-C / SIGTERM: exit 130 / 143, the adapter kept
+        metrics["eval"] = evaluate_model(trainer, data.eval, recipe.evaluation, recipe=recipe, tokenizer=tokenizer,
+                                         label_names=data.label_names)
+        metrics["eval"]["loss_history"] = eval_loss_history(trainer.state.log_history)
+    metrics["memory"] = peak_memory()
+    if distributed.is_main_process():
         write_json(run_dir / rundir.METRICS, metrics)
         write_report(run_dir, recipe, metrics)  # report.md + loss.png; failing to write them only warns
     return TrainResult(run_dir, metrics)

@@ -34,6 +34,30 @@ def train_lines(result) -> list[str]:
     return lines
 
 
+def interrupted_training(e) -> str:
+    """What a Ctrl-C / SIGTERM during training left (an errors.TrainingInterrupted), truthfully: a second signal
+    during a checkpoint's save means that checkpoint was not written."""
+    from pathlib import Path
+
+    last = f"the last complete checkpoint is {e.checkpoint}" if e.checkpoint else "no checkpoint was written yet"
+    if e.checkpoint:
+        step = Path(e.checkpoint).name.rsplit("-", 1)[-1]
+        last += f" (step {step})" if step.isdigit() else ""
+    if e.immediate and e.saving and not (e.checkpoint and Path(e.checkpoint).name == e.saving):
+        return (f"stopped at once while writing {e.saving}, which was not written (its partial copy is removed at "
+                f"the next start); {last}")
+    how = "stopped at once, during" if e.immediate else "stopped after"
+    return f"{how} step {e.step}/{e.max_steps}; {last}"
+
+
+def interrupted_evaluation(run_dir) -> str:
+    """What a Ctrl-C / SIGTERM during train's final evaluation left: the adapter, and how to evaluate it."""
+    import shlex
+
+    return (f"the adapter is saved in {run_dir}/{rundir.ADAPTER} and metrics.json holds the training figures; "
+            f"evaluate it with: lorafit evaluate {shlex.quote(str(run_dir))}")
+
+
 def validate_lines(report) -> list[str]:
     """``lorafit validate`` (a pipeline.ValidationReport): one line per check, `ok`, or `warn` when advice
     (docs/advice.md) or a warning concerns it, each advice on a line of its own under its check; the other

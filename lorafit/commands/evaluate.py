@@ -47,6 +47,8 @@ def evaluate_adapter(path: Path, data: Path | None) -> dict:
     """Eval loss and perplexity of the base (adapter disabled) and of base + adapter on the same rows."""
     source = find_adapter(path)  # before the heavy imports: a wrong path fails at once
     recipe = _adapter_recipe(source, data)
+    if data is None:
+        check_data_unchanged(source)
     import torch
     from transformers import TrainingArguments
 
@@ -86,6 +88,30 @@ def evaluate_adapter(path: Path, data: Path | None) -> dict:
         if report is not None:
             result["report"] = str(report)
     return result
+
+
+def check_data_unchanged(source) -> None:
+    """The run's held-out split is re-drawn from its data files: a file changed since training (its sha256 in
+    metrics.json) would split differently, and rows the adapter trained on could be measured as held out."""
+    import hashlib
+
+    if source.run_dir is None:
+        return
+    try:
+        recorded = (json.loads((source.run_dir / rundir.METRICS).read_text(encoding="utf-8")).get("data") or {})
+    except (OSError, ValueError):
+        return
+    for entry in recorded.get("files") or []:
+        path = Path(str(entry.get("path", "")))
+        if not entry.get("sha256") or not path.is_file():  # a hub dataset (its fingerprint), or gone: read as before
+            continue
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        if digest != entry["sha256"]:
+            raise LorafitError(f"changed since the run trained on it (sha256 {entry['sha256'][:12]}… in "
+                               f"{source.run_dir / rundir.METRICS}, now {digest[:12]}…): its held-out rows would no "
+                               "longer be the ones kept out of training", where=str(path),
+                               fix=f"restore the file, or pass --data FILE to evaluate on rows of your choosing "
+                                   f"(--data {path} for the file as it is now)")
 
 
 def _rewrite_report(source, result: dict, data: Path | None) -> Path | None:

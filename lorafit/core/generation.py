@@ -6,6 +6,7 @@ encoder-decoder's source (absolute positions, as BART's, must not shift)."""
 from __future__ import annotations
 
 from lorafit import log
+from lorafit.core.oom import in_batches
 from lorafit.core.prompts import (FORMATS, chat_messages, chat_renderer, column, cut_source, encode, end_of_turn_ids,
                                   inference_prompt, seq2seq_tokens)
 from lorafit.recipe import DataSpec
@@ -75,7 +76,8 @@ def generate_greedy(model, tokenizer, prompts: list[list[int]], *, max_new_token
     A decoder-only model's batches are left-padded (a pad id under attention_mask 0), so each row's
     continuation starts right after its own last token; an encoder-decoder's sources are right-padded, so
     each keeps the positions it has alone (BART and mBART embed absolute positions, and the decoder starts
-    afresh anyway). Rows are sorted by length first so a batch wastes little padding."""
+    afresh anyway). Rows are sorted by length first so a batch wastes little padding. A batch that runs out of
+    memory is halved and the rest go on at that size (core.oom)."""
     import torch
 
     encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))
@@ -85,22 +87,27 @@ def generate_greedy(model, tokenizer, prompts: list[list[int]], *, max_new_token
         return list(row) + [fill] * (width - len(row)) if encoder_decoder else [fill] * (width - len(row)) + list(row)
 
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
     out: list[str | None] = [None] * len(prompts)
-    with log.Progress(desc, total=len(batches)) as progress, torch.no_grad():
-        for batch in batches:
-            width = max(len(prompts[i]) for i in batch)
-            ids = torch.tensor([padded(prompts[i], pad, width) for i in batch], device=model.device)
-            mask = torch.tensor([padded([1] * len(prompts[i]), 0, width) for i in batch], device=model.device)
-            generated = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
-                                       do_sample=False, temperature=None, top_p=None, top_k=None,
-                                       eos_token_id=stop or None, pad_token_id=pad,
-                                       use_cache=True)  # training may have turned the cache off
-            # A decoder-only model returns prompt + continuation; an encoder-decoder the decoder's output
-            # alone, opened by its start token (BART's is EOS: dropped before looking for a stop).
-            new = generated[:, 1:] if encoder_decoder else generated[:, width:]
-            for row, i in zip(new.tolist(), batch):
-                end = next((k for k, t in enumerate(row) if t in stop), len(row))
-                out[i] = tokenizer.decode(row[:end], skip_special_tokens=True).strip()
-            progress.update()
+
+    def run_batch(batch: list[int]) -> list[str]:
+        width = max(len(prompts[i]) for i in batch)
+        ids = torch.tensor([padded(prompts[i], pad, width) for i in batch], device=model.device)
+        mask = torch.tensor([padded([1] * len(prompts[i]), 0, width) for i in batch], device=model.device)
+        generated = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+                                   do_sample=False, temperature=None, top_p=None, top_k=None,
+                                   eos_token_id=stop or None, pad_token_id=pad,
+                                   use_cache=True)  # training may have turned the cache off
+        # A decoder-only model returns prompt + continuation; an encoder-decoder the decoder's output
+        # alone, opened by its start token (BART's is EOS: dropped before looking for a stop).
+        new = generated[:, 1:] if encoder_decoder else generated[:, width:]
+        texts = []
+        for row in new.tolist():
+            end = next((k for k, t in enumerate(row) if t in stop), len(row))
+            texts.append(tokenizer.decode(row[:end], skip_special_tokens=True).strip())
+        return texts
+
+    with log.Progress(desc, total=len(order), unit="row") as progress, torch.no_grad():
+        texts = in_batches(order, batch_size, run_batch, what=desc, progress=progress)
+    for i, text in zip(order, texts):
+        out[i] = text
     return out

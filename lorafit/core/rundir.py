@@ -17,6 +17,8 @@ METRICS = "metrics.json"
 REPORT = "report.md"
 LOSS_PLOT = "loss.png"
 CHECKPOINTS = "checkpoints"
+PREDICTIONS = "eval_predictions.jsonl"
+CONFUSION_PLOT = "confusion.png"
 
 
 @dataclass(frozen=True)
@@ -24,25 +26,29 @@ class Artifact:
     name: str           # path inside the run dir
     what: str
     directory: bool
-    overwrite: str      # a fresh run over an old one: "cleared" at its start, or "replaced" when it writes its own
+    overwrite: str      # a fresh run over an old one: "cleared" at its start, or "replaced" as it writes its own
     pushed: bool        # uploaded by `lorafit push RUN_DIR` (the adapter's files at the repo's root)
 
 
 ARTIFACTS: tuple[Artifact, ...] = (
-    # The old adapter stays until the new one is checked and renamed over it: a failed run never leaves none.
-    Artifact(ADAPTER, "the PEFT adapter + tokenizer (+ a classifier head's config.json)", True, "replaced", True),
+    # The old adapter goes before the new run writes anything: a new run that fails must not leave the old
+    # adapter beside its new recipe.yaml, as if one had made the other.
+    Artifact(ADAPTER, "the PEFT adapter + tokenizer (+ a classifier head's config.json)", True, "cleared", True),
     Artifact(RECIPE, "the fully resolved recipe", False, "replaced", False),
     Artifact(METRICS, "losses, base vs adapter, data statistics, versions, command line", False, "cleared", False),
-    Artifact(REPORT, "did the adapter help: recipe, data, base vs adapter, samples", False, "cleared", False),
+    Artifact(REPORT, "did the adapter help: recipe, data, base vs adapter, failures, samples", False, "cleared", False),
     Artifact(LOSS_PLOT, "train and eval loss by step (beside report.md)", False, "cleared", False),
+    Artifact(PREDICTIONS, "one line per eval row: its outcome (answer or class, right or wrong) or its loss",
+             False, "cleared", False),
+    Artifact(CONFUSION_PLOT, "classifiers: the confusion matrix (beside report.md)", False, "cleared", False),
     # An old run's checkpoints must never be resumed by a new recipe.
     Artifact(CHECKPOINTS, "resumable checkpoints (checkpoint-N)", True, "cleared", False),
 )
 
 
 def clear_for_fresh_run(run_dir: Path) -> list[str]:
-    """Remove what a fresh run replaces nothing of (overwrite "cleared"): the old run's figures must not
-    describe the new one. Returns the names removed."""
+    """Remove every artifact a fresh run does not write over at once (overwrite "cleared"): the old run's
+    adapter and figures must not describe the new one. Returns the names removed."""
     removed = []
     for a in ARTIFACTS:
         path = Path(run_dir) / a.name

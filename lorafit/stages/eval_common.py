@@ -69,30 +69,69 @@ def predict_in_order(ctx: EvalContext, desc: str) -> dict | None:
     row in dataset order (a class for seq_cls, a list per token for token_cls, labels padded with IGNORE).
 
     Its own pass, not Trainer.predict: with training.group_by_length the Trainer's eval sampler is a
-    LengthGroupedSampler that reorders rows, and samples must pair each text with its own predictions.
+    LengthGroupedSampler that reorders rows, and samples must pair each text with its own predictions. A batch
+    that runs out of memory is halved and the rest go on at that size (core.oom.in_batches).
     Runs on rank 0 alone, or on every rank when the weights are sharded (each rank the same batches, so
     every forward's collectives match); None on the ranks that do not report."""
     import torch
-    from torch.utils.data import DataLoader
+
+    from lorafit.core.oom import in_batches
 
     if not (ctx.main_process or ctx.sharded):
         return None
     model = ctx.trainer.model.eval()
-    loader = DataLoader(ctx.dataset, batch_size=ctx.batch_size, collate_fn=ctx.trainer.data_collator)
 
     def predict(which: str) -> tuple[list, list]:
-        predictions, labels = [], []
-        with log.Progress(f"{desc} ({which})", total=len(loader)) as progress, torch.no_grad(), \
+        def run_batch(rows: list[int]) -> list[tuple]:
+            batch = ctx.trainer.data_collator([ctx.dataset[i] for i in rows])
+            labels = batch.pop("labels").tolist()
+            logits = model(**{k: v.to(model.device) for k, v in batch.items()}).logits
+            return list(zip(logits.argmax(-1).tolist(), labels))
+
+        what = f"{desc} ({which})"
+        with log.Progress(what, total=len(ctx.dataset), unit="row") as progress, torch.no_grad(), \
                 ctx.trainer.autocast_smart_context_manager():
-            for batch in loader:
-                labels += batch.pop("labels").tolist()
-                logits = model(**{k: v.to(model.device) for k, v in batch.items()}).logits
-                predictions += logits.argmax(-1).tolist()
-                progress.update()
-        return predictions, labels
+            found = in_batches(list(range(len(ctx.dataset))), ctx.batch_size, run_batch, what=what, progress=progress)
+        return [p for p, _ in found], [y for _, y in found]
 
     found = base_and_adapter(ctx, predict)
     return found if ctx.main_process else None
+
+
+# Unless evaluation.max_new_tokens says otherwise, no generation runs longer than this: a reference of thousands
+# of tokens would otherwise make every row's greedy answer that long, base and adapter.
+GENERATION_CAP = 256
+
+
+def new_tokens(spec: EvaluationSpec, references: list[int], prompts: list[int],
+               context: tuple[int, str] | None) -> tuple[int, str | None]:
+    """(max_new_tokens, a note or None): evaluation.max_new_tokens when set, else the longest reference plus 8
+    (an answer that runs past it is wrong anyway; 64 without references) capped at GENERATION_CAP; never past
+    the model's context (*context*: policies.context_limit) after the longest prompt."""
+    note = None
+    if spec.max_new_tokens:
+        max_new = spec.max_new_tokens
+    else:
+        max_new = max(references) + 8 if references else 64
+        if max_new > GENERATION_CAP:
+            longer = sum(1 for n in references if n > GENERATION_CAP)
+            note = (f"generation capped at {GENERATION_CAP} new tokens (evaluation.max_new_tokens unset): "
+                    f"{longer} reference{'s' if longer != 1 else ''} longer than that cannot match exactly; set "
+                    "evaluation.max_new_tokens to generate longer answers")
+            max_new = GENERATION_CAP
+    if context and prompts:
+        max_new = max(1, min(max_new, context[0] - max(prompts)))
+    return max_new, note
+
+
+def generation_cost(rows: int, prompts: int, max_new: int, passes: tuple[str, ...], batch_size: int) -> str:
+    """What a generation pass will cost, said before it starts: the rows and prompts, who answers them, and the
+    most tokens it can generate (every answer running to max_new_tokens) in how many batches."""
+    n = rows + prompts
+    batches = -(-n // max(1, batch_size))
+    return (f"greedy generation of {rows} eval rows and {prompts} prompts ({' and '.join(passes)}), max_new_tokens "
+            f"{max_new}: generated tokens at most {n * max_new * len(passes):,}, in {batches} batches of up to "
+            f"{batch_size} per pass, each up to {max_new} decoding steps")
 
 
 def _decode(tokenizer, ids: list[int], stop: list[int]) -> str:
@@ -124,20 +163,19 @@ def generation_metrics(ctx: EvalContext, split: Callable[[dict], tuple[list[int]
     asked = [prompt_ids(p, tok, data) for p in spec.prompts]
     stop = stop_ids(tok, data)
     prompts = [p for p, _ in pairs] + asked
-    # Long enough for the longest reference and its end token; an answer that runs past it is wrong anyway.
-    max_new = spec.max_new_tokens or (max(len(r) for _, r in pairs) + 8 if pairs else 64)
     model = ctx.trainer.model.eval()
     context = policies.context_limit(getattr(model, "config", None), tok)
-    if context:  # never past the context: an eval row near data.max_length plus its answer may reach it
-        max_new = max(1, min(max_new, context[0] - max(len(p) for p in prompts)))
+    max_new, capped = new_tokens(spec, [len(r) for _, r in pairs], [len(p) for p in prompts], context)
+    if capped:
+        note = f"{note}; {capped}" if note else capped
 
     def run(which: str) -> list[str]:
         with ctx.trainer.autocast_smart_context_manager():
             return generate_greedy(model, tok, prompts, max_new_tokens=max_new, stop=stop,
                                    batch_size=ctx.batch_size, desc=f"generate ({which})")
 
-    log.info(f"evaluate: greedy generation of {len(pairs)} eval rows and {len(asked)} prompts, "
-             f"max_new_tokens {max_new}")
+    log.info("evaluate: " + generation_cost(len(pairs), len(asked), max_new,
+                                           ("base", "adapter") if spec.compare_base else ("adapter",), ctx.batch_size))
     texts = base_and_adapter(ctx, run)
     out: dict = {"note": note} if note else {}
     if pairs:

@@ -4,7 +4,10 @@ disable_adapter, no second load)."""
 
 from __future__ import annotations
 
+import contextlib
 import math
+import shlex
+from pathlib import Path
 from typing import Callable
 
 from lorafit import log
@@ -37,18 +40,104 @@ def evaluate_model(trainer, eval_dataset, spec: EvaluationSpec, *, recipe: Recip
     eval_dataset = limit(eval_dataset, spec)
     result: dict = {}
     if eval_dataset is not None and len(eval_dataset) > 0:
-        adapter = trainer.evaluate(eval_dataset=eval_dataset, metric_key_prefix="eval")
-        result = {"eval_rows": len(eval_dataset), "eval_loss": adapter["eval_loss"],
-                  "eval_perplexity": _perplexity(adapter["eval_loss"])}
+        # Measured already when training evaluated these very rows at its last step: not measured (nor said) twice.
+        adapter = logged_loss(trainer, eval_dataset)
+        if adapter is None:
+            adapter = held_out_loss(trainer, eval_dataset, "eval")
+        result = {"eval_rows": len(eval_dataset), "eval_loss": adapter, "eval_perplexity": _perplexity(adapter)}
         if spec.compare_base:
             with trainer.model.disable_adapter():
-                base = trainer.evaluate(eval_dataset=eval_dataset, metric_key_prefix="base")
-            result["base_eval_loss"] = base["base_loss"]
-            result["base_eval_perplexity"] = _perplexity(base["base_loss"])
+                base = held_out_loss(trainer, eval_dataset, "base")
+            result["base_eval_loss"] = base
+            result["base_eval_perplexity"] = _perplexity(base)
     if recipe is not None and tokenizer is not None:
         result.update(task_metrics(EvalContext(trainer, eval_dataset if result else None, tokenizer, recipe,
                                                label_names, distributed.is_main_process())))
     return result
+
+
+def not_evaluated(run_dir: Path, log_history: list[dict], why: str = "the final evaluation did not finish") -> dict:
+    """metrics.json["eval"] of a run whose adapter is saved but not (yet) measured: why, how to measure it later
+    (`lorafit evaluate RUN`), and the evaluations training made on the way."""
+    from lorafit.stages.report import eval_loss_history
+
+    later = f"lorafit evaluate {shlex.quote(str(run_dir))}"
+    return {"not_measured": f"{why}: the adapter is saved; run `{later}` to measure it",
+            "loss_history": eval_loss_history(log_history)}
+
+
+@contextlib.contextmanager
+def after_training(run_dir: Path, recipe: Recipe, metrics: dict):
+    """The final evaluation of `train`, its adapter already saved. Ctrl-C / SIGTERM stop it at once
+    (EvaluationInterrupted: exit 130 / 143) and an out-of-memory even at batch size 1 ends it (OutOfMemory); either
+    way metrics.json and report.md (main process) say what was not measured and how to measure it later."""
+    import signal
+    import threading
+
+    from lorafit.core import rundir
+    from lorafit.errors import EvaluationInterrupted, OutOfMemory
+
+    def stop(signum, frame):
+        raise EvaluationInterrupted(signum, str(run_dir))
+
+    handlers = {}
+    if threading.current_thread() is threading.main_thread():
+        handlers = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def restore():
+        for s, handler in handlers.items():
+            signal.signal(s, handler)
+        handlers.clear()
+
+    try:
+        yield
+    except (EvaluationInterrupted, OutOfMemory) as e:
+        restore()  # a signal now would cut the writes below, which say the truth
+        interrupted = isinstance(e, EvaluationInterrupted)
+        why = (f"{signal.Signals(e.signum).name} during the final evaluation" if interrupted
+               else f"the final evaluation ran out of memory ({e.message})")
+        history = (metrics.get("eval") or {}).get("loss_history") or []
+        metrics["eval"] = {**not_evaluated(run_dir, [], why), "loss_history": history}
+        if distributed.is_main_process():
+            from lorafit.stages.report import write_report
+            from lorafit.stages.save import write_json
+
+            write_json(Path(run_dir) / rundir.METRICS, metrics)
+            write_report(Path(run_dir), recipe, metrics)
+        if not interrupted:
+            e.message = f"{e.message}; the adapter is saved in {Path(run_dir) / rundir.ADAPTER}"
+            e.fix = f"evaluate it later with `lorafit evaluate {shlex.quote(str(run_dir))}`: {e.fix}"
+            e.args = (str(e),)
+        raise
+    finally:
+        restore()
+
+
+def held_out_loss(trainer, dataset, prefix: str) -> float:
+    """The Trainer's mean loss over *dataset*; an out-of-memory halves the eval batch and starts the pass again
+    (core.oom.halving); the recipe's batch size is put back after."""
+    from lorafit.core.oom import halving
+
+    batch = trainer.args.per_device_eval_batch_size
+
+    def run(size: int) -> float:
+        trainer.args.per_device_eval_batch_size = size
+        return trainer.evaluate(eval_dataset=dataset, metric_key_prefix=prefix)[f"{prefix}_loss"]
+
+    try:
+        return halving(run, batch, what=f"the {'base model' if prefix == 'base' else 'adapter'}'s held-out loss")
+    finally:
+        trainer.args.per_device_eval_batch_size = batch
+
+
+def logged_loss(trainer, dataset) -> float | None:
+    """The eval loss training logged at its last step, when it was measured on *dataset* itself (the Trainer's
+    own eval set, evaluation.max_samples cutting nothing); else None."""
+    state = getattr(trainer, "state", None)
+    if dataset is None or dataset is not getattr(trainer, "eval_dataset", None) or not state or not state.global_step:
+        return None
+    return next((e["eval_loss"] for e in reversed(state.log_history)
+                 if "eval_loss" in e and e.get("step") == state.global_step), None)
 
 
 def batch_progress():

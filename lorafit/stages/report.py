@@ -122,6 +122,8 @@ def report_markdown(recipe: Recipe, metrics: dict, plot: str | None, *, evaluate
                 "| measure | base | adapter | change |", "|---|---:|---:|---:|"]
         out += [f"| {name} | {number(b)} | {number(a)} | {change(b, a)} |" for name, b, a, _ in rows]
         out.append("")
+    elif ev.get("not_measured"):
+        out += [f"Not measured: {ev['not_measured']}.", ""]
     else:
         out += ["No held-out rows were evaluated (data.eval_fraction 0 and no data.eval).", ""]
     if ev.get("metrics_note"):

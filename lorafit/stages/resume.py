@@ -10,6 +10,7 @@ Every check here writes nothing.
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -91,21 +92,39 @@ def _flatten(doc, prefix: str = "") -> dict:
 
 
 def check_not_finished(run_dir: Path, checkpoint: str, recipe: Recipe) -> None:
-    """--resume on a finished run would train past its end (step 9/8) and rewrite its metrics: refuse."""
+    """--resume from a checkpoint past the run's end (a lowered max_steps) would train on from there and call it
+    shorter: refuse, naming the checkpoints it could resume. At the end itself, a run with its adapter is finished
+    (resuming would rewrite its metrics): refuse; without one (its final save was cut short) the resume trains
+    nothing and saves and evaluates the checkpoint's adapter."""
     state_file = Path(checkpoint) / "trainer_state.json"
-    if not (run_dir / rundir.ADAPTER).exists() or not state_file.is_file():
+    if not state_file.is_file():
         return
     state = json.loads(state_file.read_text(encoding="utf-8"))
     step, tr = state.get("global_step", 0), recipe.training
+    name = Path(checkpoint).name
     if tr.max_steps is not None:
-        finished, where, end = step >= tr.max_steps, "training.max_steps", tr.max_steps
-    else:  # epochs: finished when the run was epoch-based too and did not ask for more
-        finished = step >= state.get("max_steps", step + 1) and tr.epochs <= state.get("num_train_epochs", 0)
-        where, end = "training.epochs", tr.epochs
-    if finished:
-        raise RecipeError(f"{run_dir} is a finished run: {Path(checkpoint).name} is its last step ({where} {end}); "
+        end, where, asked = tr.max_steps, "training.max_steps", tr.max_steps
+    else:  # epochs: the run's own length scaled to the epochs asked for (the same data, the same steps per epoch)
+        planned, epochs = state.get("max_steps"), state.get("num_train_epochs")
+        end = math.ceil(planned * tr.epochs / epochs - 1e-9) if planned and epochs else None
+        where, asked = "training.epochs", tr.epochs
+    if end is not None and step > end:
+        earlier = sorted((p for p in Path(checkpoint).parent.glob("checkpoint-*")
+                          if _step_of(p) is not None and _step_of(p) <= end), key=_step_of)
+        resume = (f"resume from {earlier[-1].name} (--resume {earlier[-1]})" if earlier
+                  else "train afresh with --overwrite")
+        raise RecipeError(f"{name} is at step {step}, past the end of the run the recipe asks for ({where} {asked}: "
+                          f"{end} steps): a resume cannot take steps back", where=where,
+                          fix=f"{resume}, set {where} to reach step {step} or beyond, or --overwrite to start again")
+    if (run_dir / rundir.ADAPTER).exists() and end is not None and step >= end:
+        raise RecipeError(f"{run_dir} is a finished run: {name} is its last step ({where} {asked}); "
                           "resuming would train past its end", where=where,
                           fix=f"raise {where} (--set {where}=...) to train further, or use --overwrite to start again")
+
+
+def _step_of(path: Path) -> int | None:
+    suffix = path.name.rsplit("-", 1)[-1]
+    return int(suffix) if suffix.isdigit() else None
 
 
 def find_checkpoint(checkpoints_dir: Path, resume: str | None) -> str | None:
@@ -156,12 +175,16 @@ def latest_checkpoint(checkpoints: Path) -> str | None:
     return get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() else None
 
 
-def drop_checkpoints_after(checkpoints: Path, step: int) -> None:
-    """Checkpoints past the last finite loss may hold NaN weights: --resume must not pick them up."""
-    for ckpt in checkpoints.glob("checkpoint-*"):
-        suffix = ckpt.name.rsplit("-", 1)[-1]
-        if suffix.isdigit() and int(suffix) > step:
+def drop_checkpoints_after(checkpoints: Path, step: int) -> list[str]:
+    """Remove the checkpoints past *step*: past the last finite loss they may hold NaN weights, and past the
+    checkpoint a run resumes from they belong to steps it abandons. --resume must never pick them up. Returns
+    their names."""
+    dropped = []
+    for ckpt in sorted(Path(checkpoints).glob("checkpoint-*"), key=lambda p: _step_of(p) or 0):
+        if _step_of(ckpt) is not None and _step_of(ckpt) > step:
             shutil.rmtree(ckpt, ignore_errors=True)
+            dropped.append(ckpt.name)
+    return dropped
 
 
 def drop_partial_checkpoints(checkpoints: Path) -> None:

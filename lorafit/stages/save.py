@@ -8,24 +8,40 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from lorafit import log
 from lorafit.core import rundir
 from lorafit.core.files import atomic_dir, atomic_write_text
 from lorafit.core.weights import lora_modules, read_header
 from lorafit.errors import LorafitError
 from lorafit.recipe import Recipe, dump_recipe
-from lorafit.stages.resume import drop_partial_checkpoints
+from lorafit.stages.resume import drop_checkpoints_after, drop_partial_checkpoints
 from lorafit.stages.resume import recipe_changes  # noqa: F401  (moved to stages.resume; lorafit.sweep imports it here)
 
 
-def start_run_dir(run_dir: Path, recipe: Recipe, *, resume: str | None) -> None:
+def start_run_dir(run_dir: Path, recipe: Recipe, *, resume: str | None, checkpoint: str | None = None) -> list[str]:
     """Create the run directory and write the resolved recipe. A fresh run over an old one (overwrite)
-    clears the old run's artifacts (core.rundir): --resume must never pick up another recipe's state, and
-    no old figure may describe the new run. The old adapter stays until the new one replaces it."""
+    clears every artifact of the old run (core.rundir), its adapter included: --resume must never pick up
+    another recipe's state, no old figure may describe the new run, and a new run that fails leaves no old
+    adapter beside its recipe. A resume from *checkpoint* drops the later checkpoints it abandons. Returns
+    their names."""
     run_dir.mkdir(parents=True, exist_ok=True)
     if resume is None:
         rundir.clear_for_fresh_run(run_dir)
     drop_partial_checkpoints(run_dir / rundir.CHECKPOINTS)
+    dropped = []
+    step = _checkpoint_step(checkpoint)
+    if step is not None:
+        dropped = drop_checkpoints_after(run_dir / rundir.CHECKPOINTS, step)
+        if dropped:
+            log.info(f"dropped {', '.join(dropped)}: the run continues from {Path(checkpoint).name}, "
+                     "their steps are trained again")
     write_recipe(run_dir, recipe)
+    return dropped
+
+
+def _checkpoint_step(checkpoint: str | None) -> int | None:
+    suffix = Path(checkpoint).name.rsplit("-", 1)[-1] if checkpoint else ""
+    return int(suffix) if suffix.isdigit() else None
 
 
 def write_json(path: Path, doc: dict) -> None:

@@ -154,9 +154,11 @@ def _progress_callback():
             self.start_step = 0
             self.start_tokens = 0
             self.last = "loss=-"
+            self.training = False
 
         def on_train_begin(self, args, state, control, **kw):
             self.main = distributed.is_main_process()
+            self.training = True
             self.start, self.start_step = time.perf_counter(), state.global_step
             self.start_tokens = state.num_input_tokens_seen
             if self.main and sys.stderr.isatty():
@@ -215,10 +217,11 @@ def _progress_callback():
                 self.eval_bar.close()
                 self.eval_bar = None
             self.eval_done = 0
+            # Training's periodic evaluations, once each; the evaluate stage's passes after training are its
+            # own to report (the closing summary), not a second "eval loss" at the last step.
             key = next((k for k in (metrics or {}) if k.endswith("_loss")), None)
-            if distributed.is_main_process() and key is not None:
-                which = "base model (adapter off)" if key.startswith("base") else "eval"
-                line = f"step {state.global_step}: {which} loss {metrics[key]:.4f}"
+            if distributed.is_main_process() and key is not None and self.training:
+                line = f"step {state.global_step}: eval loss {metrics[key]:.4f}"
                 self.bar.write(line) if self.bar is not None else log.info(line)
 
         def on_predict(self, args, state, control, metrics=None, **kw):
@@ -229,6 +232,7 @@ def _progress_callback():
             self.eval_done = 0
 
         def on_train_end(self, args, state, control, **kw):
+            self.training = False
             if self.bar is not None:
                 self.bar.close()
                 self.bar = None
@@ -346,6 +350,7 @@ def _trainer_class():
         Ctrl-C mid-save leaves the last good checkpoint as it was; `--resume` never picks up a partial one."""
 
         _staging: str | None = None
+        _saving: str | None = None  # checkpoint-N while it is being written, until it is renamed into place
 
         def _get_train_sampler(self, train_dataset=None):
             # training.group_by_length: the whole epoch sorted by length (stages/sampler.py), not transformers'
@@ -363,6 +368,11 @@ def _trainer_class():
             return self._bucketed
 
         def _run_epoch(self, model, epoch, *args, **kwargs):
+            # Resumed at the last step (a run whose final save was cut short): transformers would still train
+            # one step of the epoch before its stop check (step 9/8). Nothing is left to train.
+            if self.state.global_step >= self.state.max_steps:
+                self.control.should_training_stop = True
+                return None
             # The epoch reaches the sampler here: under several processes (or a resume, whose skipping wrapper
             # hides it) accelerate's set_epoch does not find it, and a resumed epoch must replay its own order.
             if getattr(self, "_bucketed", None) is not None:
@@ -389,6 +399,7 @@ def _trainer_class():
             run_dir = Path(super()._get_output_dir(trial))
             name = f"checkpoint-{self.state.global_step}"
             staging = run_dir / f".partial-{name}"
+            self._saving = name
             if self.args.should_save:
                 shutil.rmtree(staging, ignore_errors=True)
             self.accelerator.wait_for_everyone()
@@ -401,10 +412,12 @@ def _trainer_class():
             self.accelerator.wait_for_everyone()
             if self.args.should_save:
                 replace_dir(staging / name, run_dir / name)
+                self._saving = None
                 shutil.rmtree(staging, ignore_errors=True)
                 rotate_checkpoints(str(run_dir), save_total_limit=self.args.save_total_limit,
                                    best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
             self.accelerator.wait_for_everyone()
+            self._saving = None
 
     return AtomicCheckpointTrainer
 
@@ -484,6 +497,56 @@ def _stop_and_clock(stop: StopRequest, save_minutes: float | None):
     return StopAndClock()
 
 
+def _resume_notice(checkpoint: str | None):
+    from transformers import TrainerCallback
+
+    class ResumeNotice(TrainerCallback):
+        """Where a resumed run starts ("resuming from checkpoint-18, step 18/30"), and what a changed run length
+        does to the learning rate: the Trainer builds the schedule afresh for the new length and continues it at
+        the checkpoint's step, so a decayed rate rises again: said, never done silently."""
+
+        def on_train_begin(self, args, state, control, lr_scheduler=None, **kw):
+            if checkpoint is None or not distributed.is_main_process():
+                return
+            log.info(f"resuming from {Path(checkpoint).name}, step {state.global_step}/{state.max_steps}")
+            planned = _planned_steps(checkpoint)
+            if planned and planned != state.max_steps and lr_scheduler is not None:
+                change = schedule_change(lr_scheduler, getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type),
+                                         state.global_step, planned, state.max_steps)
+                if change:
+                    log.warn(change)
+
+    return ResumeNotice()
+
+
+def _planned_steps(checkpoint: str) -> int | None:
+    """The run length the checkpoint's run was scheduled for (its trainer_state.json's max_steps)."""
+    import json
+
+    try:
+        return int(json.loads((Path(checkpoint) / "trainer_state.json").read_text(encoding="utf-8"))["max_steps"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def schedule_change(lr_scheduler, kind: str, step: int, planned: int, now: int) -> str | None:
+    """The learning rate where the checkpoint's schedule (for *planned* steps) stood at *step*, and where the one
+    recomputed for *now* steps puts it; None when they agree (a constant schedule)."""
+    try:
+        base = lr_scheduler.base_lrs[0]
+        rate = lr_scheduler.lr_lambdas[0]
+        old, new, end = lr_scheduler.get_last_lr()[0], base * rate(step), base * rate(now)
+    except (AttributeError, IndexError, TypeError):
+        return None
+    if math.isclose(old, new, rel_tol=1e-6, abs_tol=1e-12):
+        return None
+    way = "rises" if new > old else "falls"
+    return (f"training.max_steps {planned} → {now}: the {kind} learning-rate schedule is recomputed for {now} steps, "
+            f"not continued: at step {step} the {planned}-step schedule stood at {old:.3g}, the {now}-step one "
+            f"puts it at {new:.3g} (the rate {way} at once), reaching {end:.3g} at step {now}; to train as one "
+            f"{now}-step run would, start again with --overwrite")
+
+
 def whole_run_loss(log_history: list[dict], last_step: int) -> float | None:
     """Mean training loss over every step of the run, from the loss log (each entry is the mean since the
     previous one; a resumed run's log comes from its checkpoint). None when the log has a gap."""
@@ -498,6 +561,7 @@ def train_model(model, bundle, args, *, resume_from: str | None = None, save_min
     """Run the Trainer. Returns (trainer, summary dict). Raises TrainingInterrupted on Ctrl-C / SIGTERM."""
     trainer = build_trainer(model, args, bundle.collator, train_dataset=bundle.train, eval_dataset=bundle.eval)
     trainer.add_callback(_progress_callback())
+    trainer.add_callback(_resume_notice(resume_from))
     stop = StopRequest()
     clock = _stop_and_clock(stop, save_minutes)
     trainer.add_callback(clock)  # before the guards: their should_save = False must win
@@ -512,7 +576,8 @@ def train_model(model, bundle, args, *, resume_from: str | None = None, save_min
     except KeyboardInterrupt:  # the second signal (or Ctrl-C outside our handler): stop now
         state = trainer.state
         raise TrainingInterrupted(stop.signum or signal.SIGINT, step=state.global_step, max_steps=state.max_steps,
-                                  checkpoint=latest_checkpoint(Path(args.output_dir)), immediate=True) from None
+                                  checkpoint=latest_checkpoint(Path(args.output_dir)), immediate=True,
+                                  saving=trainer._saving) from None
     seconds = time.perf_counter() - start
     history = [
         {k: entry[k] for k in ("step", "loss", "learning_rate", "grad_norm") if k in entry}

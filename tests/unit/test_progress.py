@@ -43,9 +43,14 @@ def test_evaluation_batches_are_counted_while_they_run(capsys):
     from transformers import TrainerControl
 
     progress = T._progress_callback()
+    progress.on_train_begin(None, _state(0), TrainerControl())
     for _ in range(12):
         progress.on_prediction_step(None, _state(5), TrainerControl(), eval_dataloader=Loader(12))
-    progress.on_evaluate(None, _state(5), TrainerControl(), metrics={"base_loss": 3.5})
+    progress.on_evaluate(None, _state(5), TrainerControl(), metrics={"eval_loss": 3.5})
     err = capsys.readouterr().err
     assert "eval: 3/12 batches" in err and "eval: 9/12 batches" in err and "eval: 12/12" not in err
-    assert "step 5: base model (adapter off) loss 3.5000" in err
+    assert "step 5: eval loss 3.5000" in err
+    # Once training ends, the evaluate stage's passes are its own to report: no second "eval loss" line.
+    progress.on_train_end(None, _state(5), TrainerControl())
+    progress.on_evaluate(None, _state(5), TrainerControl(), metrics={"base_loss": 3.4})
+    assert "loss" not in capsys.readouterr().err

@@ -17,15 +17,29 @@ def _old_run(tmp_path):
     return run
 
 
-def test_a_fresh_run_clears_the_old_runs_record_but_not_its_adapter(tmp_path):
+def test_a_fresh_run_clears_every_artifact_of_the_old_run_adapter_included(tmp_path):
     run = _old_run(tmp_path)
+    for name in ("eval_predictions.jsonl", "confusion.png"):
+        (run / name).write_text("old")
     recipe = validate_recipe({"model": {"name": "m"}, "data": {"train": "d.jsonl"}, "output": {"dir": str(run)}})
     start_run_dir(run, recipe, resume=None)
     left = sorted(p.name for p in run.iterdir())
-    # Every artifact marked "cleared" is gone; the adapter waits for its replacement; the user's own file stays.
-    assert left == ["adapter", "notes.txt", "recipe.yaml"]
+    # Every artifact is gone before the new run writes (a failed new run leaves no old adapter beside its new
+    # recipe.yaml); the user's own file stays.
+    assert left == ["notes.txt", "recipe.yaml"]
     assert {a.name for a in rundir.ARTIFACTS if a.overwrite == "cleared"}.isdisjoint(left)
     assert (run / "recipe.yaml").read_text() != "old"
+
+
+def test_resuming_an_older_checkpoint_drops_the_later_ones(tmp_path):
+    run = _old_run(tmp_path)
+    for step in (4, 6):
+        (run / "checkpoints" / f"checkpoint-{step}").mkdir(parents=True)
+    recipe = validate_recipe({"model": {"name": "m"}, "data": {"train": "d.jsonl"}, "output": {"dir": str(run)}})
+    dropped = start_run_dir(run, recipe, resume=str(run / "checkpoints" / "checkpoint-4"),
+                            checkpoint=str(run / "checkpoints" / "checkpoint-4"))
+    assert dropped == ["checkpoint-6"]
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["checkpoint-2", "checkpoint-4"]
 
 
 def test_resume_keeps_everything(tmp_path):
