@@ -121,6 +121,14 @@ def test_data_thresholds_at_their_edges():
         data={"truncated": 23, "eos_cut": 23})  # 1 %
 
 
+def test_an_unknown_code_in_advice_ignore_is_a_recipe_error():
+    from lorafit.errors import RecipeError
+
+    with pytest.raises(RecipeError) as e:
+        validate_recipe(merged(RECIPE, {"advice.ignore": ["rank-hihg"]}))
+    assert "advice.ignore.0: got 'rank-hihg'; did you mean 'rank-high'?" in str(e.value)
+
+
 def test_classifiers_may_adapt_attention_only():
     seq_cls = {"model.task": "seq_cls", "data.format": "classification", "lora.target_modules": ["query", "value"]}
     assert codes(seq_cls, layout={"targeted_blocks": ["attention"]}) == []

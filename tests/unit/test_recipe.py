@@ -222,7 +222,8 @@ def test_dump_recipe_round_trips(tmp_path):
                   data={"format": "chat", "chat_template": "chatml", "columns": {"messages": "conversation"}})
     recipe = resolve_paths(validate_recipe(raw), tmp_path)  # as load_recipe gives it: output.dir absolute
     text = dump_recipe(recipe)
-    assert list(yaml.safe_load(text)) == ["model", "quantization", "lora", "data", "training", "evaluation", "output"]
+    assert list(yaml.safe_load(text)) == ["model", "quantization", "lora", "data", "training", "evaluation", "output",
+                                          "advice"]
     again = load_recipe(write(tmp_path / "again.yaml", text))
     assert again == recipe
     assert again.training.learning_rate == pytest.approx(3e-4)
@@ -270,7 +271,7 @@ def test_schema_has_every_section_and_field_docs():
     schema = recipe_schema()
     assert schema["title"] == "lorafit recipe"
     assert list(schema["properties"]) == list(Recipe.model_fields)
-    assert len(schema["properties"]) == 7
+    assert len(schema["properties"]) == 8
     defs = schema["$defs"]
     for section in ("ModelSpec", "QuantizationSpec", "LoraSpec", "DataSpec", "TrainingSpec", "EvaluationSpec",
                     "OutputSpec"):
