@@ -467,7 +467,7 @@ def _optional_resume_value(argv: list[str]) -> list[str]:
 
 def main() -> None:
     from lorafit.core import libs
-    from lorafit.core.distributed import is_main_process
+    from lorafit.core.distributed import first_to_report, is_main_process, rank_label
 
     libs.prepare()  # before any library loads: their chatter off, bitsandbytes' hub-kernel look-up offline
     debug = os.environ.get("LORAFIT_DEBUG") == "1" or "--debug" in sys.argv
@@ -481,9 +481,9 @@ def main() -> None:
 
             traceback.print_exc()
         problems = e.problems if isinstance(e, RecipeError) else [str(e)]
-        if is_main_process():  # under torchrun every rank meets the same mistake: say it once
+        if first_to_report(problems):  # under torchrun: once, whichever ranks meet it, and never swallowed
             for line in problems:
-                typer.echo(f"error: {line}", err=True)
+                typer.echo(f"error: {rank_label()}{line}", err=True)
         sys.exit(e.exit_code)
     except TrainingInterrupted as e:
         if is_main_process():

@@ -51,16 +51,47 @@ def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def rank_label() -> str:
+    """"" for the main process (or alone); "(rank N) " for another, to start a line it says."""
+    return "" if is_main_process() else f"(rank {os.environ.get('RANK')}) "
+
+
+def first_to_report(lines: list[str]) -> bool:
+    """Whether this process prints a user's mistake (*lines*). Alone: yes. Under torchrun each process that meets
+    one asks, and the first on its node to claim the message prints it (a file created exclusively in a folder the
+    node's processes of this launch share): a mistake every rank meets is said once, one that a single rank meets
+    (its own device, its own shard) is never swallowed."""
+    if world_size() == 1:
+        return True
+    import hashlib
+    import tempfile
+    from pathlib import Path
+
+    # The workers of one launch on one node share their parent (torchrun's agent) and the run id.
+    launch = f"{os.getppid()}:{os.environ.get('TORCHELASTIC_RUN_ID', '')}:{os.environ.get('MASTER_PORT', '')}"
+    folder = Path(tempfile.gettempdir()) / f"lorafit-errors-{hashlib.sha256(launch.encode()).hexdigest()[:16]}"
+    claim = folder / hashlib.sha256("\n".join(lines).encode()).hexdigest()[:16]
+    try:
+        folder.mkdir(exist_ok=True)
+        os.close(os.open(claim, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+    except FileExistsError:
+        return False  # another rank said it
+    except OSError:
+        return is_main_process()
+    return True
+
+
 @contextlib.contextmanager
 def main_process_first():
-    """Alone: nothing. Under torchrun: rank 0 runs the block first (GGUF conversion, tokenization and
-    datasets' caches happen once), then the others (accelerate's PartialState)."""
+    """Alone: nothing. Under torchrun: each node's first process runs the block first (GGUF conversion,
+    tokenization and datasets' caches, which live on the node's disk, happen once per node), then that node's
+    others (accelerate's PartialState). The GGUF cache also takes a file lock, for runs that are not one launch."""
     if world_size() == 1:
         yield
         return
     from accelerate import PartialState
 
-    with PartialState().main_process_first():
+    with PartialState().local_main_process_first():
         yield
 
 

@@ -206,7 +206,13 @@ def materialize_gguf(spec: ModelSpec) -> ModelSpec:
     out = gguf_cache_root() / "gguf" / f"{gguf.stem}-{key}"
     hub = spec.base_id or gguf_hub_id(metadata)
     if not (out / "config.json").is_file():
-        _convert_gguf(spec, gguf, out, dtype, metadata)
+        from filelock import FileLock
+
+        # One conversion per file and node: ranks of a launch, or two runs, asking at once wait for the first.
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(out.parent / f".{out.name}.lock")):
+            if not (out / "config.json").is_file():
+                _convert_gguf(spec, gguf, out, dtype, metadata)
     return spec.model_copy(update={"name": str(out), "gguf_file": None, "base_id": hub})
 
 
