@@ -68,7 +68,7 @@ def train(recipe: Recipe, *, resume: str | None = None, force: bool = False) -> 
     dtype = policies.weights_dtype(model_spec, recipe.quantization, precision)
     model = models.load_model(model_spec, recipe.quantization, dtype,
                               num_labels=num_labels, label_names=data.label_names, pad_token_id=tokenizer.pad_token_id,
-                              fsdp=recipe.training.distributed.strategy == "fsdp",
+                              sharded=distributed.sharding(recipe.training.distributed),
                               attn_implementation=policies.attention(model_spec, dtype, config))
     use_gc = policies.gradient_checkpointing(recipe)
     if recipe.quantization.bits is not None:

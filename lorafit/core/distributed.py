@@ -19,8 +19,10 @@ from lorafit.errors import LorafitError
 # Set in the workers `--nproc` starts (beside torchrun's own LOCAL_RANK/WORLD_SIZE): a worker never relaunches.
 LAUNCHED_ENV = "LORAFIT_LAUNCHED"
 
+# cpu_ram_efficient_loading: local rank 0 reads the base on the CPU, the others build it on the meta device, and FSDP
+# broadcasts rank 0's weights as it shards them (accelerate then syncs module states): never a whole copy per GPU.
 FSDP_DEFAULTS = {"version": 2, "auto_wrap_policy": "TRANSFORMER_BASED_WRAP", "state_dict_type": "FULL_STATE_DICT",
-                 "cpu_ram_efficient_loading": False}
+                 "cpu_ram_efficient_loading": True}
 
 
 def deepspeed_defaults(zero_stage: int) -> dict:
@@ -164,6 +166,41 @@ def check(spec) -> None:
                            "FSDP and DeepSpeed on accelerators only; on CPU it would silently fall back to plain "
                            "data parallel)", where=where,
                            fix="use strategy ddp on CPU (`lorafit train RECIPE --nproc N` still runs N processes)")
+
+
+def sharding(spec) -> str | None:
+    """How training.distributed (*spec*) shards the base's weights, which decides how it is loaded: "fsdp", "zero3"
+    (DeepSpeed ZeRO stage 3, from its config file when one is given), or None (every process holds it whole)."""
+    if spec.strategy == "fsdp":
+        return "fsdp"
+    if spec.strategy != "deepspeed":
+        return None
+    stage = spec.zero_stage
+    if spec.config is not None:
+        import json
+
+        try:
+            with open(spec.config, encoding="utf-8") as f:
+                stage = int((json.load(f).get("zero_optimization") or {}).get("stage", 0))
+        except (OSError, ValueError, TypeError, AttributeError):
+            stage = 0  # unreadable: transformers says why when it reads the same file
+    return "zero3" if stage == 3 else None
+
+
+def loading_kwargs(sharded: str | None, *, device: str, rank: int | None = None) -> dict:
+    """from_pretrained's placement of the base, as accelerate intends for the strategy. Unsharded on a GPU: the whole
+    base on this process's own GPU (device_map on the local rank, not cuda:0). FSDP: no device_map; accelerate's
+    cpu_ram_efficient_loading (what `accelerate launch` would set in the environment, read by transformers): local
+    rank 0 reads the weights on the CPU, the others build the model on the meta device, FSDP shards and broadcasts.
+    ZeRO-3: no device_map; the run's TrainingArguments (built first, and kept alive) make transformers partition the
+    weights with deepspeed.zero.Init as they load."""
+    if sharded == "fsdp":
+        os.environ["ACCELERATE_USE_FSDP"] = "true"
+        os.environ["FSDP_CPU_RAM_EFFICIENT_LOADING"] = "true"
+        return {}
+    if sharded == "zero3" or device != "cuda":
+        return {}
+    return {"device_map": {"": local_rank() if rank is None else rank}}
 
 
 def trainer_kwargs(spec) -> dict:

@@ -141,11 +141,13 @@ def prefix_space_for_words(tokenizer) -> bool:
 
 def load_model(spec: ModelSpec, quant: QuantizationSpec | None, dtype: str, *, num_labels: int | None = None,
                label_names: list[str] | None = None, pad_token_id: int | None = None, device: str | None = None,
-               with_tokenizer: bool = True, fsdp: bool = False, attn_implementation: str | None = None):
+               with_tokenizer: bool = True, sharded: str | None = None, attn_implementation: str | None = None):
     """The base model in *dtype* (policies.weights_dtype), on the GPU when there is one (unless *device* is
     "cpu"), quantized through bitsandbytes when *quant* asks for it (then made CPU-safe), with
     *attn_implementation* (policies.attention; None: transformers' default). A local
-    directory must hold tokenizer files too unless *with_tokenizer* is False (merge needs weights only)."""
+    directory must hold tokenizer files too unless *with_tokenizer* is False (merge needs weights only).
+    *sharded* (distributed.sharding: "fsdp", "zero3"): loaded as that strategy intends (distributed.loading_kwargs),
+    never whole onto every GPU."""
     import torch
 
     check_model_files(spec, tokenizer=with_tokenizer)
@@ -155,11 +157,12 @@ def load_model(spec: ModelSpec, quant: QuantizationSpec | None, dtype: str, *, n
         kwargs["attn_implementation"] = attn_implementation
     quantized = quant is not None and quant.bits is not None
     if quantized:
-        kwargs["quantization_config"] = bnb_config(quant, fsdp=fsdp)
-    if (device or policies.this_device()) == "cuda" and torch.cuda.is_available():
-        # Under torchrun each rank owns one GPU: load onto it, not onto cuda:0.
-        torch.cuda.set_device(distributed.local_rank())
-        kwargs["device_map"] = {"": distributed.local_rank()}
+        # Sharded weights (FSDP, ZeRO-3) are stored in the compute dtype, so that they shard with the 16-bit ones.
+        kwargs["quantization_config"] = bnb_config(quant, fsdp=sharded is not None)
+    place = (device or policies.this_device()) if torch.cuda.is_available() else "cpu"
+    if place == "cuda":
+        torch.cuda.set_device(distributed.local_rank())  # under torchrun each rank owns one GPU, not cuda:0
+    kwargs.update(distributed.loading_kwargs(sharded, device=place))
     if not getattr(spec, "allow_pickle", False) and not kwargs.get("gguf_file"):
         kwargs["use_safetensors"] = True  # a hub checkpoint too: pickles run code when unpickled
     if tasks.task(spec.task).labelled:
