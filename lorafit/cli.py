@@ -167,7 +167,9 @@ def validate(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON document."),
     show_example: Optional[int] = typer.Option(
         None, "--show-example", metavar="N", min=1,
-        help="Also print train row N (1-based, before shuffling) as the model sees it, trained tokens marked."),
+        help="Also print row N (1-based) of the train split as the model sees it, trained tokens marked. N counts "
+             "the rows training gets: dropped rows and, under data.eval_fraction, the held-out rows are taken out "
+             "(the rest in the seeded split's order); a packed block under data.packing."),
     strict: bool = typer.Option(False, "--strict", help=STRICT_HELP),
 ) -> None:
     """Run every check that needs no training (schema, files, data rows, model, targets). Writes nothing."""
@@ -243,7 +245,8 @@ def merge(
     verify: bool = typer.Option(False, "--verify", help="Compare merged vs base+adapter logits; write merge_report.json."),
     low_memory: bool = typer.Option(False, "--low-memory", help="Merge shard by shard (RAM ≈ one shard)."),
     max_shard_size: str = typer.Option("2GB", "--max-shard-size", help="Largest safetensors shard."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty --output directory."),
+    overwrite: bool = typer.Option(False, "--overwrite",
+                                   help="Replace a non-empty --output directory (--force, its old name, still works)."),
     force: bool = typer.Option(False, "--force", hidden=True, help="The old name of --overwrite."),
     as_json: bool = typer.Option(False, "--json", help="Print the merge report as one JSON document."),
 ) -> None:

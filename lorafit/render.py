@@ -141,7 +141,7 @@ def example_lines(example: dict, *, color: bool) -> list[str]:
     """``lorafit validate --show-example N``: the row's text, trained spans in [[...]] (or green on a terminal)."""
     how = "trained tokens in green" if color else "trained tokens in [[...]]"
     label = f", class {example['label']}" if "label" in example else ""
-    head = (f"train row {example['row']} of {example['rows']} (before shuffling) as the model sees it: "
+    head = (f"train row {example['row']} of {example['rows']} (the train split's order) as the model sees it: "
             f"{example['tokens']} tokens, {example['trained_tokens']} trained{label}; {how}")
     text = ""
     for piece, trained in example["segments"]:

@@ -34,7 +34,7 @@ OPTIMIZER_BYTES = {
 # What a process needs before its first tensor: the CUDA context and kernels, or Python + torch on CPU.
 RUNTIME_OVERHEAD = {"cuda": 512 * MiB, "cpu": 512 * MiB}
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
-# LORA.md's rule of thumb, GB for a 7B model: 16-bit LoRA and 4-bit QLoRA.
+# The common rule of thumb, bytes for a 7B model: 16-bit LoRA and 4-bit QLoRA (batch 1, short sequences).
 RULE_OF_THUMB_7B = {"lora": 16e9, "qlora": 6e9}
 
 
@@ -194,10 +194,11 @@ def disk_plan(recipe: Recipe, mine: dict) -> dict:
 
 
 def rule_of_thumb(recipe: Recipe, params: int) -> dict:
-    """LORA.md's 7B numbers scaled to this model's size, for comparison (see docs/estimate.md)."""
+    """The rule of thumb's 7B numbers scaled to this model's size, for comparison (see docs/estimate.md)."""
     kind = "qlora" if recipe.quantization.bits == 4 else "lora"
     return {"kind": kind, "bytes": int(RULE_OF_THUMB_7B[kind] * params / 7e9),
-            "source": "LORA.md: 7B ≈ 16 GB (16-bit LoRA), ≈ 6 GB (4-bit QLoRA), scaled by parameter count"}
+            "source": "rule of thumb: a 7B model ≈ 16 GB with 16-bit LoRA, ≈ 6 GB with 4-bit QLoRA (batch 1, short "
+                      "sequences, checkpointing), scaled by parameter count"}
 
 
 # ----------------------------------------------------------------------------------------------

@@ -28,7 +28,9 @@ def check_run_dir(spec: OutputSpec, *, resume: str | None) -> Path:
     if (run_dir / rundir.ADAPTER).exists() and not spec.overwrite and resume is None:
         raise RecipeError(f"{run_dir} already holds a trained adapter", where="output.dir",
                           fix="choose another output.dir (--output-dir DIR), pass --overwrite (output.overwrite: "
-                              "true) to replace it, or --resume to train it further")
+                              "true) to start again (the old run's adapter and files are deleted first), or train "
+                              "it further with --resume and a higher training.max_steps (--set "
+                              "training.max_steps=N)")
     checkpoints = sorted(p.name for p in (run_dir / rundir.CHECKPOINTS).glob("checkpoint-*")) if run_dir.is_dir() else []
     if checkpoints and not (run_dir / rundir.ADAPTER).exists() and not spec.overwrite and resume is None:
         raise RecipeError(f"{run_dir} holds the checkpoints of an interrupted run ({', '.join(checkpoints)}) and "

@@ -75,7 +75,7 @@ def test_published_8b_and_the_parts_of_a_qlora_plan():
 
 
 def test_rule_of_thumb_7b():
-    """LORA.md: 7B LoRA ≈ 16 GB, QLoRA ≈ 6 GB (at batch 1, short sequences, checkpointing)."""
+    """The rule of thumb: 7B LoRA ≈ 16 GB, QLoRA ≈ 6 GB (at batch 1, short sequences, checkpointing)."""
     base = {"training": {"batch_size": 1, "gradient_checkpointing": True}, "data": {"max_length": 512}}
     lora = E.estimate(recipe(str(CONFIGS / "llama-2-7b"), **base))["plans"]["cuda"]["total_bytes"]
     qlora = E.estimate(recipe(str(CONFIGS / "llama-2-7b"), quantization={"bits": 4}, **base))["plans"]["cuda"]
