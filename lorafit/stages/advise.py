@@ -56,8 +56,9 @@ def check(recipe: Recipe, stats: dict, tokenizer, config, layout: dict) -> Findi
                  "every advice is an error")
     if given and (recipe.advice.strict or recipe.data.strict):
         where = "advice.strict" if recipe.advice.strict else "data.strict"
-        raise AdviceError(f"{len(given)} advice {'is an error' if len(given) == 1 else 'are errors'} under {where} "
-                          f"(--strict): " + "; ".join(f"[{a.code}] {a.where}: {a.message}" for a in given),
+        also = " (--strict)" if recipe.advice.strict else ""
+        raise AdviceError(f"{len(given)} advice {'is an error' if len(given) == 1 else 'are errors'} under {where}"
+                          f"{also}: " + "; ".join(f"[{a.code}] {a.where}: {a.message}" for a in given),
                           where=where,
                           fix=f"follow it (docs/advice.md), or silence a code on purpose: advice.ignore: "
                               f"[{', '.join(a.code for a in given)}]")
