@@ -20,9 +20,9 @@ from pathlib import Path
 from lorafit import log
 from lorafit.commands.card import build_blend_card
 from lorafit.core import libs, models
-from lorafit.core.adapters import BLEND_FILE, AdapterSource, check_same_base, find_adapter, find_named, parse_adapters
-from lorafit.core.files import atomic_dir
-from lorafit.core.weights import lora_modules, read_header
+from lorafit.core.adapters import BLEND_FILE, AdapterSource, check_same_base, find_named, parse_adapters
+from lorafit.core.files import atomic_dir, check_output
+from lorafit.core.weights import adapter_ranks
 from lorafit.errors import LorafitError, ModelError
 
 # Methods that combine the A and B factors one by one: every adapter needs the same modules and ranks.
@@ -40,7 +40,7 @@ def blend(adapters: list[str], weights: str | list[float], output: str | Path, *
     check_method(method, density, len(pairs))
     output = Path(output)
     named = find_named(pairs)
-    check_output(output, [s for _, s in named], overwrite=overwrite)
+    check_output(output, [d for _, s in named for d in (s.adapter_dir, s.run_dir)], overwrite=overwrite)
     check_same_base(named)
     module_ranks = check_blendable(named, method)
 
@@ -114,34 +114,6 @@ def check_method(method: str, density: float | None, count: int) -> None:
                            fix="give the fraction of values kept, e.g. 0.5")
 
 
-def check_output(output: Path, sources: list[AdapterSource], *, overwrite: bool) -> None:
-    """Never write over a source, a file, or (without --overwrite) a directory that holds something."""
-    if output.exists() and not output.is_dir():
-        raise LorafitError(f"{output} is a file", where="--output", fix="give a directory path")
-    target = output.resolve()
-    for source in sources:
-        for d in (source.adapter_dir, source.run_dir):
-            # Equal to, or a parent of, a source: --overwrite would remove the adapter being read.
-            if d is not None and d.resolve().is_relative_to(target):
-                raise LorafitError(f"{output} holds a source adapter ({d})", where="--output",
-                                   fix="write the blend to a new directory, outside every --adapter directory")
-    if output.is_dir() and any(output.iterdir()) and not overwrite:
-        raise LorafitError(f"{output} exists and is not empty", where="--output",
-                           fix="choose a new directory, or add --overwrite to replace it")
-
-
-def lora_module_ranks(source: AdapterSource) -> dict[str, int]:
-    """{module: rank} of an adapter, read from its safetensors header (no tensor loaded)."""
-    weights = source.adapter_dir / "adapter_model.safetensors"
-    if not weights.is_file():
-        raise ModelError("no adapter_model.safetensors", where=str(source.adapter_dir),
-                         fix="blend reads safetensors adapters (peft's save_pretrained writes them by default)")
-    ranks = {m.name: m.rank for m in lora_modules(read_header(weights)).values()}
-    if not ranks:
-        raise ModelError("the adapter holds no LoRA weights", where=str(weights))
-    return ranks
-
-
 def check_blendable(named: list[tuple[str, AdapterSource]], method: str) -> list[dict[str, int]]:
     """peft's own rules for add_weighted_adapter, and the ones it leaves to chance, checked on the configs
     and weight headers: [{module: rank}] per source."""
@@ -164,7 +136,7 @@ def check_blendable(named: list[tuple[str, AdapterSource]], method: str) -> list
         raise ModelError(f"adapter '{regex}' names its target modules by a regular expression, '{listed}' by a list; "
                          "peft cannot combine the two", where=f"--adapter {regex}",
                          fix="blend adapters whose target_modules are both lists")
-    ranks = [lora_module_ranks(s) for _, s in named]
+    ranks = [adapter_ranks(s.adapter_dir) for _, s in named]
     if method in FACTORWISE:
         first_name, first = named[0][0], ranks[0]
         for (name, _), own in zip(named[1:], ranks[1:]):
@@ -185,8 +157,7 @@ def check_blendable(named: list[tuple[str, AdapterSource]], method: str) -> list
 
 def check_written(directory: Path, module_ranks: list[dict[str, int]]) -> int:
     """The saved blend adapts every module a source adapted: the number of LoRA modules written."""
-    source = find_adapter(directory)
-    written = lora_module_ranks(source)
+    written = adapter_ranks(directory)
     expected = set().union(*module_ranks)
     missing = sorted(expected - set(written))
     if missing:  # ours, not the user's

@@ -1,20 +1,19 @@
 """`lorafit export RUN_DIR|ADAPTER_DIR --to vllm|gguf|ollama --output DIR`: the adapter made ready for another
 server (lorafit/export/ holds one module per target). Everything the target would refuse is refused first,
-before any weight loads; the export is written to a temporary directory beside --output and renamed into
-place, so a failed export leaves nothing half-written."""
+before anything is written (not even --output's parent directories) and before any weight loads; the export is
+written to a temporary directory beside --output and renamed into place, so a failed export leaves nothing
+half-written."""
 
 from __future__ import annotations
 
 import re
 from pathlib import Path
 
-from lorafit.commands.blend import check_output
 from lorafit.core.adapters import AdapterSource, find_adapter
-from lorafit.core.files import atomic_dir
+from lorafit.core.files import atomic_dir, check_output
 from lorafit.errors import LorafitError
 
 TARGETS = ("vllm", "gguf", "ollama")
-QUANTS = ("f16", "q8_0", "q4_k_m")
 
 
 def export(path: str | Path, to: str, output: str | Path, *, name: str | None = None, quant: str | None = None,
@@ -30,22 +29,22 @@ def export(path: str | Path, to: str, output: str | Path, *, name: str | None = 
         raise LorafitError("checking answers in vLLM needs vLLM on a GPU; the export's checks run anyway",
                            where="--verify", fix="drop --verify, then serve the printed command and compare with "
                                                  "`lorafit generate`")
-    if quant is not None and quant not in QUANTS:
-        raise LorafitError(f"unknown type '{quant}'", where="--quant", fix=f"use one of: {', '.join(QUANTS)}")
+    from lorafit.export import gguf, vllm
+
+    if quant is not None:
+        gguf.check_quant(quant)
     source = find_adapter(path)
     output = Path(output)
-    check_output(output, [source], overwrite=overwrite)
+    check_output(output, [source.adapter_dir, source.run_dir, Path(source.base)], overwrite=overwrite)
     name = adapter_name(source, name)
+    # Every refusal of the target before anything is written.
+    checked = vllm.check(source) if to == "vllm" else gguf.check(source, verify=verify)
 
     final = output.resolve()
     with atomic_dir(output) as work:  # renamed to *output* once complete
         if to == "vllm":
-            from lorafit.export import vllm
-
-            return vllm.export(source, work, final, name=name)
-        from lorafit.export import gguf
-
-        return gguf.export(source, work, final, name=name, quant=quant or "f16", verify=verify,
+            return vllm.export(source, work, final, checked, name=name)
+        return gguf.export(source, work, final, checked, name=name, quant=quant or "f16", verify=verify,
                            ollama=to == "ollama", verify_rows=verify_rows)
 
 

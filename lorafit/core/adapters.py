@@ -61,6 +61,17 @@ class AdapterSource:
         first = Path(sources[0].get("dir") or self.adapter_dir).parent  # the first source's run dir: its relative paths
         return resolve_paths(validate_recipe(raw, source=str(self.adapter_dir / BLEND_FILE)), first)
 
+    def recipe_or_none(self, overrides: list[str] | None = None) -> Recipe | None:
+        """run_recipe, or None when the adapter is in no run or the run's recipe no longer validates (said on
+        stderr: the caller goes on without it)."""
+        try:
+            return self.run_recipe(overrides)
+        except LorafitError as e:
+            from lorafit import log
+
+            log.warn(f"the run's recipe cannot be read ({str(e).splitlines()[0][:200]}); going on without it")
+            return None
+
     @property
     def blend(self) -> dict:
         """What `lorafit blend` recorded about this adapter (sources, weights, method), or {}."""

@@ -3,7 +3,8 @@ then renamed into it. A failure (a full disk, Ctrl-C, a crash) leaves what was t
 the new one; the temporary name is unique per process, so two processes writing one run dir never clash.
 
 Every write of a result goes through here: run files (metrics.json, recipe.yaml, report.md, loss.png),
-adapter/ and checkpoints, the GGUF cache, merge's and blend's outputs, predict's JSONL.
+adapter/ and checkpoints, the GGUF cache, merge's, blend's and export's outputs, predict's JSONL; and the one
+check of a directory a command is about to write whole (check_output).
 """
 
 from __future__ import annotations
@@ -13,7 +14,9 @@ import os
 import shutil
 import uuid
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterable, Iterator
+
+from lorafit.errors import LorafitError
 
 
 def temp_sibling(path: Path, tag: str) -> Path:
@@ -78,3 +81,25 @@ def atomic_dir(path: str | Path, tag: str = "partial") -> Iterator[Path]:
         replace_dir(tmp, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def check_output(output: Path, sources: Iterable[Path | None], *, overwrite: bool, option: str = "--output") -> None:
+    """*output* may become a directory written whole (atomic_dir: with --overwrite, what is there is removed).
+    Refused, --overwrite or not: a file; a directory that is, or holds, one of *sources* (what the command
+    reads), the working directory or the home directory. Without *overwrite*: a directory that holds anything."""
+    output = Path(output)
+    if output.exists() and not output.is_dir():
+        raise LorafitError(f"{output} is a file", where=option, fix="give a directory path")
+    target = output.expanduser().resolve()
+    fix = "write to a new directory of its own (e.g. beside the source: NAME-out)"
+    for source in sources:
+        # Equal to, or a folder above, a source: --overwrite would remove what is being read.
+        if source is not None and source.exists() and source.resolve().is_relative_to(target):
+            raise LorafitError(f"{output} holds a source of this command ({source})", where=option, fix=fix)
+    for name, place in (("the working directory", Path.cwd()), ("the home directory", Path.home())):
+        if place.resolve().is_relative_to(target):
+            what = name if place.resolve() == target else f"a folder above {name}"
+            raise LorafitError(f"{output} is {what}: --overwrite would remove what it holds", where=option, fix=fix)
+    if output.is_dir() and any(output.iterdir()) and not overwrite:
+        raise LorafitError(f"{output} exists and is not empty", where=option,
+                           fix="choose a new directory, or add --overwrite to replace it")

@@ -117,7 +117,7 @@ INTERNALS: dict[str, str] = {
     "kernels._internals.hf_hub": "core/libs.py: the logger whose offline look-up notice is dropped",
     # datasets, peft, torch, typer, optuna; optional: deepspeed, liger_kernel
     "datasets:Dataset._fingerprint": "stages/data/read.py: a hub dataset's fingerprint keys the tokenized rows' cache",
-    "peft.utils.other:get_pattern_key": "commands/merge_streaming.py: lora alpha_pattern resolved as peft does",
+    "peft.utils.other:get_pattern_key": "core/merge_streaming.py: lora alpha_pattern resolved as peft does",
     "peft.utils.other:ModulesToSaveWrapper": "core/targets.py: the heads trained in full, counted",
     "torch:UntypedStorage._cdata": "core/memory.py: each saved tensor's storage counted once in the activation trace",
     "typer._click.exceptions:UsageError": "cli.py: usage errors of the click that typer vendors",

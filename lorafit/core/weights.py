@@ -2,7 +2,7 @@
 dtypes, in milliseconds and without torch) and the one rule for which tensors are LoRA's.
 
 save (checks the adapter it wrote), merge (shapes against the base, the streaming merge's plan, no LoRA
-key left), blend (ranks per module), and models (a saved head's classes) all read headers through here.
+key left), blend and export (ranks per module), and models (a saved head's classes) all read headers through here.
 """
 
 from __future__ import annotations
@@ -116,3 +116,26 @@ def count_adapted(peft_model) -> int:
     """Modules of a live peft model that carry LoRA factors (the same rule as lora_modules for a file). A live
     layer holds both containers, lora_A and lora_embedding_A (one of them empty): each module counts once."""
     return len({found[0] for name, _ in peft_model.named_modules() if (found := lora_factor(name)) and found[1] == "A"})
+
+
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+
+
+def adapter_weights(adapter_dir: str | Path) -> Path:
+    """An adapter directory's safetensors file; ModelError with the fix when it holds none (or only a pickle)."""
+    path = Path(adapter_dir) / ADAPTER_WEIGHTS
+    if not path.is_file():
+        fix = ("re-save it with safetensors (peft's save_pretrained does by default)"
+               if (Path(adapter_dir) / "adapter_model.bin").is_file() else "the directory must hold peft's weights")
+        raise ModelError(f"no {ADAPTER_WEIGHTS}", where=str(adapter_dir), fix=fix)
+    return path
+
+
+def adapter_ranks(adapter_dir: str | Path) -> dict[str, int]:
+    """{adapted module (as in the file): its rank} of an adapter directory, from its header; ModelError when the
+    file holds no LoRA factor."""
+    path = adapter_weights(adapter_dir)
+    ranks = {m.name: m.rank for m in lora_modules(read_header(path)).values()}
+    if not ranks:
+        raise ModelError("the adapter holds no LoRA weights", where=str(path))
+    return ranks

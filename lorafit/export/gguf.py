@@ -10,8 +10,9 @@ OUT/
 
 The chat template and the end-of-turn tokens the adapter was trained with, and the system prompt its training
 rows all had, are in each GGUF's metadata (tokenizer.chat_template, tokenizer.ggml.eos/eot_token_id,
-lorafit.system_prompt). Before any weight loads, llama.cpp's converter reads the base's config and the
-adapter's tokenizer (--vocab-only): an architecture or tokenizer it does not know is refused there.
+lorafit.system_prompt). Before anything is written and before any weight is fetched or loaded (check), llama.cpp's
+converter reads the base's config and the adapter's tokenizer (--vocab-only): an architecture or tokenizer it
+does not know is refused there. A hub base's weights are downloaded only after that.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import json
 import os
 import shlex
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 from lorafit import log
@@ -31,42 +33,62 @@ from lorafit.export import llamacpp
 
 QUANTS = ("f16", "q8_0", "q4_k_m")
 _CONVERTER_TYPES = ("f16", "q8_0")  # written by the converter itself; the others by llama.cpp's quantizer
-_MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors.index.json")
+_CONFIG_FILES = ("config.json", "generation_config.json")
+_CONFIG_PATTERNS = ["*.json", "*.model", "*.txt", "*.jinja"]  # a hub base's config and tokenizer: no weights
 
 
-def export(source: AdapterSource, work: Path, final: Path, *, name: str, quant: str = "f16", verify: bool = False,
-           ollama: bool = False, verify_rows: int | None = None) -> dict:
-    """Write the GGUF (and with *ollama* the Modelfile) export of *source* into *work* (renamed to *final* by
-    the caller). Returns the report."""
+def check_quant(quant: str) -> None:
     if quant not in QUANTS:
         raise LorafitError(f"unknown type '{quant}'", where="--quant", fix=f"use one of: {', '.join(QUANTS)}")
+
+
+@dataclass
+class Checked:
+    """What the checks found, for the export that follows them."""
+
+    recipe: object | None        # the run's Recipe (packing off), or None outside a run
+    tokenizer: object            # the tokenizer the adapter was trained with
+    system: str | None           # the system prompt every training conversation opened with
+    lora_skip: str | None        # why no GGUF LoRA file can be written, or None
+
+
+def check(source: AdapterSource, *, verify: bool = False) -> Checked:
+    """Every refusal, before anything is written and before any weight is fetched or loaded: the export extra,
+    the task, --verify outside a run, and llama.cpp's converter on the base's config and the adapter's tokenizer
+    (--vocab-only, in a temporary directory: an architecture or a tokenizer it does not know)."""
     llamacpp.runtime_version()  # the extra: exit 2 with the install command when it is missing
     if not source.task.causal:
         raise ModelError(f"a {source.task.name} adapter: llama.cpp and Ollama serve text generation (causal_lm) only",
                          where=str(source.adapter_dir / "adapter_config.json"),
                          fix="serve it with `lorafit serve` or `lorafit predict`")
-    recipe = _run_recipe(source)
+    recipe = source.recipe_or_none(["data.packing=false"])
     if verify and recipe is None:
         raise LorafitError(f"{source.adapter_dir} is not inside a lorafit run: --verify answers the run's held-out "
                            "prompts", where="--verify", fix="pass the run directory, or drop --verify")
     libs.quiet_libraries()
     tokenizer = models.load_adapter_tokenizer(source)
-    base_dir = _base_model_dir(source)
-    system = system_prompt(recipe)
-    lora_skip = _lora_unsupported(source)
+    with tempfile.TemporaryDirectory(prefix="lorafit-export-check-") as scratch:
+        staged = _stage(_base_model_dir(source, weights=False), source, Path(scratch) / "base", weights=False)
+        llamacpp.convert([{"script": llamacpp.CONVERT_MODEL,
+                           "argv": [str(staged), "--vocab-only", "--outfile", str(Path(scratch) / "vocab.gguf")]}],
+                         what=f"base model {source.base}")
+    return Checked(recipe, tokenizer, system_prompt(recipe), _lora_unsupported(source))
 
+
+def export(source: AdapterSource, work: Path, final: Path, checked: Checked, *, name: str, quant: str = "f16",
+           verify: bool = False, ollama: bool = False, verify_rows: int | None = None) -> dict:
+    """Write the GGUF (and with *ollama* the Modelfile) export of *source*, *checked* first (check), into *work*
+    (renamed to *final* by the caller). Returns the report."""
+    from lorafit.core.merging import merge_adapter
+
+    recipe, tokenizer, system, lora_skip = checked.recipe, checked.tokenizer, checked.system, checked.lora_skip
+    base_dir = _base_model_dir(source, weights=True)
     with tempfile.TemporaryDirectory(prefix="lorafit-export-", dir=work.parent) as scratch:
         scratch = Path(scratch)
-        staged_base = _stage(base_dir, source, scratch / "base")
-        # Refusals before any weight loads: the converter reads config + tokenizer only.
-        llamacpp.convert([{"script": llamacpp.CONVERT_MODEL,
-                           "argv": [str(staged_base), "--vocab-only", "--outfile", str(scratch / "vocab.gguf")]}],
-                         what=f"base model {source.base}")
-        from lorafit.commands.merge import merge
-
+        staged_base = _stage(base_dir, source, scratch / "base", weights=True)
         merged_dir = scratch / "merged"
         log.info(f"export: merging {source.adapter_dir} into its base in float32")
-        merge(source.adapter_dir, merged_dir, dtype="float32")
+        merge_adapter(source, merged_dir, dtype="float32")
         files = {"merged": work / f"{name}-{quant}.gguf", "base": work / f"base-{quant}.gguf"}
         if lora_skip is None:
             files["lora"] = work / f"{name}-lora-f16.gguf"
@@ -95,15 +117,9 @@ def export(source: AdapterSource, work: Path, final: Path, *, name: str, quant: 
 # Inputs
 
 
-def _run_recipe(source: AdapterSource):
-    try:
-        return source.run_recipe(["data.packing=false"])
-    except LorafitError:
-        return None
-
-
-def _base_model_dir(source: AdapterSource) -> Path:
-    """The base model's files on disk (a local directory, lorafit's GGUF conversion, or the hub cache)."""
+def _base_model_dir(source: AdapterSource, *, weights: bool) -> Path:
+    """The base model's files on disk (a local directory, lorafit's GGUF conversion, or the hub cache); from the
+    hub, its config and tokenizer only unless *weights*."""
     spec = models.base_spec(source)[0]
     path = local_path(spec.name, where=f"base model {spec.name}")
     if path is not None:
@@ -115,20 +131,21 @@ def _base_model_dir(source: AdapterSource) -> Path:
 
     try:
         return Path(snapshot_download(spec.name, revision=spec.revision,
-                                      allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]))
+                                      allow_patterns=_CONFIG_PATTERNS + (["*.safetensors"] if weights else [])))
     except Exception as e:  # offline without a cached copy, no such repo, gated, ...
         raise ModelError(f"base model not found ({type(e).__name__}: {str(e).splitlines()[0][:200]})",
                          where=f"base model {spec.name}",
                          fix="download it first (unset HF_HUB_OFFLINE), or use the run directory on this machine") from None
 
 
-def _stage(base_dir: Path, source: AdapterSource, out: Path) -> Path:
-    """The base's config and weights (linked) with the tokenizer the adapter was trained with: what the
-    converter reads for the base file, and for the refusals before any weight loads."""
+def _stage(base_dir: Path, source: AdapterSource, out: Path, *, weights: bool) -> Path:
+    """The base's config (and with *weights* its weights and their index), linked, with the tokenizer the adapter
+    was trained with: what the converter reads for the base file; without weights, for the refusals (--vocab-only
+    reads no tensor, and finds none to index)."""
     out.mkdir(parents=True)
     tokenizer_dir = source.adapter_dir if models.has_tokenizer(source.adapter_dir) else base_dir
     for f in base_dir.iterdir():
-        if f.name in _MODEL_FILES or f.suffix == ".safetensors":
+        if f.name in _CONFIG_FILES or (weights and (f.suffix == ".safetensors" or f.name == "model.safetensors.index.json")):
             os.symlink(f.resolve(), out / f.name)
     for name in models.TOKENIZER_FILES:
         if (tokenizer_dir / name).is_file():

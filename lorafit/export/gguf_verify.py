@@ -4,9 +4,9 @@
 References: base + the unmerged adapter (lorafit's own generation, as `lorafit evaluate` ran it) and the float32
 merge. Each prompt is given to llama.cpp as text and tokenized by the GGUF's own tokenizer, so a lost template,
 token or stop id shows: the prompt ids must be lorafit's, the GGUF's chat template the one trained with, its stop
-ids must hold lorafit's. f16 must answer every prompt as lorafit does; q8_0 and k-quants report their agreement
-(goal ≥ 90 %); the GGUF LoRA on the exported base is compared with the merged GGUF. Every prompt that differs
-is named. llama.cpp runs in a child process (a crash is a failed check), quantized files one token at a time.
+ids must hold lorafit's. At f16 every prompt must be answered as lorafit answers it, and the GGUF LoRA on the
+exported base must answer as the merged GGUF does; q8_0 and k-quants report both agreements (goal ≥ 90 %).
+Every prompt that differs is named. llama.cpp runs in a child process (a crash is a failed check), quantized files one token at a time.
 """
 
 from __future__ import annotations
@@ -93,9 +93,8 @@ def verify_export(source, recipe, tokenizer, files: dict, merged_dir: Path, quan
         if key in answers and against in answers and answers[key] is not None:
             compared[f"{key}_vs_{against}"] = _agreement(answers[key], answers[against], prompts, tokenizer)
     gguf_vs = compared.get("gguf_vs_lorafit")
-    if gguf_vs and quant == "f16" and gguf_vs["identical"] < gguf_vs["prompts"]:
-        failures.append(f"the f16 GGUF answers {gguf_vs['prompts'] - gguf_vs['identical']} of {gguf_vs['prompts']} "
-                        "prompts differently from lorafit")
+    if quant == "f16":
+        failures += f16_failures(compared)
     exact = {k: sum(a == r for a, r in zip(v, refs)) / len(refs) for k, v in answers.items() if v}
     return {"prompts": len(prompts), "quant": quant, "max_new_tokens": max_new, "checks": checks,
             "agreement": compared, "exact_match": exact,
@@ -104,6 +103,18 @@ def verify_export(source, recipe, tokenizer, files: dict, merged_dir: Path, quan
             "passed": not failures, "failures": failures,
             "samples": [{"prompt": texts[i], "reference": refs[i], **{k: v[i] for k, v in answers.items() if v}}
                         for i in range(min(3, len(prompts)))]}
+
+
+# At f16 these must agree on every prompt: (comparison, what differs from what).
+F16_IDENTICAL = {"gguf_vs_lorafit": "the f16 GGUF answers {n} of {of} prompts differently from lorafit",
+                 "gguf_lora_vs_gguf": "the GGUF LoRA on the exported f16 base answers {n} of {of} prompts differently "
+                                      "from the merged f16 GGUF"}
+
+
+def f16_failures(compared: dict) -> list[str]:
+    """What an f16 export fails on: any prompt answered differently in F16_IDENTICAL's comparisons."""
+    return [text.format(n=c["prompts"] - c["identical"], of=c["prompts"]) for key, text in F16_IDENTICAL.items()
+            if (c := compared.get(key)) and c["identical"] < c["prompts"]]
 
 
 def _file_checks(gguf: dict, prompts, tokenizer, recipe, stop: list[int], failures: list[str]) -> dict:

@@ -23,7 +23,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 import tarfile
@@ -102,14 +101,7 @@ def fetch_converters(version: str, target: Path) -> Path:
             raise LorafitError(f"pip gave no source archive of {PACKAGE}=={version}", where="--to",
                                fix="set LORAFIT_LLAMA_CPP to a llama.cpp source tree")
         with atomic_dir(target) as tmp:
-            with tarfile.open(archive) as tar:
-                for member in tar.getmembers():
-                    match = _KEEP.search(member.name)
-                    if match and member.isfile():
-                        dest = tmp / match.group(0).removeprefix("vendor/llama.cpp/")
-                        dest.parent.mkdir(parents=True, exist_ok=True)
-                        with tar.extractfile(member) as src, open(dest, "wb") as out:
-                            shutil.copyfileobj(src, out)
+            extract_converters(archive, tmp)
             if not (tmp / CONVERT_MODEL).is_file():
                 raise LorafitError(f"the {PACKAGE}=={version} source holds no {CONVERT_MODEL}", where="--to",
                                    fix="set LORAFIT_LLAMA_CPP to a llama.cpp source tree")
@@ -119,6 +111,22 @@ def fetch_converters(version: str, target: Path) -> Path:
                                                    "requirements": list(CONVERTER_REQUIREMENTS)}, indent=2) + "\n")
     log.info(f"export: llama.cpp's converters are in {target}")
     return target
+
+
+def extract_converters(archive: Path, dest: Path) -> None:
+    """The converters' files of the sdist *archive* into *dest* (vendor/llama.cpp/ dropped from their names),
+    through tarfile's "data" filter: a member that would land outside *dest* ('..', an absolute path, a link)
+    is refused."""
+    with tarfile.open(archive) as tar:
+        for member in tar.getmembers():
+            match = _KEEP.search(member.name)
+            if match and member.isfile():
+                kept = member.replace(name=match.group(0).removeprefix("vendor/llama.cpp/"), deep=False)
+                try:
+                    tar.extract(kept, dest, filter="data")
+                except tarfile.FilterError as e:
+                    raise LorafitError(f"the {PACKAGE} source archive holds an unsafe path ({e})", where="--to",
+                                       fix="set LORAFIT_LLAMA_CPP to a llama.cpp source tree you trust") from None
 
 
 def _pip(args: list[str], *, what: str) -> None:

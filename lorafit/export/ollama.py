@@ -7,6 +7,10 @@
   PARAMETER stop "..."        one per token that ends a turn (EOS and end-of-turn)
   SYSTEM """..."""            when every training conversation opened with one system prompt
 
+Ollama's Modelfile has no escapes: a value ends at the first line end where it stands closed ("""...""" or
+"..."). Each value is written in the form Ollama reads back whole (parse_modelfile is its parser, line for line);
+a value no form carries (a line inside it that ends with """) is left out, and the report says so.
+
 A family's template is filled in from the tokenizer's own (its default system prompt, Llama-3's date header,
 Mistral's spacing) and then checked: rendered here (render_go, the subset of Go's text/template these
 templates use, with Ollama's values: .System = the system messages, .Messages = the conversation) for probe
@@ -161,17 +165,34 @@ _BUILDERS = {"chatml": _chatml, "llama3": _llama3, "mistral": _mistral, "gemma":
 
 
 def modelfile_text(gguf_name: str, template: str | None, stops: list[str], system: str | None) -> str:
+    """The Modelfile; ValueError naming the instruction whose value Ollama could not read back whole (quote)."""
     lines = [f"FROM ./{gguf_name}"]
     if template is not None:
-        lines.append(f'TEMPLATE """{template}"""')
-    lines += [f"PARAMETER stop {_quote(s)}" for s in stops]
+        lines.append(f"TEMPLATE {_quoted('TEMPLATE', template)}")
+    lines += [f"PARAMETER stop {_quoted('PARAMETER stop', s, triple=False)}" for s in stops]
     if system:
-        lines.append(f'SYSTEM """{system}"""')
+        lines.append(f"SYSTEM {_quoted('SYSTEM', system)}")
     return "\n".join(lines) + "\n"
 
 
-def _quote(text: str) -> str:
-    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+def quote(value: str, *, triple: bool = True) -> str | None:
+    """*value* as a Modelfile value Ollama reads back exactly: \"\"\"...\"\"\"  (first with *triple*) or "...";
+    None when neither form carries it."""
+    forms = [f'"""{value}"""', f'"{value}"']
+    for form in forms if triple else forms[::-1]:
+        try:
+            if parse_modelfile(f"FROM x\nSYSTEM {form}\n").get("system") == value:
+                return form
+        except ValueError:
+            pass
+    return None
+
+
+def _quoted(instruction: str, value: str, *, triple: bool = True) -> str:
+    form = quote(value, triple=triple)
+    if form is None:
+        raise ValueError(f"{instruction}: Ollama's Modelfile cannot carry this value (a line of it ends with \"\"\")")
+    return form
 
 
 def write_modelfile(out: Path, gguf_name: str, tokenizer, recipe, system: str | None) -> dict:
@@ -188,6 +209,11 @@ def write_modelfile(out: Path, gguf_name: str, tokenizer, recipe, system: str | 
         note = "a chat template of no family lorafit knows: no TEMPLATE line, Ollama uses the one embedded in the GGUF"
     if note:
         log.warn(f"export: {note}")
+    if system and quote(system) is None:
+        note = (note + "; " if note else "") + ("no SYSTEM line: a line of the system prompt ends with \"\"\", which "
+                                                "Ollama's Modelfile cannot quote; give it with each request")
+        log.warn(f"export: {note}")
+        system = None
     if template and system and not round_trips(template, tokenizer, [[{"role": "system", "content": system},
                                                                       {"role": "user", "content": "U1"}]]):
         note = (note + "; " if note else "") + "the system prompt does not render as in training"
@@ -196,41 +222,88 @@ def write_modelfile(out: Path, gguf_name: str, tokenizer, recipe, system: str | 
 
 
 def parse_modelfile(text: str) -> dict:
-    """A Modelfile's instructions as Ollama's parser reads them: {from, template, system, parameters: [(k, v)]};
-    values in \"\"\"...\"\"\" span lines, "..." are unescaped."""
-    doc: dict = {"parameters": []}
-    pos = 0
-    pattern = re.compile(r'\s*(FROM|TEMPLATE|SYSTEM|PARAMETER|ADAPTER|LICENSE|MESSAGE)\s+', re.I)
-    while pos < len(text):
-        m = pattern.match(text, pos)
-        if not m:
-            rest = text[pos:].strip()
-            if not rest:
-                break
-            raise ValueError(f"cannot read the Modelfile at {rest[:40]!r}")
-        command, pos = m.group(1).upper(), m.end()
-        key = None
-        if command == "PARAMETER":
-            key_match = re.compile(r"(\S+)\s+").match(text, pos)
-            key, pos = key_match.group(1), key_match.end()
-        value, pos = _value(text, pos)
-        if command == "PARAMETER":
-            doc["parameters"].append((key, value))
+    """A Modelfile read as Ollama's parser reads it (parser/parser.go: ParseFile, its states, unquote; no
+    escapes): {from, template, system, ..., parameters: [(name, value)], messages: [(role, value)]}. ValueError
+    where Ollama's parser fails."""
+    doc: dict = {"parameters": [], "messages": []}
+    state, buf, name, param, role = "nil", "", "", "", ""
+
+    def finish(value: str) -> None:
+        if name == "parameter":
+            doc["parameters"].append((param, value))
+        elif name == "message":
+            doc["messages"].append((role, value))
         else:
-            doc[command.lower()] = value
+            doc["from" if name == "from" else name] = value
+
+    for ch in text:
+        nxt, keep = _next_state(state, ch)
+        if nxt != state:
+            if state == "name":
+                if buf.lower() not in _COMMANDS:
+                    raise ValueError(f"unknown Modelfile instruction {buf!r}")
+                name = buf.lower()
+                nxt = {"parameter": "parameter", "message": "message"}.get(name, nxt)
+            elif state == "parameter":
+                param = buf
+            elif state == "message":
+                if buf not in ("system", "user", "assistant"):
+                    raise ValueError(f"unknown MESSAGE role {buf!r}")
+                role = buf
+            elif state == "value":
+                value = _unquote(buf.strip())
+                if value is None or ch in " \t":  # still open, or a space: the value goes on
+                    buf += ch
+                    continue
+                finish(value)
+            buf, state = "", nxt
+        if keep and ch.isprintable():
+            buf += ch
+    if state == "value":
+        value = _unquote(buf.strip())
+        if value is None:
+            raise ValueError(f"the Modelfile ends inside a quoted value: {buf[:40]!r}")
+        finish(value)
+    elif state not in ("nil", "comment"):
+        raise ValueError("the Modelfile ends inside an instruction")
+    if "from" not in doc:
+        raise ValueError("no FROM line")
     return doc
 
 
-def _value(text: str, pos: int) -> tuple[str, int]:
-    if text.startswith('"""', pos):
-        end = text.index('"""', pos + 3)
-        return text[pos + 3:end], end + 3
-    if text.startswith('"', pos):
-        m = re.compile(r'"((?:[^"\\]|\\.)*)"').match(text, pos)
-        return re.sub(r"\\(.)", r"\1", m.group(1)), m.end()
-    end = text.find("\n", pos)
-    end = len(text) if end < 0 else end
-    return text[pos:end].strip(), end
+_COMMANDS = ("from", "license", "template", "system", "adapter", "draft", "renderer", "parser", "parameter",
+             "message", "requires")
+
+
+def _next_state(state: str, ch: str) -> tuple[str, bool]:
+    """(the state after *ch*, whether *ch* is kept): Ollama's parseRuneForState."""
+    space, newline = ch in " \t", ch in "\r\n"
+    if state == "nil":
+        return ("comment", False) if ch == "#" else ("nil", False) if space or newline else ("name", True)
+    if state == "name":
+        if ch.isascii() and ch.isalpha():
+            return "name", True
+        if space:
+            return "value", False
+        raise ValueError(f"a Modelfile instruction cannot hold {ch!r}")
+    if state == "value":
+        return ("nil", True) if space or newline else ("value", True)
+    if state in ("parameter", "message"):
+        if ch.isascii() and (ch.isalpha() or (state == "parameter" and (ch.isdigit() or ch == "_"))):
+            return state, True
+        if space:
+            return "value", False
+        raise ValueError(f"a Modelfile {state} name cannot hold {ch!r}")
+    return ("nil", False) if newline else ("comment", False)
+
+
+def _unquote(text: str) -> str | None:
+    """Ollama's unquote: the value inside \"\"\"...\"\"\" or "...", the text itself unquoted; None while a quote is open."""
+    if text.startswith('"""'):
+        return text[3:-3] if len(text) >= 6 and text.endswith('"""') else None
+    if text.startswith('"'):
+        return text[1:-1] if len(text) >= 2 and text.endswith('"') else None
+    return text
 
 
 # ----------------------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ from lorafit.core import models, tasks
 from lorafit.core.adapters import AdapterSource
 from lorafit.core.gguf import gguf_source, gguf_spec, is_gguf_cache
 from lorafit.core.hub import local_path
+from lorafit.core.weights import adapter_ranks, adapter_weights, is_lora_key, read_header
 from lorafit.errors import ModelError
 
 # vLLM's --max-lora-rank takes these values only (vllm.config.lora.LoRAConfig.max_lora_rank).
@@ -102,26 +103,11 @@ def check(source: AdapterSource) -> dict:
 
 
 def module_ranks(source: AdapterSource) -> tuple[dict[str, int], list[str]]:
-    """({module path: rank}, the tensors that are no LoRA factor) from the safetensors header: lora_A is
-    rank × fan-in, an embedding's lora_embedding_A rank × vocabulary. ModelError without LoRA weights."""
-    from safetensors import safe_open
-
-    weights = source.adapter_dir / "adapter_model.safetensors"
-    if not weights.is_file():
-        fix = ("re-save it with safetensors (peft's save_pretrained does by default)"
-               if (source.adapter_dir / "adapter_model.bin").is_file() else "the directory must hold peft's weights")
-        raise ModelError("no adapter_model.safetensors", where=str(source.adapter_dir), fix=fix)
-    ranks, other = {}, []
-    with safe_open(str(weights), "pt") as f:
-        for key in f.keys():
-            module, _, factor = key.partition(".lora_")
-            if not factor:
-                other.append(key)
-            elif factor.startswith(("A.", "embedding_A")):
-                ranks[module] = int(f.get_slice(key).get_shape()[0])
-    if not ranks:
-        raise ModelError("the adapter holds no LoRA weights", where=str(weights))
-    return ranks, sorted(other)
+    """({module path: rank}, the tensors that are no LoRA's) from the safetensors header (core.weights).
+    ModelError without LoRA weights."""
+    ranks = adapter_ranks(source.adapter_dir)
+    other = [k for k in read_header(adapter_weights(source.adapter_dir)) if not is_lora_key(k)]
+    return ranks, other
 
 
 def base_architecture(source: AdapterSource) -> str | None:
@@ -146,9 +132,9 @@ def base_architecture(source: AdapterSource) -> str | None:
 # Writing
 
 
-def export(source: AdapterSource, work: Path, final: Path, *, name: str) -> dict:
-    """Write the vLLM export of *source* into *work* (renamed to *final* by the caller). Returns the report."""
-    found = check(source)
+def export(source: AdapterSource, work: Path, final: Path, found: dict, *, name: str) -> dict:
+    """Write the vLLM export of *source*, *found* by check (before anything was written), into *work* (renamed
+    to *final* by the caller). Returns the report."""
     base = served_base(source)
     adapter_out = work / ADAPTER_DIR
     adapter_out.mkdir(parents=True)
@@ -170,7 +156,7 @@ def export(source: AdapterSource, work: Path, final: Path, *, name: str) -> dict
         if base_tokenizer is None:
             notes.append("the base's tokenizer is not on this machine to compare with: the chat template the adapter "
                          "was trained with is passed explicitly")
-    recipe = _run_recipe(source)
+    recipe = source.recipe_or_none()
     if recipe is not None and recipe.data.format != "chat":
         notes.append(f"trained on data.format {recipe.data.format}, not chat: ask through /v1/completions with the "
                      "prompt written as in training (see `prompt_example`), not /v1/chat/completions")
@@ -215,16 +201,6 @@ def served_base(source: AdapterSource) -> str:
     spec = models.base_spec(source)[0]
     path = local_path(spec.name, where=f"base model {spec.name}")
     return str(path.resolve()) if path is not None else spec.name
-
-
-def _run_recipe(source: AdapterSource):
-    try:
-        return source.run_recipe()
-    except ModelError:
-        return None
-    except Exception as e:  # a run's recipe that no longer validates: the export does not need it
-        log.warn(f"export: the run's recipe cannot be read ({str(e).splitlines()[0][:200]}); exported without it")
-        return None
 
 
 def _tokenizers(source: AdapterSource):

@@ -167,7 +167,14 @@ def test_a_tokenizer_the_converter_does_not_know_is_refused(tiny_llama, tmp_path
     assert not (tmp_path / "out").exists()
 
 
-def test_an_architecture_the_converter_does_not_know_is_refused(tmp_path):
+def test_an_architecture_the_converter_does_not_know_is_refused_before_a_hub_base_s_weights_are_fetched(
+        tmp_path, monkeypatch):
+    """A base named by its hub id: its config and tokenizer files are fetched, the converter refuses the
+    architecture from them, and no weight file was asked for (the hub is this machine's copy of the files)."""
+    import fnmatch
+    import shutil
+
+    import huggingface_hub
     import transformers as tf
 
     from lorafit.tools.tiny import build_tokenizer
@@ -179,8 +186,25 @@ def test_an_architecture_the_converter_does_not_know_is_refused(tmp_path):
     tf.OPTForCausalLM(cfg).save_pretrained(tmp_path / "opt")
     tok.save_pretrained(tmp_path / "opt")
     adapter = make_adapter(tmp_path / "opt", tmp_path / "a", targets=["q_proj", "v_proj"])
+    tok.save_pretrained(adapter)  # as lorafit saves it beside the adapter: the base's is on the hub
+    config_path = adapter / "adapter_config.json"
+    config_path.write_text(json.dumps({**json.loads(config_path.read_text()),
+                                       "base_model_name_or_path": "someone/tiny-opt"}))
+    asked: list[list[str]] = []
+
+    def snapshot_download(repo_id, *, revision=None, allow_patterns=None, **_):
+        asked.append(list(allow_patterns))
+        out = tmp_path / "hub" / repo_id
+        out.mkdir(parents=True, exist_ok=True)
+        for f in (tmp_path / "opt").iterdir():
+            if any(fnmatch.fnmatch(f.name, p) for p in allow_patterns):
+                shutil.copy2(f, out / f.name)
+        return str(out)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
     line = _refused(adapter, "--to", "ollama", "--output", tmp_path / "out")
     assert "does not know the architecture OPTForCausalLM" in line and "--to vllm" in line
+    assert asked and not [p for patterns in asked for p in patterns if "safetensors" in p or "bin" in p], asked
 
 
 def test_other_refusals(smol_run, tiny_models, tiny_llama, tmp_path):
@@ -188,7 +212,8 @@ def test_other_refusals(smol_run, tiny_models, tiny_llama, tmp_path):
 
     cls = make_adapter(tiny_models("llama", "seq_cls"), tmp_path / "cls", task_type="SEQ_CLS")
     assert "a seq_cls adapter: llama.cpp and Ollama serve text generation" in \
-        _refused(cls, "--to", "gguf", "--output", tmp_path / "o1")
+        _refused(cls, "--to", "gguf", "--output", tmp_path / "n1" / "o1")
+    assert not (tmp_path / "n1").exists()  # refused before anything is written: not even --output's parent
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "x").write_text("x")
     assert "--overwrite" in _refused(smol_run, "--to", "gguf", "--output", tmp_path / "full")

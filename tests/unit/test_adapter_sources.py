@@ -52,11 +52,22 @@ def test_evaluate_measures_a_packed_run_unpacked(tmp_path, blend):
 
 @pytest.mark.parametrize("where", ["run", "run/adapter", "."])
 def test_blend_refuses_an_output_that_holds_a_source(tmp_path, where):
-    from lorafit.commands.blend import check_output
+    from lorafit.core.files import check_output
 
     sources = [find_adapter(_adapter(tmp_path / "other" / "adapter", RECIPE)),
                find_adapter(_adapter(tmp_path / "run" / "adapter", RECIPE))]
-    with pytest.raises(LorafitError, match="holds a source adapter") as e:
-        check_output(tmp_path / where, sources, overwrite=True)  # --overwrite would remove the source
+    dirs = [d for s in sources for d in (s.adapter_dir, s.run_dir)]
+    with pytest.raises(LorafitError, match="holds a source") as e:
+        check_output(tmp_path / where, dirs, overwrite=True)  # --overwrite would remove the source
     assert e.value.where == "--output"
-    check_output(tmp_path / "run-blend", sources, overwrite=True)  # a sibling is fine
+    check_output(tmp_path / "run-blend", dirs, overwrite=True)  # a sibling is fine
+
+
+def test_recipe_or_none_reads_the_run_s_recipe_or_says_why_it_goes_on_without(tmp_path, capsys):
+    assert find_adapter(_adapter(tmp_path / "run" / "adapter", RECIPE)).recipe_or_none(
+        ["data.packing=false"]).data.packing is False
+    assert find_adapter(_adapter(tmp_path / "solo")).recipe_or_none() is None  # no run: nothing to say
+    capsys.readouterr()
+    stale = {**RECIPE, "lora": {"r": "many"}}  # a run whose recipe no longer validates
+    assert find_adapter(_adapter(tmp_path / "old" / "adapter", stale)).recipe_or_none() is None
+    assert "the run's recipe cannot be read" in capsys.readouterr().err

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from lorafit.core.files import atomic_dir, atomic_write, atomic_write_bytes, atomic_write_text, replace_dir
@@ -67,3 +69,30 @@ def test_replace_dir_onto_an_empty_or_missing_target(tmp_path):
     other.mkdir()
     replace_dir(other, tmp_path / "fresh")
     assert (tmp_path / "fresh").is_dir() and sorted(p.name for p in tmp_path.iterdir()) == ["fresh", "out"]
+
+
+def test_check_output_never_lets_overwrite_remove_a_source_the_cwd_or_home(tmp_path, monkeypatch):
+    """A directory written whole replaces what is there with --overwrite: never a source it reads, the working
+    directory, the home directory, or a folder above one of them."""
+    from lorafit.core.files import check_output
+    from lorafit.errors import LorafitError
+
+    source = tmp_path / "runs" / "a" / "adapter"
+    source.mkdir(parents=True)
+    cwd, home = tmp_path / "work" / "here", tmp_path / "home"
+    cwd.mkdir(parents=True)
+    home.mkdir()
+    monkeypatch.chdir(cwd)
+    monkeypatch.setenv("HOME", str(home))
+    for output, says in [(source, "holds a source"), (tmp_path / "runs", "holds a source"),
+                         (Path("."), "working directory"), (Path(".."), "working directory"),
+                         (Path("~").expanduser(), "home directory")]:
+        with pytest.raises(LorafitError, match=says) as e:
+            check_output(output, [source], overwrite=True)
+        assert e.value.where == "--output"
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("x")
+    with pytest.raises(LorafitError, match="not empty.*--overwrite"):
+        check_output(tmp_path / "full", [source], overwrite=False)
+    check_output(tmp_path / "full", [source], overwrite=True)  # replaced on purpose
+    check_output(tmp_path / "runs" / "a-export", [source, None], overwrite=True)  # a sibling is fine

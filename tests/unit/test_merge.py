@@ -9,7 +9,8 @@ import pytest
 
 from lorafit import render
 from lorafit.commands import merge
-from lorafit.errors import ModelError
+from lorafit.core.weights import tensor_shapes
+from lorafit.errors import LorafitError, ModelError
 
 
 def make_adapter(base: Path, out: Path, *, targets="all-linear", seed: int = 0, b_std: float = 0.2,
@@ -81,7 +82,7 @@ def test_fp32_merge_equals_base_plus_adapter(family, low_memory, tiny_models, ll
     assert json.loads((out / "config.json").read_text())["dtype"] == "float32"
     assert {"generation_config.json", "tokenizer.json", "tokenizer_config.json"} <= set(report["files"])
     for shard in out.glob("*.safetensors"):
-        assert not [k for k in merge.tensor_shapes(shard) if "lora" in k]
+        assert not [k for k in tensor_shapes(shard) if "lora" in k]
     assert not list(tmp_path.glob(".merged.*")), "temporary directory left behind"
 
 
@@ -213,7 +214,7 @@ def test_refusals(tiny_llama, tiny_gpt2, llama_adapter, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("x")
-    with pytest.raises(ModelError, match="not empty.*--force"):
+    with pytest.raises(LorafitError, match="not empty.*--overwrite"):
         merge.merge(llama_adapter, out)
     with pytest.raises(ModelError, match="adapter_config.json"):
         merge.merge(tmp_path, tmp_path / "o2")

@@ -80,6 +80,39 @@ def test_the_modelfile_parses_back():
     assert doc["system"] == 'Say "hi".\nThen stop.'
 
 
+@pytest.mark.parametrize("system", ['Say "hi"', 'Quote it: """like this""" and stop.', 'Two lines:\n"one"\n"two"',
+                                    '"""', " padded "])
+def test_a_system_prompt_with_quotes_round_trips_as_ollama_reads_it(system):
+    """Ollama's Modelfile has no escapes: a value ends at the first line end where it stands closed. A system
+    prompt ending with a quote, or holding triple quotes, is written in a form Ollama reads back whole."""
+    template, _ = go_template(_tokenizer("llama3"))
+    doc = parse_modelfile(modelfile_text("x.gguf", template, ["<|eot_id|>"], system))
+    assert doc["system"] == system and doc["template"] == template and doc["parameters"] == [("stop", "<|eot_id|>")]
+
+
+def test_a_system_prompt_no_modelfile_form_carries_is_left_out_and_said(tmp_path):
+    """A line that ends with \"\"\" closes any quoted value there: such a prompt cannot be a SYSTEM line."""
+    from lorafit.export.ollama import quote, write_modelfile
+
+    system = 'Wrap code like this:\n"""\ncode\n"""'
+    assert quote(system) is None
+    with pytest.raises(ValueError, match="SYSTEM"):
+        modelfile_text("x.gguf", None, [], system)
+    report = write_modelfile(tmp_path, "x.gguf", _tokenizer("llama3"), None, system)
+    doc = parse_modelfile((tmp_path / "Modelfile").read_text())
+    assert "system" not in doc and report["system"] is None and "no SYSTEM line" in report["note"]
+
+
+def test_the_parser_reads_as_ollamas_does():
+    doc = parse_modelfile('# a comment\nFROM ./m.gguf\nPARAMETER num_ctx 4096\nPARAMETER stop <|end|>\n'
+                          'MESSAGE user "Hi there"\nSYSTEM one line with spaces\n')
+    assert doc == {"from": "./m.gguf", "parameters": [("num_ctx", "4096"), ("stop", "<|end|>")],
+                   "messages": [("user", "Hi there")], "system": "one line with spaces"}
+    for bad in ("SYSTEM x\n", "FROM x\nSYSTEM \"\"\"open\n", "FROM x\nNOPE y\n", "FROM x\nMESSAGE robot hi\n"):
+        with pytest.raises(ValueError):
+            parse_modelfile(bad)
+
+
 def test_a_template_of_no_known_family_or_shape_gets_no_template_line():
     from lorafit.tools.tiny import build_family_tokenizer
 
