@@ -23,6 +23,8 @@ def sweep(recipe_path: Path, overrides: list[str], grids: list[str], ranges: lis
     check_parallel(parallel)
     plan = P.make_plan(recipe_path, overrides, axes, search=search, trials=trials, max_steps=max_steps,
                        metric=metric, tolerance=tolerance, parallel=parallel, overwrite=overwrite)
+    if apply:
+        results.check_apply_target(plan.recipe_path, overwrite=overwrite)
     journal = plan.sweep_dir / "optuna.journal"
     if search == "grid":
         will_train = overwrite or any(runner.run_state(plan.run_dir(p)) != "finished" for p in plan.points)
@@ -59,12 +61,14 @@ def sweep(recipe_path: Path, overrides: list[str], grids: list[str], ranges: lis
     for r in records:
         r["pareto"] = r["name"] in doc["pareto"]
         r["recommended"] = bool(doc["recommended"]) and r["name"] == doc["recommended"]["name"]
-    if apply and doc["recommended"] and signum is None:
-        doc["applied"] = str(results.apply_recommendation(plan, doc["recommended"]))
-    elif apply:
+    applying = apply and doc["recommended"] and signum is None
+    if apply and not applying:
         doc["notes"].append("--apply: nothing written " + ("(the sweep was interrupted)" if signum else
                                                           "(no point finished with the metric)"))
-    results.write_outputs(plan, doc)
+    results.write_outputs(plan, doc)  # first: a failing --apply loses none of the sweep's results
+    if applying:
+        doc["applied"] = str(results.apply_recommendation(plan, doc["recommended"], overwrite=overwrite))
+        results.write_outputs(plan, doc)  # sweep.json and sweep.md say what was applied
     return doc
 
 

@@ -38,6 +38,12 @@ class Task:
         """One class for the whole row (its labels are one integer, not a sequence)."""
         return self.labelled and not self.per_word
 
+    @property
+    def reference_in_labels(self) -> bool:
+        """Its metrics' reference answer is the trained span after the prompt (stages.evaluate.split_row): rows
+        trained whole (data.format text, data.train_on_inputs) have none to compare with."""
+        return self.causal
+
 
 TASKS: dict[str, Task] = {t.name: t for t in (
     Task("causal_lm", "CAUSAL_LM", "AutoModelForCausalLM", "AutoPeftModelForCausalLM", "text-generation", (), False,

@@ -1,7 +1,8 @@
 """The sweep's loop: points start as slots free up (one slot on CPU, one per GPU with --parallel), each in its
-own process; a finished point is never trained again, an interrupted one resumes; the base model is evaluated
-by one point per base group (the first that trains), the others skip it (evaluation.compare_base false);
-Ctrl-C / SIGTERM stop the loop once the running points have checkpointed.
+own process; a finished point is never trained again, an interrupted one resumes; a point random / TPE samples
+again while it trains in another slot waits for it, then reuses its results (two processes never write one run
+dir); the base model is evaluated by one point per base group (the first that trains), the others skip it
+(evaluation.compare_base false); Ctrl-C / SIGTERM stop the loop once the running points have checkpointed.
 
 Where the points come from is a Source: the grid (every point, in order) or an Optuna study (its interrupted
 trials first, then new trials until there are --trials).
@@ -130,15 +131,17 @@ def run(plan: Plan, source) -> tuple[dict[str, Done], int | None]:
     free = slots(plan)
     trained: set[str] = set()  # points started in this run: with --overwrite the others are trained afresh
     running: dict[str | None, tuple[runner.Child, Job, str]] = {}
+    held: list[Job] = []  # points sampled again while they train in another slot
     signals = runner.Signals()
     with signals.installed():
         while True:
-            while signals.signum is None and free and (job := source.next()) is not None:
+            while signals.signum is None and free and \
+                    (job := next_job(source, held, {j.point.name for _, j, _ in running.values()})) is not None:
                 started = _start(plan, job, source.total, bases, free[0], fresh=plan.overwrite and
                                  job.point.name not in trained)
                 trained.add(job.point.name)
-                if started is None:  # finished before: its metrics are reused
-                    done[job.point.name] = Done("reused")
+                if started is None:  # finished before (or just now, in another slot): its metrics are reused
+                    done.setdefault(job.point.name, Done("reused"))
                     source.done(job, None, runner.read_metrics(plan.run_dir(job.point)))
                     continue
                 if isinstance(started, runner.Outcome):  # refused without running
@@ -167,6 +170,20 @@ def run(plan: Plan, source) -> tuple[dict[str, Done], int | None]:
                 metrics = runner.read_metrics(plan.run_dir(job.point)) if outcome.status == "finished" else None
                 source.done(job, outcome, metrics)
     return done, signals.signum
+
+
+def next_job(source, held: list[Job], running: set[str]) -> Job | None:
+    """The next point to start: a held one whose point no longer runs, else the source's next; a point that runs
+    in another slot is held (appended to *held*) until it ends, then started like any point (finished: its
+    results reused)."""
+    for i, job in enumerate(held):
+        if job.point.name not in running:
+            return held.pop(i)
+    while (job := source.next()) is not None:
+        if job.point.name not in running:
+            return job
+        held.append(job)
+    return None
 
 
 def _start(plan: Plan, job: Job, total: int | None, bases: Bases, slot: str | None, *, fresh: bool):

@@ -53,7 +53,7 @@ def choose_metric(name: str | None, recipe: Recipe) -> Metric:
     known = (*LOSSES, *task.metrics)
     if name is None:
         measured = recipe.evaluation.metrics and task.metrics and not (
-            task.name == "causal_lm" and (recipe.data.format == "text" or recipe.data.train_on_inputs))
+            task.reference_in_labels and (recipe.data.format == "text" or recipe.data.train_on_inputs))
         return Metric(task.metrics[0], True) if measured else Metric("eval_loss", False)
     if name not in known:
         import difflib

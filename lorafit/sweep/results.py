@@ -1,7 +1,7 @@
 """The sweep's results: one record per point from its own metrics.json (so every figure equals that file's),
 the base model's figures from the point that measured them, the Pareto front (metric against trainable
 params), the recommendation, and the files: sweep.json, sweep.csv, sweep.md, sweep.png; `--apply` writes the
-recommended recipe beside the original."""
+recommended recipe beside the original (after those files: a failure there loses no result)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 
 from lorafit import log, render
+from lorafit.errors import LorafitError, RecipeError
 from lorafit.sweep import runner
 from lorafit.sweep.plan import Metric, Plan
 from lorafit.sweep.space import Point
@@ -262,22 +263,41 @@ def plot(doc: dict, path: Path) -> bool:
     return True
 
 
-def apply_recommendation(plan: Plan, rec: dict) -> Path:
+def recommended_path(recipe_path: Path) -> Path:
+    """Where --apply writes: NAME.recommended.yaml beside the recipe."""
+    return recipe_path.with_name(f"{recipe_path.stem}.recommended{recipe_path.suffix or '.yaml'}")
+
+
+def check_apply_target(recipe_path: Path, *, overwrite: bool) -> None:
+    """--apply never replaces a recipe without --overwrite: checked before any training."""
+    target = recommended_path(recipe_path)
+    if target.exists() and not overwrite:
+        raise LorafitError(f"{target} exists", where="--apply",
+                           fix="move or delete it, or add --overwrite (which also trains every point again)")
+
+
+def apply_recommendation(plan: Plan, rec: dict, *, overwrite: bool = False) -> Path:
     """The original recipe, its mapping as written plus the user's --set and the recommended point's values
-    (not the sweep's step budget: the recipe is for the full run), beside the original as NAME.recommended.yaml.
-    Checked by loading it back."""
+    (not the sweep's step budget: the recipe is for the full run), beside the original as NAME.recommended.yaml:
+    validated first, then written whole; an existing file is replaced only with *overwrite*."""
+    import copy
+
     import yaml
 
-    from lorafit.recipe import apply_override, load_recipe
+    from lorafit.core.files import atomic_write_text
+    from lorafit.recipe import apply_override, validate_recipe
 
     point = next(p for p in plan.points if p.name == rec["name"])
     raw = yaml.safe_load(plan.recipe_path.read_text(encoding="utf-8")) or {}
     for item in [*plan.overrides, *point.sets]:
         apply_override(raw, item)
-    target = plan.recipe_path.with_name(f"{plan.recipe_path.stem}.recommended{plan.recipe_path.suffix or '.yaml'}")
+    target = recommended_path(plan.recipe_path)
+    try:
+        validate_recipe(copy.deepcopy(raw), source=str(target))
+    except RecipeError as e:
+        raise RecipeError(f"the recommended recipe was not written, it does not validate: {e.problems[0]}",
+                          where="--apply", fix=f"the sweep's table is in {plan.sweep_dir / 'sweep.md'}") from None
+    check_apply_target(plan.recipe_path, overwrite=overwrite)
     head = render.sweep_apply_header(plan.recipe_path, rec)
-    from lorafit.core.files import atomic_write_text
-
     atomic_write_text(target, head + yaml.safe_dump(raw, sort_keys=False, allow_unicode=True, width=100))
-    load_recipe(target)
     return target

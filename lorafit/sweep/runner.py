@@ -2,8 +2,8 @@
 ends that point and not the sweep. Its stderr is relayed line by line (prefixed with the point's number)
 and its last `error:` line kept; its eval losses are read as it goes from the trainer_state.json of its
 newest checkpoint (the sweep checkpoints at every evaluation when it prunes); Ctrl-C / SIGTERM reach the
-sweep alone (each point runs in its own process group) and the sweep forwards them once, so that the point
-checkpoints and stops as `lorafit train` does.
+sweep alone (each point runs in its own session, so in a process group of its own that the terminal does not
+signal) and the sweep forwards them once, so that the point checkpoints and stops as `lorafit train` does.
 """
 
 from __future__ import annotations
@@ -115,11 +115,13 @@ class Outcome:
 
 
 def start(index: int, argv: list[str], run_dir: Path, *, env: dict | None = None, on_eval=None) -> Child:
-    """Start `python -m lorafit ARGV` for a point, in its own process group (a Ctrl-C at the terminal reaches the
-    sweep, which forwards it once: two would stop the point without its checkpoint)."""
+    """Start `python -m lorafit ARGV` for a point, in a session (and so a process group) of its own: a Ctrl-C at
+    the terminal reaches the sweep alone, which forwards it once (two would stop the point without its
+    checkpoint). start_new_session (setsid) rather than Python 3.11's process_group=0: the same for the
+    terminal's signals, and it runs on every Python lorafit supports (>= 3.10)."""
     proc = subprocess.Popen([sys.executable, "-m", "lorafit", *argv], stdin=subprocess.DEVNULL,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, errors="replace",
-                            env={**os.environ, **(env or {})}, process_group=0)
+                            env={**os.environ, **(env or {})}, start_new_session=True)
     child = Child(index=index, run_dir=run_dir, proc=proc, started=time.monotonic(), on_eval=on_eval)
     child.reader = threading.Thread(target=_relay, args=(child,), daemon=True)
     child.reader.start()
