@@ -29,6 +29,8 @@ app = typer.Typer(
 )
 
 SET_HELP = "Override a recipe field: --set lora.r=8 (repeatable; values are read as YAML)."
+TRUST_HELP = ("Run the Python code the base model ships (its auto_map), said on stderr; a run dir whose recipe has "
+              "model.trust_remote_code is refused without it. Read that code first.")
 STRICT_HELP = "Make every advice (docs/advice.md) an error, exit 2 (advice.strict)."
 
 
@@ -69,6 +71,13 @@ def _console():
     from rich.console import Console
 
     return Console()
+
+
+def _trusting(allowed: bool):
+    """The command at hand may run the base's own code (--trust-remote-code): core.models applies the rule."""
+    from lorafit.core.models import trusting_remote_code
+
+    return trusting_remote_code(allowed)
 
 
 def _recipe(path: Path, overrides: Optional[List[str]], *, output_dir: Optional[Path] = None):
@@ -226,13 +235,15 @@ def evaluate(
     run_or_adapter: Path = typer.Argument(..., help="Run directory or adapter directory."),
     data: Optional[Path] = typer.Option(None, "--data", help="Evaluation data file (default: the run's eval split)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON document."),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help=TRUST_HELP),
 ) -> None:
     """Base vs base + adapter on the same rows: eval loss, perplexity and the task's metrics (exact match /
     contains of greedy generations, or accuracy / macro-F1), with sample generations. For a run dir, also
     rewrites its report.md."""
     from lorafit.commands.evaluate import evaluate_adapter
 
-    report = evaluate_adapter(run_or_adapter, data)
+    with _trusting(trust_remote_code):
+        report = evaluate_adapter(run_or_adapter, data)
     _emit(report, render.evaluate_lines, as_json)
 
 
@@ -249,14 +260,16 @@ def merge(
                                    help="Replace a non-empty --output directory (--force, its old name, still works)."),
     force: bool = typer.Option(False, "--force", hidden=True, help="The old name of --overwrite."),
     as_json: bool = typer.Option(False, "--json", help="Print the merge report as one JSON document."),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help=TRUST_HELP),
 ) -> None:
     """Fold the adapter into a base reloaded in 16/32-bit (never 4-bit) and save a plain model."""
     from lorafit.commands.merge import merge as run_merge
 
     if force:
         typer.echo("warning: --force is an alias of --overwrite (the one flag for replacing what is there)", err=True)
-    report = run_merge(adapter_dir, output, base=base, dtype=dtype, verify=verify,
-                       low_memory=low_memory, max_shard_size=max_shard_size, overwrite=overwrite or force)
+    with _trusting(trust_remote_code):
+        report = run_merge(adapter_dir, output, base=base, dtype=dtype, verify=verify,
+                           low_memory=low_memory, max_shard_size=max_shard_size, overwrite=overwrite or force)
     _emit(report, render.merge_lines, as_json)
     if verify and not report.get("verify", {}).get("passed", True):
         raise typer.Exit(1)
@@ -271,11 +284,13 @@ def push(
     merged: bool = typer.Option(False, "--merged", help="Merge (bf16 base) and push the full model instead."),
     dry_run: bool = typer.Option(False, "--dry-run", help="List what would be uploaded and the card; no network."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON document."),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help=TRUST_HELP),
 ) -> None:
     """Upload an adapter (or merged model) with a model card."""
     from lorafit.commands.push import push as run_push
 
-    result = run_push(path, repo_id=repo_id, private=private, revision=revision, merged=merged, dry_run=dry_run)
+    with _trusting(trust_remote_code):  # --merged loads the base
+        result = run_push(path, repo_id=repo_id, private=private, revision=revision, merged=merged, dry_run=dry_run)
     _emit(result, render.push_lines, as_json)
 
 
@@ -295,6 +310,7 @@ def generate(
     top_p: Optional[float] = typer.Option(None, "--top-p", help="Nucleus sampling: keep this much probability mass."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed for sampling: the same seed, the same answer."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON document (every answer, token counts)."),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help=TRUST_HELP),
 ) -> None:
     """Answer a prompt with base + adapter, several adapters on one base, or a plain model."""
     from lorafit.commands.generate import Sampling
@@ -306,12 +322,13 @@ def generate(
 
     def show(piece: str) -> None:
         streamed.append(piece)
-        sys.stdout.write(piece)
+        sys.stdout.write(render.printable(piece))  # a model's ESC never drives the terminal
         sys.stdout.flush()
 
-    result = run_generate(model, prompt, adapters=adapter, use=use, compare=compare, no_adapter=no_adapter,
-                          system=system, sampling=Sampling(temperature, top_p, seed), max_new_tokens=max_new_tokens,
-                          on_text=show if stream else None)
+    with _trusting(trust_remote_code):
+        result = run_generate(model, prompt, adapters=adapter, use=use, compare=compare, no_adapter=no_adapter,
+                              system=system, sampling=Sampling(temperature, top_p, seed),
+                              max_new_tokens=max_new_tokens, on_text=show if stream else None)
     if as_json:
         _print_json(result)
     elif streamed:
@@ -331,11 +348,13 @@ def blend(
     seed: int = typer.Option(0, "--seed", help="dare_linear drops values at random: the seed makes it repeatable."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty --output directory."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON document."),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help=TRUST_HELP),
 ) -> None:
     """Combine LoRA adapters of one base into a new adapter (peft's add_weighted_adapter)."""
     from lorafit.commands.blend import blend as run_blend
 
-    result = run_blend(adapter, weights, output, method=method, density=density, seed=seed, overwrite=overwrite)
+    with _trusting(trust_remote_code):
+        result = run_blend(adapter, weights, output, method=method, density=density, seed=seed, overwrite=overwrite)
     _emit(result, render.blend_lines, as_json)
 
 
@@ -347,11 +366,13 @@ def predict(
     batch_size: int = typer.Option(8, "--batch-size", min=1, help="Rows per forward pass."),
     max_new_tokens: int = typer.Option(64, "--max-new-tokens", min=1, help="Generation tasks: tokens per answer."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON document."),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help=TRUST_HELP),
 ) -> None:
     """Predict every row of a file with base + adapter: a class, a tag per word, or generated text."""
     from lorafit.commands.predict import predict as run_predict
 
-    report = run_predict(adapter_dir, data, output, batch_size=batch_size, max_new_tokens=max_new_tokens)
+    with _trusting(trust_remote_code):
+        report = run_predict(adapter_dir, data, output, batch_size=batch_size, max_new_tokens=max_new_tokens)
     _emit(report, render.predict_lines, as_json)
 
 
@@ -366,11 +387,13 @@ def export(
                                                         "and compare with lorafit."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty --output directory."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON document."),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help=TRUST_HELP),
 ) -> None:
     """Export an adapter for vLLM, llama.cpp (GGUF) or Ollama, checked against that server's rules first."""
     from lorafit.commands.export import export as run_export
 
-    report = run_export(run_or_adapter, to, output, name=name, quant=quant, verify=verify, overwrite=overwrite)
+    with _trusting(trust_remote_code):
+        report = run_export(run_or_adapter, to, output, name=name, quant=quant, verify=verify, overwrite=overwrite)
     _emit(report, render.export_lines, as_json)
     if verify and not report.get("verify", {}).get("passed", True):
         raise typer.Exit(1)
@@ -445,14 +468,16 @@ def serve(
         False, "--allow-runtime-adapters", help="Enable POST /v1/load_lora_adapter and /v1/unload_lora_adapter."),
     adapter_root: Optional[Path] = typer.Option(
         None, "--adapter-root", help="With --allow-runtime-adapters: the only folder adapters may be loaded from."),
-    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Run model code shipped with the base."),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help=TRUST_HELP),
 ) -> None:
     """Serve a base and its adapters behind an OpenAI-compatible API; each request names its adapter."""
     from lorafit.commands.serve import serve as run_serve
 
-    result = run_serve(model, adapters=adapter, host=host, port=port, api_key=api_key, max_loaded=max_loaded,
-                       max_batch=max_batch, allow_runtime_adapters=allow_runtime_adapters, adapter_root=adapter_root,
-                       trust_remote_code=trust_remote_code, on_ready=lambda info: _out(render.serve_banner(info)))
+    with _trusting(trust_remote_code):
+        result = run_serve(model, adapters=adapter, host=host, port=port, api_key=api_key, max_loaded=max_loaded,
+                           max_batch=max_batch, allow_runtime_adapters=allow_runtime_adapters,
+                           adapter_root=adapter_root, trust_remote_code=trust_remote_code,
+                           on_ready=lambda info: _out(render.serve_banner(info)))
     _out(render.serve_lines(result))
 
 

@@ -412,13 +412,13 @@ def push_lines(result: dict) -> list[str]:
 def generate_lines(result: dict) -> list[str]:
     """``lorafit generate``: the answer alone; with several (--compare) each under its adapter's name."""
     answers = result["answers"]
-    if len(answers) == 1:
-        return result["text"].split("\n")
+    if len(answers) == 1:  # a model's output, shown as evaluate shows it: no control sequence reaches the terminal
+        return printable(result["text"]).split("\n")
     lines: list[str] = []
     for a in answers:
         cut = "" if a["stopped"] == "end" else f", cut at {a['new_tokens']} tokens (--max-new-tokens)"
         name = f"[{a['adapter']}]" if a["adapter"] is not None else f"[base] (asked as {a['prompt_as']} was trained)"
-        lines += ([""] if lines else []) + [f"{name}{cut}", *a["text"].split("\n")]
+        lines += ([""] if lines else []) + [f"{name}{cut}", *printable(a["text"]).split("\n")]
     return lines
 
 

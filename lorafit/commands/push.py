@@ -8,6 +8,7 @@ and is only ever handed to HfApi: never printed, never written.
 from __future__ import annotations
 
 import json
+import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +17,7 @@ from lorafit import log
 from lorafit.commands import merge as merge_mod
 from lorafit.commands.card import build_card
 from lorafit.core import rundir
-from lorafit.core.adapters import find_adapter, holds_adapter
+from lorafit.core.adapters import BLEND_FILE, find_adapter, holds_adapter
 from lorafit.core.models import adapter_hub_base
 from lorafit.core.secrets import redact
 from lorafit.errors import ModelError, PushError
@@ -76,7 +77,7 @@ def plan_upload(path: Path, repo_id: str, *, merged: bool, tmp: Path) -> Upload:
                 pass
         base = hub_base or (report or {}).get("base") or _read_json(path / "config.json").get("_name_or_path")
         card = build_card(repo_id=repo_id, kind="merged", base=base, recipe=recipe, metrics=metrics, merge_report=report)
-        return Upload("merged", _files(path), card)
+        return Upload("merged", _local_free(_files(path), [path]), card)
 
     source = find_adapter(path)
     recipe = source.recipe
@@ -88,7 +89,9 @@ def plan_upload(path: Path, repo_id: str, *, merged: bool, tmp: Path) -> Upload:
         files = _without_readme(rundir.pushed_files(source.adapter_dir, source.run_dir))
         if base != source.config.get("base_model_name_or_path"):
             files["adapter_config.json"] = _adapter_config(source, base)
-        return Upload("adapter", files, card)
+        if isinstance(files.get(BLEND_FILE), Path):  # a blend: its record, without the first source's local recipe
+            files[BLEND_FILE] = _blend_record(files[BLEND_FILE], base)
+        return Upload("adapter", _local_free(files, [source.adapter_dir, source.run_dir]), card)
 
     # --merged: exactly `lorafit merge --verify` (bf16 base, never quantized) into a temporary dir.
     out = tmp / "merged"
@@ -101,7 +104,8 @@ def plan_upload(path: Path, repo_id: str, *, merged: bool, tmp: Path) -> Upload:
                          fix="run `lorafit merge --verify` to inspect merge_report.json")
     card = build_card(repo_id=repo_id, kind="merged", base=adapter_hub_base(source) or _local_base_name(source),
                       recipe=recipe, metrics=metrics, merge_report=report)
-    return Upload("merged", _files(out), card, note="merged (bfloat16) into a temporary directory and verified")
+    return Upload("merged", _local_free(_files(out), [out]), card,
+                  note="merged (bfloat16) into a temporary directory and verified")
 
 
 def _kind(path: Path) -> str:
@@ -129,6 +133,53 @@ def _files(directory: Path) -> dict[str, Path | bytes]:
                 report[key] = Path(report[key]).name
         files[REPORT_FILE] = (json.dumps(report, indent=2) + "\n").encode("utf-8")
     return files
+
+
+def _local_free(files: dict[str, Path | bytes], roots: list[Path | None]) -> dict[str, Path | bytes]:
+    """What leaves this machine holds nothing of it: no file a symlink reaches outside the directories pushed
+    (refused: PushError), and no absolute local path in a JSON file (each becomes its last component)."""
+    inside = [Path(r).resolve() for r in roots if r is not None]
+    out: dict[str, Path | bytes] = {}
+    for rel, item in files.items():
+        if isinstance(item, Path):
+            real = item.resolve()
+            if not any(real.is_relative_to(r) for r in inside):
+                raise PushError(f"{rel} is a link to {real}, outside the directory pushed", where=str(item),
+                                fix="lorafit uploads only files inside it: copy the file in, or remove the link")
+            if rel.endswith(".json"):
+                try:
+                    doc = json.loads(item.read_text(encoding="utf-8"))
+                except (OSError, ValueError):
+                    doc = None
+                scrubbed = _without_local_paths(doc)
+                if doc is not None and scrubbed != doc:
+                    item = (json.dumps(scrubbed, indent=2) + "\n").encode("utf-8")
+        out[rel] = item
+    return out
+
+
+def _without_local_paths(value):
+    """*value* (parsed JSON) with every absolute path on this machine replaced by its last component."""
+    if isinstance(value, dict):
+        return {k: _without_local_paths(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_without_local_paths(v) for v in value]
+    if isinstance(value, str) and "\n" not in value and len(value) < 4096 and \
+            (value.startswith(("/", "~/")) or re.match(r"[A-Za-z]:[\\/]", value)):
+        return Path(value).name or value
+    return value
+
+
+def _blend_record(path: Path, base: str | None) -> bytes:
+    """lorafit-blend.json as uploaded: its sources by name and directory name, its base the hub id (or none), and
+    not the first source's recipe (local paths, data files: it stays on this machine)."""
+    record = _read_json(path)
+    record.pop("recipe", None)
+    record["base"] = base
+    for s in record.get("sources") or []:
+        if isinstance(s, dict) and s.get("dir"):
+            s["dir"] = Path(s["dir"]).name
+    return (json.dumps(record, indent=2) + "\n").encode("utf-8")
 
 
 def _adapter_config(source, base: str | None) -> bytes:

@@ -38,8 +38,11 @@ def merge_adapter(source: AdapterSource, out: Path, *, dtype: str, low_memory: b
 
 def base_files(source: AdapterSource) -> Path:
     """The base model's files on disk: a local directory (the run's local copy of a GGUF base included), or the
-    hub cache (offline mode respected)."""
-    base = base_spec(source)[0].name
+    hub cache (offline mode respected): at the run's pinned revision (model.revision, recorded with the adapter),
+    which the normal and the --low-memory merge both read, and safetensors only unless the run's model.allow_pickle
+    (a pickle can run code when it is read)."""
+    spec = base_spec(source)[0]
+    base = spec.name
     try:
         path = local_path(base, where=base)
     except ModelError:
@@ -51,12 +54,17 @@ def base_files(source: AdapterSource) -> Path:
                          fix="pass the base model the adapter was trained on with --base (hub id or directory)")
     from huggingface_hub import snapshot_download
 
+    patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"] + (["*.bin"] if spec.allow_pickle else [])
     try:
-        return Path(snapshot_download(base, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt",
-                                                            "*.jinja", "*.bin"]))
+        folder = Path(snapshot_download(base, revision=spec.revision, allow_patterns=patterns))
     except Exception as e:  # offline without a cached copy, no such repo, gated, ...
         raise ModelError(f"base model not found ({type(e).__name__}: {str(e).splitlines()[0][:200]})", where=base,
                          fix="pass a local model directory with --base, or download it first (unset HF_HUB_OFFLINE)") from None
+    if not spec.allow_pickle and not any(folder.glob("*.safetensors")):
+        raise ModelError(f"{base}{f' at revision {spec.revision}' if spec.revision else ''} has no safetensors "
+                         "weights, only pickles, which can run code when they are read", where=base,
+                         fix="pass a safetensors copy with --base, or set model.allow_pickle: true in the run's recipe")
+    return folder
 
 
 def adapted_modules(source: AdapterSource) -> dict[str, LoraModule]:

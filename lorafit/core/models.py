@@ -9,12 +9,14 @@ here too: a caller asking for a model need not know which kind of file it is.
 
 from __future__ import annotations
 
+import contextlib
 import json
+from contextvars import ContextVar
 from pathlib import Path
 
 from lorafit import log
 from lorafit.core import distributed, policies, tasks
-from lorafit.core.adapters import AdapterSource
+from lorafit.core.adapters import BLEND_FILE, AdapterSource
 from lorafit.core.gguf import (BUILTIN_MODELS, builtin_gguf, check_gguf_mapping, gguf_dtype, gguf_hub_id, gguf_metadata,  # noqa: F401
                                gguf_metadata_memo, gguf_path, gguf_source, gguf_spec, is_builtin, is_gguf_cache,
                                is_gguf_name, materialize_gguf)
@@ -68,7 +70,7 @@ def check_model_files(spec: ModelSpec, *, tokenizer: bool = True) -> None:
                          where="model.name", fix="save the tokenizer next to the weights (tokenizer.save_pretrained)")
 
 
-def warn_remote_code(spec) -> None:
+def warn_remote_code(spec, *, why: str = "model.trust_remote_code is on") -> None:
     """model.trust_remote_code on a model that ships code: say, before it runs, whose code runs."""
     if not spec.trust_remote_code:
         return
@@ -82,8 +84,47 @@ def warn_remote_code(spec) -> None:
         source = f"the local directory {path}"
     else:
         source = f"{spec.name} at revision {spec.revision or 'main (unpinned)'}"
-    log.warn(f"model.trust_remote_code is on: the Python code of {source} will run on this machine; read it, "
+    log.warn(f"{why}: the Python code of {source} will run on this machine; read it, "
              "and pin model.revision to a commit so that it cannot change under you")
+
+
+# The user's consent to run a base model's own code, given on the command at hand (--trust-remote-code), with the
+# bases already announced. A run dir's recipe saying model.trust_remote_code: true records the consent of whoever
+# trained it, on their machine: never consent here. The CLI sets it around a command (trusting_remote_code);
+# base_spec, the one place a run's base is resolved, applies it.
+_REMOTE_CODE: ContextVar[tuple[bool, set]] = ContextVar("lorafit_remote_code", default=(False, set()))
+
+
+@contextlib.contextmanager
+def trusting_remote_code(allowed: bool):
+    """The command at hand may (*allowed*) run the code a base model ships."""
+    token = _REMOTE_CODE.set((bool(allowed), set()))
+    try:
+        yield
+    finally:
+        _REMOTE_CODE.reset(token)
+
+
+def remote_code_allowed() -> bool:
+    return _REMOTE_CODE.get()[0]
+
+
+def remote_code_rule(spec: ModelSpec, source: AdapterSource) -> ModelSpec:
+    """train's remote-code rule, for a run dir (or adapter) another command loads: the base's own code runs only
+    when that command says --trust-remote-code, and it is said (once) whose code runs; a run whose recipe needed
+    it is refused without."""
+    allowed, announced = _REMOTE_CODE.get()
+    if spec.trust_remote_code and not allowed:
+        recorded = source.recipe_file or source.adapter_dir / BLEND_FILE
+        raise ModelError(f"its base {spec.name} runs its own Python code (model.trust_remote_code: true in {recorded}), "
+                         "and a run dir is no consent to run that code on this machine",
+                         where=str(source.run_dir or source.adapter_dir),
+                         fix="read that code first; then add --trust-remote-code to this command")
+    spec = spec.model_copy(update={"trust_remote_code": allowed})
+    if allowed and spec.name not in announced:
+        announced.add(spec.name)
+        warn_remote_code(spec, why="--trust-remote-code")
+    return spec
 
 
 def _source(spec: ModelSpec) -> tuple[str, dict]:
@@ -217,7 +258,14 @@ def base_spec(source: AdapterSource) -> tuple[ModelSpec, QuantizationSpec | None
 
     A run on a local base records its hub id when one is known (model.base_id, a GGUF's metadata): the
     run's recipe still names the local model, and that is what is reloaded here. A GGUF base is its cached
-    conversion, rebuilt from the GGUF the recipe names when the directory was deleted."""
+    conversion, rebuilt from the GGUF the recipe names when the directory was deleted.
+
+    The base's own code runs only with the command's consent (remote_code_rule)."""
+    spec, quant, training = _recorded_base(source)
+    return remote_code_rule(spec, source), quant, training
+
+
+def _recorded_base(source: AdapterSource) -> tuple[ModelSpec, QuantizationSpec | None, TrainingSpec | None]:
     recorded = source.config.get("base_model_name_or_path")
     try:
         recipe = source.run_recipe()
@@ -339,9 +387,8 @@ def load_adapted(source: AdapterSource, *, dtype: str | None = None, quantized: 
 
     from peft import PeftModel
 
-    spec, quant, training = base_spec(source)
-    if trust_remote_code:
-        spec = spec.model_copy(update={"trust_remote_code": True})
+    with trusting_remote_code(trust_remote_code or remote_code_allowed()):  # serve passes its flag
+        spec, quant, training = base_spec(source)
     quant = quant if quantized and quant is not None and quant.bits is not None else None
     if dtype is None:
         try:
