@@ -9,33 +9,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from lorafit.core import libs, models, policies
+from lorafit.core import libs, models
 from lorafit.core.adapters import (ADAPTER_NAME, AdapterSource, check_same_base, find_adapter, find_named, holds_adapter,
                                    parse_adapters, same_base)
 from lorafit.core.generation import generate_greedy, is_chat, prompt_ids, prompt_tokens, render_prompt, stop_ids
+from lorafit.core.models import load_for_inference
 from lorafit.errors import LorafitError, ModelError
-from lorafit.recipe import ModelSpec, QuantizationSpec, TrainingSpec
-
-
-def load_for_inference(model_or_adapter: str | Path, *, trust_remote_code: bool = False):
-    """(model, tokenizer, recipe or None) ready for generation; base + adapter when given an adapter or run."""
-    if holds_adapter(model_or_adapter):
-        source = find_adapter(model_or_adapter)
-        model, tokenizer = models.load_adapted(source, trust_remote_code=trust_remote_code)
-        return model, tokenizer, source.run_recipe()
-    spec = ModelSpec(name=str(model_or_adapter), trust_remote_code=trust_remote_code)
-    if models.is_builtin(spec.name):  # builtin:NAME: its packaged GGUF file
-        spec = ModelSpec(name=str(models.builtin_gguf(spec.name, where="MODEL")[0]))
-    path = models.local_path(spec.name, where=str(model_or_adapter))
-    if path is not None and path.is_file() and models.is_gguf_name(spec.name):
-        spec = models.materialize_gguf(spec)  # a .gguf file: its cached plain conversion
-    elif path is not None and not (path / "config.json").is_file():
-        raise ModelError("neither a model, an adapter nor a run directory", where=str(model_or_adapter),
-                         fix="pass a run dir, an adapter dir, a local model dir, a .gguf file or a cached hub id")
-    tokenizer = models.load_tokenizer(spec)
-    dtype = policies.weights_dtype(spec, QuantizationSpec(), policies.precision(TrainingSpec()))
-    model = models.load_model(spec, None, dtype, pad_token_id=tokenizer.pad_token_id)
-    return model.eval(), tokenizer, None
 
 
 def complete(model, tokenizer, recipe, prompt: str, max_new_tokens: int = 64) -> str:

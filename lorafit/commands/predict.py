@@ -14,10 +14,8 @@ What each task writes per row:
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
-from lorafit import log
 from lorafit.core import libs, models, tasks
 from lorafit.core.adapters import find_adapter
 from lorafit.core.files import atomic_write
@@ -26,9 +24,8 @@ from lorafit.core.prompts import column, infer_format
 from lorafit.errors import LorafitError
 from lorafit.recipe import DataSpec
 from lorafit.stages.data.read import read_located
-from lorafit.stages.data.tokens import encode_words, read_words
-
-_DEFAULT_NAME = re.compile(r"LABEL_\d+")
+from lorafit.stages.data.tokens import read_words
+from lorafit.stages.predict import classify_texts, tag_words
 
 
 def predict(path: str | Path, data: str | Path, output: str | Path, *, batch_size: int = 8,
@@ -52,7 +49,7 @@ def predict(path: str | Path, data: str | Path, output: str | Path, *, batch_siz
     if tokenizer.pad_token_id is None and tokenizer.eos_token_id is not None:
         tokenizer.pad_token = tokenizer.eos_token  # batches need a pad id (training set the same)
     if task.labelled:
-        run = _tag if task.per_word else _classify
+        run = tag_words if task.per_word else classify_texts
         # Rows are checked before the first batch runs: a bad row fails in seconds.
         inputs = [read_words(r, loc, spec) if task.per_word else column(r, loc, spec, "text", "text to classify")
                   for r, loc in zip(rows, locs)]
@@ -81,58 +78,6 @@ def _data_spec(source, data: Path, first: dict, task: tasks.Task) -> DataSpec:
     if fmt not in task.formats:
         fmt = "completion" if "prompt" in first else "text"
     return DataSpec(train=str(data), format=fmt)
-
-
-def _label(model, index: int):
-    """A class as the user knows it: its name, or its integer id when the classes had no names."""
-    name = (getattr(model.config, "id2label", None) or {}).get(index)
-    if name is None or _DEFAULT_NAME.fullmatch(str(name)):
-        return index
-    return int(name) if str(name).isdigit() else name
-
-
-def _batches(n: int, size: int):
-    return [range(i, min(i + size, n)) for i in range(0, n, size)]
-
-
-def _classify(model, tokenizer, texts: list[str], max_length: int, batch_size: int) -> list[dict]:
-    import torch
-
-    out = []
-    batches = _batches(len(texts), batch_size)
-    with log.Progress("predict", total=len(batches)) as progress, torch.no_grad():
-        for batch in batches:
-            enc = tokenizer([texts[i] for i in batch], truncation=True, max_length=max_length, padding=True,
-                            return_tensors="pt").to(model.device)
-            probs = model(**enc).logits.float().softmax(-1)
-            score, index = probs.max(-1)
-            out += [{"label": _label(model, int(i)), "score": round(float(s), 6)} for i, s in zip(index, score)]
-            progress.update()
-    return out
-
-
-def _tag(model, tokenizer, words: list[list[str]], max_length: int, batch_size: int) -> list[dict]:
-    """One tag per word: the class of its first sub-token (as training labelled it); null past max_length."""
-    import torch
-
-    out = []
-    batches = _batches(len(words), batch_size)
-    with log.Progress("predict", total=len(batches)) as progress, torch.no_grad():
-        for batch in batches:
-            enc = encode_words(tokenizer, [words[i] for i in batch], max_length)
-            padded = tokenizer.pad({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]},
-                                   padding_side="right", return_tensors="pt").to(model.device)
-            classes = model(**padded).logits.argmax(-1).tolist()
-            for k, i in enumerate(batch):
-                tags: list = [None] * len(words[i])
-                seen = set()
-                for position, w in enumerate(enc.word_ids(k)):
-                    if w is not None and w not in seen:
-                        seen.add(w)
-                        tags[w] = _label(model, classes[k][position])
-                out.append({"tokens": words[i], "tags": tags})
-            progress.update()
-    return out
 
 
 def _write_jsonl(path: Path, predictions: list[dict]) -> None:

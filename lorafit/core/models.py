@@ -16,7 +16,7 @@ from pathlib import Path
 
 from lorafit import log
 from lorafit.core import distributed, policies, tasks
-from lorafit.core.adapters import BLEND_FILE, AdapterSource
+from lorafit.core.adapters import BLEND_FILE, AdapterSource, find_adapter, holds_adapter
 from lorafit.core.gguf import (BUILTIN_MODELS, builtin_gguf, check_gguf_mapping, gguf_dtype, gguf_hub_id, gguf_metadata,  # noqa: F401
                                gguf_metadata_memo, gguf_path, gguf_source, gguf_spec, is_builtin, is_gguf_cache,
                                is_gguf_name, materialize_gguf)
@@ -424,6 +424,30 @@ def load_beside(model, source: AdapterSource, adapter_name: str, *, where: str) 
     except (RuntimeError, ValueError, KeyError) as e:
         raise ModelError(f"the adapter does not fit the base model: {str(e).strip()[:300]}", where=where,
                          fix="give adapters trained on the same base") from None
+
+
+def load_for_inference(model_or_adapter: str | Path, *, trust_remote_code: bool = False):
+    """(model, tokenizer, recipe or None) ready for generation (generate, serve): base + adapter when given an
+    adapter or run dir, else a plain model (a local dir, a .gguf file, builtin:NAME or a cached hub id)."""
+    trust_remote_code = trust_remote_code or remote_code_allowed()  # the command's --trust-remote-code
+    if holds_adapter(model_or_adapter):
+        source = find_adapter(model_or_adapter)
+        model, tokenizer = load_adapted(source, trust_remote_code=trust_remote_code)
+        return model, tokenizer, source.run_recipe()
+    spec = ModelSpec(name=str(model_or_adapter), trust_remote_code=trust_remote_code)
+    warn_remote_code(spec, why="--trust-remote-code")
+    if is_builtin(spec.name):  # builtin:NAME: its packaged GGUF file
+        spec = ModelSpec(name=str(builtin_gguf(spec.name, where="MODEL")[0]))
+    path = local_path(spec.name, where=str(model_or_adapter))
+    if path is not None and path.is_file() and is_gguf_name(spec.name):
+        spec = materialize_gguf(spec)  # a .gguf file: its cached plain conversion
+    elif path is not None and not (path / "config.json").is_file():
+        raise ModelError("neither a model, an adapter nor a run directory", where=str(model_or_adapter),
+                         fix="pass a run dir, an adapter dir, a local model dir, a .gguf file or a cached hub id")
+    tokenizer = load_tokenizer(spec)
+    dtype = policies.weights_dtype(spec, QuantizationSpec(), policies.precision(TrainingSpec()))
+    model = load_model(spec, None, dtype, pad_token_id=tokenizer.pad_token_id)
+    return model.eval(), tokenizer, None
 
 
 def attention_implementation(model) -> str:

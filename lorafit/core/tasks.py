@@ -44,6 +44,12 @@ class Task:
         trained whole (data.format text, data.train_on_inputs) have none to compare with."""
         return self.causal
 
+    @property
+    def servable(self) -> bool:
+        """`lorafit serve` answers it: a decoder that generates (chat and text completions) or a labelled head
+        (POST /v1/classify)."""
+        return self.causal or self.labelled
+
 
 TASKS: dict[str, Task] = {t.name: t for t in (
     Task("causal_lm", "CAUSAL_LM", "AutoModelForCausalLM", "AutoPeftModelForCausalLM", "text-generation", (), False,

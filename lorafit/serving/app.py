@@ -1,10 +1,12 @@
 """The HTTP layer of `lorafit serve`: FastAPI routes that validate (protocol.py), call handlers.py and answer
-JSON or server-sent events. It decides nothing about the model. Also here: the bearer key, the body size
-cap, the OpenAI-shaped error for every failure (never a traceback), one log line per request.
+JSON or server-sent events. It decides nothing about the model. Also here (Guard, around the app, before any
+body is parsed): the bearer key, the body size cap; the OpenAI-shaped error for every failure (never a
+traceback), one log line per request.
 """
 
 from __future__ import annotations
 
+import re
 import secrets
 import sys
 import time
@@ -12,7 +14,7 @@ import traceback
 from contextlib import asynccontextmanager
 from typing import Callable
 
-from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
@@ -23,7 +25,7 @@ from lorafit.serving.handlers import Handlers
 from lorafit.serving.protocol import APIError, ServerError, TooLarge, Unauthorized
 
 MAX_BODY_BYTES = 4 * 1024 * 1024
-DRAIN_BYTES = 64 * 1024 * 1024  # of a body declared too large, read and dropped before the 413
+DRAIN_BYTES = 64 * 1024 * 1024  # of a body refused (too large, no key), read and dropped before the answer
 
 
 def create_app(handlers: Handlers, *, api_key: str | None = None, on_ready: Callable[[], None] | None = None,
@@ -45,13 +47,6 @@ def create_app(handlers: Handlers, *, api_key: str | None = None, on_ready: Call
 
     app = FastAPI(title="lorafit serve", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
 
-    def authorized(request: Request) -> None:
-        if api_key is None:
-            return
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip().encode(), api_key.encode()):
-            raise Unauthorized("missing or wrong API key: send the header 'Authorization: Bearer KEY'")
-
     async def answer(call, body, request: Request):
         try:
             result = await call(body, request.state.note)
@@ -66,9 +61,10 @@ def create_app(handlers: Handlers, *, api_key: str | None = None, on_ready: Call
 
     @app.get("/health")
     async def health():
-        return handlers.health()
+        state = handlers.health()
+        return JSONResponse(state, status_code=200 if state["engine_alive"] else 503)
 
-    v1 = APIRouter(prefix="/v1", dependencies=[Depends(authorized)])
+    v1 = APIRouter(prefix="/v1")  # the API key is the Guard's: checked before the body is read
 
     @v1.get("/models")
     async def models():
@@ -111,7 +107,7 @@ def create_app(handlers: Handlers, *, api_key: str | None = None, on_ready: Call
                          if e.status_code == 404 else None)
         return JSONResponse(error.body(), status_code=e.status_code, headers=getattr(e, "headers", None))
 
-    return Guard(app, max_body)
+    return Guard(app, max_body, api_key=api_key.strip() if api_key is not None else None)
 
 
 def validation_error(errors) -> APIError:
@@ -130,12 +126,13 @@ def validation_error(errors) -> APIError:
 
 
 class Guard:
-    """ASGI middleware around the app: refuses bodies above *max_body* bytes (413, also when chunked), and
-    writes one line per request to stderr once its last byte is sent (streams included): method, path,
-    status, model, tokens in/out, the most requests it was decoded with, milliseconds."""
+    """ASGI middleware around the app, before any body is parsed: a /v1 request without the API key is a 401; a
+    body above *max_body* bytes is a 413 (declared or chunked: the body is read here, whole, and handed to the
+    app). One line per request on stderr once its last byte is sent (streams included): method, path, status,
+    model, tokens in/out, the most requests it was decoded with, milliseconds."""
 
-    def __init__(self, app: FastAPI, max_body: int):
-        self.app, self.max_body = app, max_body
+    def __init__(self, app: FastAPI, max_body: int, api_key: str | None = None):
+        self.app, self.max_body, self.api_key = app, max_body, api_key
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -150,28 +147,50 @@ class Guard:
             if message["type"] == "http.response.body" and not message.get("more_body"):
                 _log(scope, status[0], note, started)
 
-        declared = dict(scope.get("headers") or []).get(b"content-length")
+        headers = dict(scope.get("headers") or [])
+        if self.api_key is not None and scope.get("path", "").startswith("/v1") and not self._authorized(headers):
+            return await _refuse(Unauthorized("missing or wrong API key: send the header 'Authorization: Bearer KEY'"),
+                                 scope, receive, logged_send)
+        declared = headers.get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_body:
-            # Read (never kept) up to a bound, so that a client still sending sees the 413 and not a reset.
-            drained, more = 0, True
-            while more and drained < DRAIN_BYTES:
-                message = await receive()
-                drained += len(message.get("body", b""))
-                more = message["type"] == "http.request" and message.get("more_body", False)
-            error = _too_large(self.max_body)
-            return await JSONResponse(error.body(), status_code=error.status)(scope, receive, logged_send)
-        seen = 0
-
-        async def counted_receive():
-            nonlocal seen
+            return await _refuse(_too_large(self.max_body), scope, receive, logged_send)
+        chunks, size = [], 0
+        while True:
             message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > self.max_body:
-                    raise _too_large(self.max_body)  # inside the route's body read: the APIError handler answers
-            return message
+            if message["type"] != "http.request":
+                return  # the client left before its body was whole: nobody to answer
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.max_body:
+                return await _refuse(_too_large(self.max_body), scope, receive, logged_send,
+                                     more=message.get("more_body", False))
+            if not message.get("more_body", False):
+                break
+        body, handed = b"".join(chunks), False
 
-        await self.app(scope, counted_receive, logged_send)
+        async def replay():  # the body once, then the client's own messages (a disconnect ends a stream)
+            nonlocal handed
+            if not handed:
+                handed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, logged_send)
+
+    def _authorized(self, headers: dict) -> bool:
+        scheme, _, token = headers.get(b"authorization", b"").decode("latin-1").partition(" ")
+        return scheme.lower() == "bearer" and secrets.compare_digest(token.strip().encode(), self.api_key.encode())
+
+
+async def _refuse(error: APIError, scope, receive, send, *, more: bool = True) -> None:
+    """Answer *error* without handing the request to the app. The rest of the body is read (never kept) up to a
+    bound first, so that a client still sending sees the answer and not a reset connection."""
+    drained = 0
+    while more and drained < DRAIN_BYTES:
+        message = await receive()
+        drained += len(message.get("body", b""))
+        more = message["type"] == "http.request" and message.get("more_body", False)
+    await JSONResponse(error.body(), status_code=error.status)(scope, receive, send)
 
 
 def _too_large(limit: int) -> TooLarge:
@@ -179,12 +198,22 @@ def _too_large(limit: int) -> TooLarge:
 
 
 def _log(scope, status: int, note: dict, started: float) -> None:
-    parts = [scope.get("method", ""), scope.get("path", ""), str(status)]
+    parts = [_shown(scope.get("method", "")), _shown(scope.get("path", "")), str(status)]
     if "model" in note:
-        parts.append(f"model={note['model']}")
+        parts.append(f"model={_shown(note['model'])}")
     if "in" in note:
         parts.append(f"tokens in={note['in']} out={note.get('out', 0)}")
     if "batch" in note:
         parts.append(f"batch {note['batch']}")
     parts.append(f"{(time.perf_counter() - started) * 1000:.0f} ms")
     log.info(" ".join(parts))
+
+
+_PLAIN = re.compile(r"[\w./:@+-]{1,200}")
+
+
+def _shown(text: str) -> str:
+    """A client's string as the log shows it: as it is when plain, else quoted with its control characters escaped
+    (a name cannot forge a line of its own), cut at 200 characters."""
+    text = str(text)
+    return text if _PLAIN.fullmatch(text) else repr(text[:200])

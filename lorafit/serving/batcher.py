@@ -17,6 +17,8 @@ keeps its own sampler (temperature, top_p, seeded generator), stop strings, max_
 - At most max_batch rows decode at once; a request for an adapter that cannot be loaded yet (every loaded
   adapter pinned by running rows, --max-loaded reached) waits, and so does every request behind it
   (first come, first served: none starves).
+- A row pins its adapter from its load until it leaves (release, once: `held`). One row's failure (its sampler,
+  its text) is that row's error; a failed forward fails the rows of its group; the others decode on.
 """
 
 from __future__ import annotations
@@ -36,13 +38,14 @@ BASE = "__base__"  # peft's name for "no adapter" in adapter_names
 @dataclass
 class Row:
     gen: Generation
-    sampler: Sampler
-    stream: TextStream
+    sampler: Sampler | None     # set by the prefill
+    stream: TextStream | None
     length: int                 # real tokens in the cache (its pads not counted)
     pending: int = -1           # the token chosen last, fed at the next step
     new: int = 0                # tokens generated (the end token included)
     pad: int = 0                # left padding in its group's cache
     batch: int = 1              # the most rows decoded with it in one forward
+    held: bool = False          # its adapter pinned (registry.load), until released once
 
     @property
     def adapter(self) -> str:
@@ -65,6 +68,7 @@ class Batcher:
         self.registry, self.max_batch, self.stats = registry, max_batch, stats
         self.waiting: list = []
         self.groups: dict[str, Group] = {}
+        self.joining: Row | None = None  # the row being prefilled
 
     @property
     def running(self) -> int:
@@ -91,29 +95,28 @@ class Batcher:
                 continue
             self.waiting.pop(0)
             self.stats["requests"] += 1
+            self.joining = row = Row(gen, None, None, length=len(gen.prompt))
             try:
                 self.registry.load(gen.served)
-            except APIError as e:
-                gen.sink(("error", e))
-                continue
-            try:
-                self._prefill(gen)
+                row.held = True
+                self._prefill(row)
             except Exception as e:
-                self.registry.release(gen.served)
+                self._release(row)
                 _fail(gen, e)
+            self.joining = None  # still set if something worse escaped: reset() ends it
 
-    def _prefill(self, gen) -> None:
+    def _prefill(self, row: Row) -> None:
         import torch
 
-        model = self.registry.model
-        row = Row(gen, Sampler(gen.params, model.device), TextStream(gen.served.tokenizer, gen.params.stop,
-                                                                     strip=gen.strip), length=len(gen.prompt))
+        gen, model = row.gen, self.registry.model
+        row.sampler = Sampler(gen.params, model.device)
+        row.stream = TextStream(gen.served.tokenizer, gen.params.stop, strip=gen.strip)
         cache = new_cache()
         ids = torch.tensor([gen.prompt], device=model.device)
         with active(model, None if gen.served.is_base else gen.served.peft_name):
             logits = forward(model, ids, torch.ones_like(ids), None, cache)
         if self._advance(row, logits[0]):  # ended at its first token
-            self.registry.release(gen.served)
+            self._release(row)
             return
         key = self._group_key(row, cache)
         group = self.groups.setdefault(key, Group(key))
@@ -139,10 +142,28 @@ class Batcher:
             try:
                 self._step(group)
             except Exception as e:  # a failed forward fails its rows; the server goes on
+                self.groups.pop(group.key, None)
                 for row in group.rows:
-                    self.registry.release(row.gen.served)
+                    self._release(row)
                     _fail(row.gen, e)
-                del self.groups[group.key]
+
+    def reset(self, error: APIError) -> None:
+        """Every request waiting or running ends with *error*, their pins returned: the engine's last resort after a
+        failure outside any one request (engine.py), so that none waits forever and the engine goes on."""
+        rows = [row for group in self.groups.values() for row in group.rows] + ([self.joining] if self.joining else [])
+        waiting, self.waiting, self.groups, self.joining = self.waiting, [], {}, None
+        for row in rows:
+            with contextlib.suppress(Exception):
+                self._release(row)
+        for gen in [row.gen for row in rows] + waiting:
+            with contextlib.suppress(Exception):
+                gen.sink(("error", error))
+
+    def _release(self, row: Row) -> None:
+        """Its adapter unpinned, once whatever path the row leaves by."""
+        if row.held:
+            row.held = False
+            self.registry.release(row.gen.served)
 
     def _step(self, group: Group) -> None:
         import torch
@@ -164,18 +185,27 @@ class Batcher:
             logits = forward(model, tokens, mask, positions, group.cache,
                              adapter_names=[row.adapter for row in group.rows])
         self.stats["largest_batch"] = max(self.stats["largest_batch"], len(group.rows))
-        keep = []
+        keep, ended = [], []
         for i, row in enumerate(group.rows):
             row.length += 1
             row.batch = max(row.batch, len(group.rows))
-            if row.gen.cancelled or self._advance(row, logits[i]):
-                self.registry.release(row.gen.served)  # it leaves the batch at once
+            try:
+                done = row.gen.cancelled or self._advance(row, logits[i])
+            except Exception as e:  # this row's own failure (its sampler, its text): its error alone
+                _fail(row.gen, e)
+                done = True
+            if done:
+                ended.append(row)  # it leaves the batch at once
             else:
                 keep.append(i)
-        if len(keep) < len(group.rows):
-            _select(group, keep)
-        if not group.rows:
-            del self.groups[group.key]
+        try:
+            if len(keep) < len(group.rows):
+                _select(group, keep)
+            if not group.rows:
+                del self.groups[group.key]
+        finally:
+            for row in ended:
+                self._release(row)
 
     def _advance(self, row: Row, logits) -> bool:
         """Choose the row's next token, hand out its text; True when the row has ended."""

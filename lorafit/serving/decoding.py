@@ -12,10 +12,15 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
+# Temperatures below this decode greedily: logits divided by 1e-40 overflow to inf, softmax gives NaN and the draw
+# fails. At 1e-5 a draw is the argmax already unless two logits lie within about 1e-4 of each other.
+GREEDY_BELOW = 1e-5
+
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """What a request asked for: *temperature* 0 is greedy; *seed* makes a sampled answer repeatable."""
+    """What a request asked for: *temperature* 0 (or below GREEDY_BELOW) is greedy; *seed* makes a sampled
+    answer repeatable."""
 
     max_tokens: int
     temperature: float = 0.0
@@ -56,7 +61,7 @@ class Sampler:
 
         self.temperature, self.top_p = params.temperature, params.top_p
         self.generator = None
-        if self.temperature > 0:
+        if self.temperature >= GREEDY_BELOW:
             seed = params.seed if params.seed is not None else int.from_bytes(os.urandom(8), "little") >> 1
             self.generator = torch.Generator(device=device).manual_seed(seed)
 

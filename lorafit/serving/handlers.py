@@ -1,7 +1,7 @@
 """What each endpoint asks of the engine, in OpenAI's terms: a chat is rendered with the adapter's own saved
 template (as `lorafit generate` renders it), a text completion tokenized as the adapter's training tokenized
 its rows, both checked against the context, decoded by the engine and answered whole or streamed; classify
-runs `lorafit predict`'s own classifier and tagger. No HTTP here: app.py routes to these.
+runs `lorafit predict`'s own classifier and tagger (stages.predict). No HTTP here: app.py routes to these.
 
 Every method fills *note* (model, tokens in / out) for the request's log line.
 """
@@ -19,7 +19,7 @@ from lorafit.serving import protocol as p
 from lorafit.serving.decoding import Finished, Generation, SamplingParams
 from lorafit.serving.engine import Engine
 from lorafit.serving.protocol import APIError, NotFound
-from lorafit.serving.registry import Registry, Served, runtime_adapter
+from lorafit.serving.registry import Registry, Served, check_name, runtime_adapter
 
 DEFAULT_MAX_TOKENS = 256   # when a request names none (and the context leaves that much room)
 UNBOUNDED_CAP = 4096       # max_tokens for a model whose context is unknown
@@ -33,16 +33,20 @@ class Handlers:
 
     def models(self) -> p.ModelList:
         reg = self.registry
+        # root is the served name (vLLM's field; a path on this server's disk is nobody else's business)
         cards = [p.ModelCard(id=reg.base_id, created=reg.base.created, root=reg.base_id, max_model_len=reg.context,
                              task=reg.base.task.name, loaded=True)]
-        cards += [p.ModelCard(id=s.name, created=s.created, root=str(s.source.adapter_dir), parent=reg.base_id,
+        cards += [p.ModelCard(id=s.name, created=s.created, root=s.name, parent=reg.base_id,
                               max_model_len=reg.context, task=s.task.name, loaded=reg.is_loaded(s))
                   for s in list(reg.adapters.values())]
         return p.ModelList(data=cards)
 
     def health(self) -> dict:
+        """status "ok" while the engine's thread runs (app.py answers 503 otherwise)."""
         loaded = [s.name for s in list(self.registry.loaded.values()) if s.name in self.registry.adapters]
-        return {"status": "ok", "loaded": loaded, **self.engine.stats}
+        alive = self.engine.alive
+        return {"status": "ok" if alive else "engine stopped", "engine_alive": alive, "loaded": loaded,
+                **self.engine.stats}
 
     # -- generation ---------------------------------------------------------------------------------
 
@@ -183,8 +187,8 @@ class Handlers:
     # -- classification -----------------------------------------------------------------------------
 
     async def classify(self, req: p.ClassifyRequest, note: dict) -> p.ClassifyResponse:
-        from lorafit.commands.predict import _classify, _tag
         from lorafit.recipe import DataSpec
+        from lorafit.stages.predict import classify_texts, tag_words
 
         note["model"] = req.model
         served = self.registry.get(req.model)
@@ -207,7 +211,7 @@ class Handlers:
         tokenizer = served.tokenizer
 
         def run(model):
-            run = _tag if tagging else _classify
+            run = tag_words if tagging else classify_texts
             out = run(model, tokenizer, items, max_length, 8)
             counted = tokenizer(items, is_split_into_words=tagging, truncation=True, max_length=max_length)
             return out, sum(len(ids) for ids in counted["input_ids"])
@@ -221,35 +225,41 @@ class Handlers:
 
     async def load_adapter(self, req: p.LoadAdapterRequest, note: dict) -> dict:
         root = self._runtime(note)
-        served = runtime_adapter(self.registry, req.lora_name, req.lora_path, root)
-        note["model"] = served.name
+        note["model"] = req.lora_name
+        # Its files are read (tokenizer, recipe, every path checked) off the event loop.
+        served = await asyncio.to_thread(runtime_adapter, self.registry, req.lora_name, req.lora_path, root)
 
-        def add():
+        def add():  # the names change on the engine's thread only: two loads of one name, one wins
+            check_name(self.registry, served.name)
             self.registry.add(served)
             try:
                 self.registry.load(served)  # now, so that a broken adapter is this request's error
-            except APIError:
+            except BaseException:
                 self.registry.remove(served.name)
                 raise
             self.registry.release(served)
 
         await asyncio.wrap_future(self.engine.call(add))
-        return {"object": "model", "id": served.name, "parent": self.registry.base_id,
-                "root": str(served.source.adapter_dir), "loaded": self.registry.is_loaded(served)}
+        return {"object": "model", "id": served.name, "parent": self.registry.base_id, "root": served.name,
+                "loaded": self.registry.is_loaded(served)}
 
     async def unload_adapter(self, req: p.UnloadAdapterRequest, note: dict) -> dict:
         self._runtime(note)
         note["model"] = req.lora_name
-        if req.lora_name not in self.registry.adapters:
-            raise NotFound(f"no adapter is served as '{req.lora_name}'; adapters: "
-                           f"{', '.join(self.registry.adapters) or 'none'}", param="lora_name")
+        self._served_adapter(req.lora_name)
 
-        def drop():
+        def drop():  # checked again here: of two unloads of one name, the second finds it gone
+            self._served_adapter(req.lora_name)
             self.registry.remove(req.lora_name)
             self.registry.tidy()
 
         await asyncio.wrap_future(self.engine.call(drop))
         return {"object": "model", "id": req.lora_name, "deleted": True}
+
+    def _served_adapter(self, name: str) -> None:
+        if name not in self.registry.adapters:
+            raise NotFound(f"no adapter is served as '{name}'; adapters: "
+                           f"{', '.join(self.registry.adapters) or 'none'}", param="lora_name")
 
     def _runtime(self, note: dict) -> Path:
         if self.adapter_root is None:

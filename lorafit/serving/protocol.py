@@ -77,7 +77,9 @@ class StreamOptions(_Request):
 
 
 class _Sampling(_Request):
-    """What chat and text completions share. temperature defaults to 0 (greedy), as `lorafit generate`."""
+    """What chat and text completions share. temperature defaults to 0 (greedy), as `lorafit generate`; one
+    below decoding.GREEDY_BELOW (1e-5) is greedy too (dividing by it would overflow). A seed is a 63-bit
+    integer (torch's generator takes no more)."""
 
     model: str
     max_tokens: Optional[int] = Field(None, ge=1)
@@ -85,7 +87,7 @@ class _Sampling(_Request):
     temperature: Optional[float] = Field(None, ge=0, le=2)
     top_p: Optional[float] = Field(None, gt=0, le=1)
     stop: Optional[Union[str, list[str]]] = None
-    seed: Optional[int] = None
+    seed: Optional[int] = Field(None, ge=0, lt=2**63)
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
     # OpenAI fields with no effect here: accepted at their defaults only

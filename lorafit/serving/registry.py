@@ -6,14 +6,24 @@ base answers under its own name (and as "base"), asked as the first adapter was 
 `lorafit generate --no-adapter` asks it. Tokenizers and recipes are read at start, adapter weights on first
 use; at most *max_loaded* adapters stay in the model, the least recently used evicted first (peft's
 load_adapter / delete_adapter). Weights change only on the engine's thread.
+
+An adapter loaded at run time (/v1/load_lora_adapter) is a stranger's folder: every file it or its run holds must
+resolve inside --adapter-root (checked when it is asked for, and again on the engine's thread just before its
+weights open); its tokenizer is its own or the served base's, and its recipe is read for its data section only
+(how prompts are rendered), never its model section (remote code, revision).
 """
 
 from __future__ import annotations
 
+import copy
+import os
+import sys
 import time
+import traceback
 from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from lorafit.core import libs, models, policies, tasks
 from lorafit.core.adapters import ADAPTER_NAME, AdapterSource, find_adapter, same_base
@@ -33,6 +43,7 @@ class Served:
     recipe: object | None                  # the run's Recipe: how prompts are rendered
     source: AdapterSource | None = None
     runtime: bool = False                  # loaded through /v1/load_lora_adapter
+    root: Path | None = None               # a runtime adapter's --adapter-root: no file it reads leaves it
     created: int = field(default_factory=lambda: int(time.time()))
     peft_name: str | None = None           # its name inside the peft model
 
@@ -49,13 +60,22 @@ class Registry:
     """The served names and the adapter cache. Names are read by the HTTP side; load(), release() and
     tidy() run on the engine's thread only."""
 
-    def __init__(self, model, base: Served, *, base_id: str, max_loaded: int, context: int | None):
+    def __init__(self, model, base: Served, *, base_id: str, max_loaded: int, context: int | None,
+                 base_tokenizer: Callable[[], object] | None = None):
         self.model, self.base, self.base_id = model, base, base_id
         self.max_loaded, self.context = max_loaded, context
         self.adapters: dict[str, Served] = {}
         self.loaded: OrderedDict[str, Served] = OrderedDict()  # peft name → adapter, least recently used first
         self.pins: Counter = Counter()
         self._names = 0
+        self._base_tokenizer = base_tokenizer or (lambda: base.tokenizer)
+        self._base_tokenizer_loaded = None
+
+    def base_tokenizer(self):
+        """A copy of the base model's own tokenizer (for a runtime adapter that brings none)."""
+        if self._base_tokenizer_loaded is None:
+            self._base_tokenizer_loaded = self._base_tokenizer()
+        return copy.deepcopy(self._base_tokenizer_loaded)
 
     # -- names ----------------------------------------------------------------------------------
 
@@ -87,7 +107,7 @@ class Registry:
         """Its weights are in, or can come in: a free slot, or a loaded adapter no running row uses."""
         if served.is_base or served.peft_name in self.loaded:
             return True
-        return len(self.loaded) < self.max_loaded or any(not self.pins[p] for p in self.loaded)
+        return len(self.loaded) < self.max_loaded or any(self.pins[p] <= 0 for p in self.loaded)
 
     def load(self, served: Served) -> None:
         """Make *served*'s weights usable and pin them until release(); evict beyond max_loaded."""
@@ -99,6 +119,7 @@ class Registry:
             self.tidy()
 
     def release(self, served: Served) -> None:
+        """One pin of load() returned: once per load (batcher.Row.held); an adapter with no pin can be evicted."""
         if not served.is_base:
             self.pins[served.peft_name] -= 1
             self.tidy()
@@ -106,30 +127,45 @@ class Registry:
     def _load_weights(self, served: Served) -> None:
         from peft import PeftModel
 
+        if served.root is not None:  # checked when it was asked for; again now, just before its files open
+            check_inside(served.source, served.root, served.name, run=False)
         try:
             if isinstance(self.model, PeftModel):
                 models.load_beside(self.model, served.source, served.peft_name, where=served.name)
             else:  # a plain base: its first adapter makes it a peft model
                 self.model = PeftModel.from_pretrained(self.model, str(served.source.adapter_dir),
                                                        adapter_name=served.peft_name, is_trainable=False).eval()
-        except (ModelError, RuntimeError, ValueError, KeyError, OSError) as e:
+        except Exception as e:  # whatever the files hold (a truncated safetensors, shapes that do not fit)
+            self._forget_partial(served.peft_name)
             first = (e.message if isinstance(e, ModelError) else " ".join(str(e).strip().splitlines()[:2]))[:300]
             raise APIError(f"adapter '{served.name}' does not load onto the base: {first}", param="model",
                            status=500, code="adapter_load_failed") from None
         self.loaded[served.peft_name] = served
 
+    def _forget_partial(self, peft_name: str) -> None:
+        """peft adds an adapter's layers before it reads the weights: a failed load leaves them, untrained."""
+        if peft_name in (getattr(self.model, "peft_config", None) or {}) and len(self.model.peft_config) > 1:
+            try:
+                self.model.delete_adapter(peft_name)
+            except Exception:
+                traceback.print_exc(file=sys.stderr)
+
     def tidy(self) -> None:
         """Delete unpinned adapters that are no longer served, then the least recently used beyond max_loaded.
-        The last adapter of a peft model is never deleted (peft cannot run without one): a new one loads first."""
+        The last adapter of a peft model is never deleted (peft cannot run without one): a new one loads first.
+        Housekeeping: an adapter that will not delete stays loaded (the server's log says why), tried again later."""
         served = {s.peft_name for s in self.adapters.values()}
-        for peft_name in [p for p in self.loaded if p not in served and not self.pins[p]]:
-            if len(self.loaded) > 1:
-                self._delete(peft_name)
-        for peft_name in list(self.loaded):
-            if len(self.loaded) <= self.max_loaded:
-                break
-            if not self.pins[peft_name]:
-                self._delete(peft_name)
+        try:
+            for peft_name in [p for p in self.loaded if p not in served and self.pins[p] <= 0]:
+                if len(self.loaded) > 1:
+                    self._delete(peft_name)
+            for peft_name in list(self.loaded):
+                if len(self.loaded) <= self.max_loaded:
+                    break
+                if self.pins[peft_name] <= 0:
+                    self._delete(peft_name)
+        except Exception:
+            traceback.print_exc(file=sys.stderr)
 
     def _delete(self, peft_name: str) -> None:
         self.model.delete_adapter(peft_name)
@@ -142,11 +178,13 @@ class Registry:
 
 
 def check_servable(named: list[tuple[str, AdapterSource]], option: str = "--adapter") -> None:
-    """Tasks `lorafit serve` answers (generation, classification, tagging), one number of classes."""
+    """Tasks `lorafit serve` answers (the task table's servable rows), one number of classes."""
     for name, source in named:
-        if not servable(source.task):
-            raise ModelError(f"adapter '{name}' is a {source.task.name} adapter; serve answers causal_lm "
-                             "(chat and text completions) and seq_cls / token_cls (classify) adapters",
+        if not source.task.servable:
+            generating = " / ".join(t.name for t in tasks.TASKS.values() if t.servable and t.generates)
+            classifying = " / ".join(t.name for t in tasks.TASKS.values() if t.servable and t.labelled)
+            raise ModelError(f"adapter '{name}' is a {source.task.name} adapter; serve answers {generating} "
+                             f"(chat and text completions) and {classifying} (classify) adapters",
                              where=f"{option} {name}", fix="use `lorafit generate` or `lorafit predict` for it")
     if named and named[0][1].task.labelled:
         first_name, first = named[0]
@@ -158,20 +196,19 @@ def check_servable(named: list[tuple[str, AdapterSource]], option: str = "--adap
                                  fix="serve adapters with the same classes together")
 
 
-def servable(task: tasks.Task) -> bool:
-    """A decoder that generates (chat and text completions) or a labelled head (classify)."""
-    return task.causal or task.labelled
-
-
-def adapter_entry(name: str, source: AdapterSource, *, runtime: bool = False) -> Served:
-    """An adapter's name, tokenizer (saved beside it) and recipe; no weights yet."""
-    try:
-        recipe = source.run_recipe()
-    except LorafitError:
-        recipe = None  # a run whose recipe no longer validates: rendered as a model without one
+def adapter_entry(name: str, source: AdapterSource) -> Served:
+    """An adapter given at start: its name, tokenizer (saved beside it, else its base's) and recipe; no weights yet."""
+    recipe = _recipe(source)
     tokenizer = models.load_adapter_tokenizer(source)
     _ready(tokenizer, recipe)
-    return Served(name, source.task, tokenizer, recipe, source, runtime=runtime)
+    return Served(name, source.task, tokenizer, recipe, source)
+
+
+def _recipe(source: AdapterSource):
+    try:
+        return source.run_recipe()
+    except LorafitError:
+        return None  # a run whose recipe no longer validates: rendered as a model without one
 
 
 def _ready(tokenizer, recipe) -> None:
@@ -195,15 +232,22 @@ def open_registry(named: list[tuple[str, AdapterSource]], model_name: str | None
         model, _ = models.load_adapted(named[0][1], adapter_name=first.peft_name, trust_remote_code=trust_remote_code)
         base = Served(named[0][1].base, first.task, first.tokenizer, first.recipe)
         base_id = named[0][1].base
-    else:
-        from lorafit.commands.generate import load_for_inference
 
-        model, tokenizer, recipe = load_for_inference(model_name, trust_remote_code=trust_remote_code)
+        def base_tokenizer():  # the base's own, as the first adapter (given at start) loaded it
+            with models.trusting_remote_code(trust_remote_code):
+                return models.load_tokenizer(models.base_spec(named[0][1])[0])
+    else:
+        model, tokenizer, recipe = models.load_for_inference(model_name, trust_remote_code=trust_remote_code)
+        plain = copy.deepcopy(tokenizer)
         _ready(tokenizer, recipe)
         base = Served(str(model_name), tasks.task(None), tokenizer, recipe)
         base_id = str(model_name)
+
+        def base_tokenizer():
+            return plain
     found = policies.context_limit(model.config, base.tokenizer)
-    registry = Registry(model, base, base_id=base_id, max_loaded=max_loaded, context=found[0] if found else None)
+    registry = Registry(model, base, base_id=base_id, max_loaded=max_loaded, context=found[0] if found else None,
+                        base_tokenizer=base_tokenizer)
     for entry in entries:
         registry.add(entry)
     if named:
@@ -213,26 +257,22 @@ def open_registry(named: list[tuple[str, AdapterSource]], model_name: str | None
 
 
 def runtime_adapter(registry: Registry, name: str, path: str, root: Path) -> Served:
-    """An adapter asked for by /v1/load_lora_adapter: under *root* (no path leaves it, links included),
-    of the served base and task, under a new name."""
-    if not ADAPTER_NAME.fullmatch(name) or name in (BASE_ALIAS, registry.base_id):
-        raise APIError(f"'{name}' cannot name an adapter: use letters, digits, '_' or '-' (not 'base')",
-                       param="lora_name")
-    if name in registry.adapters:
-        raise APIError(f"an adapter is already served as '{name}'; unload it first or pick another name",
-                       param="lora_name")
+    """An adapter asked for by /v1/load_lora_adapter: under *root* (no file it or its run holds leaves it, links
+    included), of the served base and task, under a new name. Reads files: called off the event loop."""
+    check_name(registry, name)
     root = root.resolve()
-    target = (root / path).resolve()
-    if not target.is_relative_to(root):
-        raise APIError(f"'{path}' is outside the adapter root {root}", param="lora_path", status=403,
-                       code="path_outside_adapter_root")
+    target = root / path
+    if not _inside(target, root):
+        raise _outside(path)
+    target = target.resolve()
+    if not target.is_dir():
+        raise APIError(f"'{path}': no such folder under the adapter root", param="lora_path")
+    _check_folder(target, root, path)  # before adapter_config.json is read
     try:
         source = find_adapter(target)
     except ModelError as e:
         raise APIError(f"{path}: {e.message}", param="lora_path") from None
-    if not source.adapter_dir.resolve().is_relative_to(root):
-        raise APIError(f"'{path}' is outside the adapter root {root}", param="lora_path", status=403,
-                       code="path_outside_adapter_root")
+    check_inside(source, root, path)
     reference = next(iter(registry.adapters.values()), None)
     base = reference.source.base if reference is not None else registry.base_id
     if not same_base(source.base, base):
@@ -242,6 +282,56 @@ def runtime_adapter(registry: Registry, name: str, path: str, root: Path) -> Ser
                        param="lora_path")
     try:
         check_servable(([(reference.name, reference.source)] if reference else []) + [(name, source)], "lora_path")
-        return adapter_entry(name, source, runtime=True)
+        recipe = _recipe(source)  # its data section renders prompts; its model section is never read
+        if models.has_tokenizer(source.adapter_dir):
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(str(source.adapter_dir))
+        else:
+            tokenizer = registry.base_tokenizer()
+        _ready(tokenizer, recipe)
     except LorafitError as e:
         raise APIError(str(e), param="lora_path") from None
+    except (OSError, ValueError) as e:
+        raise APIError(f"'{path}': its tokenizer does not load: {' '.join(str(e).splitlines()[:1])[:300]}",
+                       param="lora_path") from None
+    return Served(name, source.task, tokenizer, recipe, source, runtime=True, root=root)
+
+
+def check_name(registry: Registry, name: str) -> None:
+    """A runtime adapter's name: usable by peft, not the base's, not one already served (400)."""
+    if not ADAPTER_NAME.fullmatch(name) or name in (BASE_ALIAS, registry.base_id):
+        raise APIError(f"'{name}' cannot name an adapter: use letters, digits, '_' or '-' (not 'base')",
+                       param="lora_name")
+    if name in registry.adapters:
+        raise APIError(f"an adapter is already served as '{name}'; unload it first or pick another name",
+                       param="lora_name")
+
+
+def check_inside(source: AdapterSource, root: Path, path: str, *, run: bool = True) -> None:
+    """Every file of the adapter dir (and, with *run*, of the run dir around it, whose recipe is read) resolves
+    inside *root* (403 otherwise): a link anywhere in them, to a file or a folder, may not lead out."""
+    for folder in [source.adapter_dir] + ([source.run_dir] if run and source.run_dir is not None else []):
+        _check_folder(folder, root, path)
+
+
+def _check_folder(folder: Path, root: Path, path: str) -> None:
+    if not _inside(folder, root):
+        raise _outside(path)
+    for parent, dirs, files in os.walk(folder):  # links to folders are listed, not followed
+        for entry in dirs + files:
+            if not _inside(Path(parent) / entry, root):
+                raise _outside(path)
+
+
+def _inside(path: Path, root: Path) -> bool:
+    try:
+        return path.resolve().is_relative_to(root)
+    except (OSError, RuntimeError):  # a link loop leads nowhere inside
+        return False
+
+
+def _outside(path: str) -> APIError:
+    """403; the root itself is not shown (a path on the server's disk)."""
+    return APIError(f"'{path}' leads outside the adapter root (--adapter-root): adapters load from inside it only, "
+                    "links included", param="lora_path", status=403, code="path_outside_adapter_root")

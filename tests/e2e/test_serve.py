@@ -24,18 +24,37 @@ ASK = CHAT_PROMPTS[0]
 
 @pytest.fixture(scope="module")
 def root(tmp_path_factory, chat_runs):
-    """--adapter-root: a copy of run 'a' inside it (loadable at run time), and a file outside it."""
-    root = tmp_path_factory.mktemp("adapter_root")
+    """--adapter-root: a copy of run 'a' inside it (loadable at run time), and ways out of it: a link to a folder
+    outside, a link to a weights file outside, a run whose recipe is a link outside; the root is itself an adapter
+    whose run (recipe.yaml) is the folder above it."""
+    outer = tmp_path_factory.mktemp("adapter_root")
+    root = outer / "root"
+    shutil.copytree(chat_runs["a"] / "adapter", root)
+    shutil.copy(chat_runs["a"] / "recipe.yaml", outer / "recipe.yaml")
     shutil.copytree(chat_runs["a"] / "adapter", root / "c")
     (root / "escape").symlink_to(chat_runs["b"] / "adapter")  # inside by name, outside in fact
+    shutil.copytree(chat_runs["a"] / "adapter", root / "linked")
+    (root / "linked" / "adapter_model.safetensors").unlink()
+    (root / "linked" / "adapter_model.safetensors").symlink_to(chat_runs["b"] / "adapter" / "adapter_model.safetensors")
+    shutil.copytree(chat_runs["a"] / "adapter", root / "run" / "adapter")
+    (root / "run" / "recipe.yaml").symlink_to(chat_runs["b"] / "recipe.yaml")
     return root
 
 
 @pytest.fixture(scope="module")
-def server(chat_runs, root, tmp_path_factory):
+def broken(tmp_path_factory, chat_runs):
+    """An adapter served from the start whose weights file turns out unreadable when it is first used."""
+    out = tmp_path_factory.mktemp("broken") / "broken"
+    shutil.copytree(chat_runs["a"] / "adapter", out)
+    (out / "adapter_model.safetensors").write_bytes(b"not a safetensors file" * 4)
+    return out
+
+
+@pytest.fixture(scope="module")
+def server(chat_runs, root, broken, tmp_path_factory):
     srv = Server(["--adapter", f"a={chat_runs['a']}", "--adapter", f"b={chat_runs['b'] / 'adapter'}",
-                  "--adapter", f"d={chat_runs['d']}", "--api-key", KEY, "--max-loaded", "3", "--max-batch", "8",
-                  "--allow-runtime-adapters", "--adapter-root", root],
+                  "--adapter", f"d={chat_runs['d']}", "--adapter", f"broken={broken}", "--api-key", KEY,
+                  "--max-loaded", "3", "--max-batch", "8", "--allow-runtime-adapters", "--adapter-root", root],
                  cwd=tmp_path_factory.mktemp("serve"))
     yield srv
     srv.stop()
@@ -71,13 +90,13 @@ FINISH = {"end": "stop", "max_new_tokens": "length"}
 
 def test_banner_and_models(server, client, chat_runs):
     banner = "".join(server.stdout)
-    assert "adapters  a, b, d" in banner and "curl " + server.url + "/v1/chat/completions" in banner
+    assert "adapters  a, b, d, broken" in banner and "curl " + server.url + "/v1/chat/completions" in banner
     assert "Authorization: Bearer $LORAFIT_API_KEY" in banner and KEY not in banner  # the key itself is never shown
     models = {m.id: m for m in client.models.list().data}
     base = str(CHAT_BASE)
-    assert list(models) == [base, "a", "b", "d"]
+    assert list(models) == [base, "a", "b", "d", "broken"]
     assert models["a"].parent == models["b"].parent == base and models[base].parent is None
-    assert models["a"].root == str(chat_runs["a"] / "adapter")
+    assert models["a"].root == "a" and models["b"].root == "b"  # no path on the server's disk is shown
 
 
 @pytest.mark.parametrize("model", ["a", "b", "base"])
@@ -244,6 +263,67 @@ def test_adapters_load_and_unload_at_run_time(server, client):
         _chat(client, "c")
 
 
+def test_an_adapter_that_fails_to_load_is_its_requests_error_and_the_server_goes_on(server):
+    import openai
+
+    impatient = server.client(KEY).with_options(timeout=30)  # a dead engine would leave this request waiting
+    with pytest.raises(openai.InternalServerError) as e:
+        _chat(impatient, "broken")
+    assert "adapter 'broken' does not load" in str(e.value)
+    assert _chat(impatient, "a").choices[0].message.content == "Paris."
+    status, body = server.get("/health")
+    assert status == 200 and body["engine_alive"] is True and body["status"] == "ok"
+
+
+def test_runtime_adapters_never_read_a_file_outside_the_root(server):
+    for path in (".", "linked", "run"):  # a run outside the root, a weights file linked out, a recipe linked out
+        status, body = server.post("/v1/load_lora_adapter", {"lora_name": "x", "lora_path": path}, key=KEY)
+        assert status == 403 and body["error"]["code"] == "path_outside_adapter_root", (path, body)
+
+
+def test_concurrent_loads_and_unloads_of_one_name_agree(server):
+    def post(path):
+        return lambda _: server.post(path, {"lora_name": "twin", "lora_path": "c"}, key=KEY)[0]
+
+    with ThreadPoolExecutor(4) as pool:
+        assert sorted(pool.map(post("/v1/load_lora_adapter"), range(4))) == [200, 400, 400, 400]
+    with ThreadPoolExecutor(4) as pool:
+        assert sorted(pool.map(post("/v1/unload_lora_adapter"), range(4))) == [200, 404, 404, 404]
+
+
+def test_the_guard_answers_before_the_body_is_read(server):
+    """A chunked body over the cap is a 413 (not FastAPI's 400); without the key a malformed body is a 401."""
+    import http.client
+    from urllib.parse import urlsplit
+
+    url = urlsplit(server.url)
+    conn = http.client.HTTPConnection(url.hostname, url.port, timeout=60)
+    chunks = (b"x" * 65536 for _ in range(80))  # 5 MiB, no Content-Length: sent chunked
+    conn.request("POST", "/v1/completions", body=chunks, headers={"Authorization": f"Bearer {KEY}"})
+    response = conn.getresponse()
+    assert response.status == 413 and json.loads(response.read())["error"]["code"] == "request_too_large"
+    conn.close()
+    status, body = server.post("/v1/chat/completions", None, raw=b'{"model": "a", "messages": [')
+    assert status == 401 and body["error"]["code"] == "invalid_api_key"
+
+
+def test_extreme_sampling_values_never_give_a_500(server, client):
+    status, body = server.post("/v1/chat/completions", {"model": "a", "messages": [{"role": "user", "content": ASK}],
+                                                        "temperature": 1.0, "seed": 2**70}, key=KEY)
+    assert status == 400 and body["error"]["param"] == "seed", body
+    reply = _chat(client, "a", temperature=1e-40, seed=3)  # below 1e-5: greedy
+    assert reply.choices[0].message.content == "Paris."
+
+
+def test_the_log_line_shows_a_hostile_model_name_escaped(server):
+    status, _ = server.post("/v1/chat/completions", {"model": "evil\nPOST /v1/forged 200 model=x\x1b[2J",
+                                                     "messages": [{"role": "user", "content": "x"}]}, key=KEY)
+    assert status == 404
+    lines = server.wait_for_log(lambda lines: [x for x in lines if "evil" in x], 1)
+    log = server.stderr_text()
+    assert "\x1b" not in log and not any(x.startswith("POST /v1/forged") for x in log.splitlines()), lines
+
+
 # ----------------------------------------------------------------------------------------------
 # Refused at start (in-process: nothing loads)
 
@@ -275,6 +355,30 @@ def test_option_mistakes_are_refused(chat_runs, args, where):
     extra = [] if args[:1] in ([], ["--adapter"]) else [str(chat_runs["a"])]
     proc = run_cli("serve", *extra, *args)
     assert proc.returncode == 2 and proc.stderr.startswith(f"error: {where}: "), proc.stderr
+
+
+def test_a_directory_name_that_cannot_be_served_is_refused(chat_runs, tmp_path):
+    import socket
+
+    (tmp_path / "base").symlink_to(chat_runs["a"])  # "base" is the model without adapter: never reachable
+    with socket.socket() as taken:  # without the check the server would start: the port in use stops it
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        proc = run_cli("serve", tmp_path / "base", "--port", taken.getsockname()[1])
+    assert proc.returncode == 2 and proc.stderr.startswith("error: RUN_DIR: ") and "--adapter NAME=" in proc.stderr, \
+        proc.stderr
+
+
+def test_runtime_adapters_on_a_public_address_need_an_api_key(chat_runs, tmp_path):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("0.0.0.0", 0))
+        taken.listen(1)
+        proc = run_cli("serve", chat_runs["a"], "--host", "0.0.0.0", "--port", taken.getsockname()[1],
+                       "--allow-runtime-adapters", "--adapter-root", tmp_path)
+    assert proc.returncode == 2 and proc.stderr.startswith("error: --allow-runtime-adapters: "), proc.stderr
+    assert "--api-key" in proc.stderr
 
 
 def test_a_port_in_use_is_refused_before_loading(chat_runs):

@@ -60,3 +60,26 @@ def test_a_seeded_sampler_repeats_and_greedy_takes_the_argmax():
     peaked = torch.full((50,), -10.0)
     peaked[7] = 10.0
     assert {Sampler(SamplingParams(8, temperature=1.0, top_p=0.5, seed=s)).choose(peaked) for s in range(10)} == {7}
+
+
+def test_a_temperature_too_small_to_divide_by_is_greedy():
+    """logits / 1e-40 overflow to inf, softmax to NaN, and multinomial raises: below GREEDY_BELOW the argmax."""
+    import torch
+
+    from lorafit.serving.decoding import GREEDY_BELOW, Sampler, SamplingParams
+
+    logits = torch.randn(50, generator=torch.Generator().manual_seed(1)) * 30
+    for temperature in (1e-40, GREEDY_BELOW / 2):
+        assert Sampler(SamplingParams(8, temperature=temperature, seed=5)).choose(logits) == int(logits.argmax())
+
+
+def test_a_seed_past_64_bits_is_a_validation_error():
+    from pydantic import ValidationError
+
+    from lorafit.serving.protocol import ChatCompletionRequest
+
+    ask = {"model": "a", "messages": [{"role": "user", "content": "x"}]}
+    assert ChatCompletionRequest.model_validate({**ask, "seed": 2**63 - 1}).seed == 2**63 - 1
+    for seed in (2**63, 2**70, -1):
+        with pytest.raises(ValidationError):
+            ChatCompletionRequest.model_validate({**ask, "seed": seed})
