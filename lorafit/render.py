@@ -21,7 +21,7 @@ def train_lines(result) -> list[str]:
     lines = [f"run: {result.run_dir}", f"adapter: {result.run_dir / rundir.ADAPTER}",
              f"trainable params: {m['trainable_params']:,} ({m['trainable_percent']:.4f} %)",
              f"train loss: {m['train']['first_loss']:.4f} → {m['train']['final_loss']:.4f} "
-             f"({m['train']['steps']} steps, {m['train']['train_tokens_per_second'] or 0:,.0f} tokens/s)"]
+             f"({m['train']['steps']} steps, {m['train']['train_tokens_per_second'] or 0:,.0f} tokens/s processed)"]
     ev = m.get("eval") or {}
     if "eval_loss" in ev:
         base = f"base {ev['base_eval_loss']:.4f} → " if "base_eval_loss" in ev else ""

@@ -131,9 +131,10 @@ def report_markdown(recipe: Recipe, metrics: dict, plot: str | None, *, evaluate
     if t.get("loss_history"):
         out += ["## Training", "",
                 f"Train loss {number(t.get('first_loss'))} → {number(t.get('final_loss'))} over {t.get('steps')} steps"
-                f", {t.get('tokens_seen', 0):,} tokens"
-                + (f" ({t['train_tokens_per_second']:,.0f} tokens/s)" if t.get("train_tokens_per_second") else "")
-                + ".", ""]
+                f", {t.get('tokens_processed', t.get('tokens_seen', 0)):,} tokens processed"
+                + (f", {t['trained_tokens']:,} trained (with a loss)" if t.get("trained_tokens") is not None else "")
+                + (f" ({t['train_tokens_per_second']:,.0f} tokens/s processed)" if t.get("train_tokens_per_second")
+                   else "") + ".", ""]
         if t.get("diverged_at_step"):
             out += [f"Warning: the loss climbed far above its start at step {t['diverged_at_step']}.", ""]
         if plot:

@@ -9,6 +9,7 @@ a loss history, and NaN losses that are reported rather than filtered.
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import shutil
 import signal
@@ -379,7 +380,10 @@ def _trainer_class():
                 self._bucketed.set_epoch(epoch)
             return super()._run_epoch(model, epoch, *args, **kwargs)
 
+        _trained_tokens = 0  # tokens with a loss so far, all ranks (restored from a checkpoint on resume)
+
         def _track_num_input_tokens(self, inputs):
+            self._count_trained_tokens(inputs)
             # A packed batch has no attention_mask: count its real tokens from the position ids, so that
             # train_tokens_per_second stays non-pad tokens per second.
             if "attention_mask" in inputs or "position_ids" not in inputs or \
@@ -391,6 +395,22 @@ def _trainer_class():
 
             count = torch.as_tensor(real_tokens(inputs["position_ids"]), device=self.args.device, dtype=torch.int64)
             self.state.num_input_tokens_seen += self.accelerator.gather(count).sum().item()
+
+        def _count_trained_tokens(self, inputs) -> None:
+            """The batch's trained tokens (those with a loss): its labels other than -100; for a class per row
+            (seq_cls), the row's tokens, which together make its one prediction (as the data stage counts)."""
+            import torch
+
+            labels = inputs.get("labels")
+            if labels is None:
+                return
+            if labels.dim() == 1:
+                mask = inputs.get("attention_mask")
+                count = mask.sum() if mask is not None else torch.tensor(inputs["input_ids"].numel())
+            else:
+                count = (labels != -100).sum()
+            count = count.to(device=self.args.device, dtype=torch.int64).reshape(1)
+            self._trained_tokens += int(self.accelerator.gather(count).sum().item())
 
         def _get_output_dir(self, trial):
             return self._staging or super()._get_output_dir(trial)
@@ -407,6 +427,9 @@ def _trainer_class():
             try:
                 with libs.no_vocabulary_lookup():  # peft would ask the hub at each checkpoint (core.libs)
                     super()._save_checkpoint(model, trial)  # every rank writes its RNG state there too
+                if self.args.should_save:  # the trained-token count, which the Trainer's own state has no place for
+                    (staging / name / TRAINED_TOKENS_FILE).write_text(
+                        json.dumps({"trained_tokens": self._trained_tokens}) + "\n", encoding="utf-8")
             finally:
                 self._staging = None
             self.accelerator.wait_for_everyone()
@@ -547,6 +570,19 @@ def schedule_change(lr_scheduler, kind: str, step: int, planned: int, now: int) 
             f"{now}-step run would, start again with --overwrite")
 
 
+TRAINED_TOKENS_FILE = "lorafit-tokens.json"  # in each checkpoint: the run's trained tokens up to it
+
+
+def saved_trained_tokens(checkpoint: str | None) -> int | None:
+    """The trained tokens a checkpoint records (0 for a fresh run; None when it records none)."""
+    if not checkpoint:
+        return 0
+    try:
+        return int(json.loads((Path(checkpoint) / TRAINED_TOKENS_FILE).read_text(encoding="utf-8"))["trained_tokens"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def whole_run_loss(log_history: list[dict], last_step: int) -> float | None:
     """Mean training loss over every step of the run, from the loss log (each entry is the mean since the
     previous one; a resumed run's log comes from its checkpoint). None when the log has a gap."""
@@ -569,6 +605,8 @@ def train_model(model, bundle, args, *, resume_from: str | None = None, save_min
     frozen, divergence = _frozen_guard(), _divergence_watch()
     trainer.add_callback(frozen)
     trainer.add_callback(divergence)
+    counted_before = saved_trained_tokens(resume_from)  # None: a checkpoint from before lorafit counted them
+    trainer._trained_tokens = counted_before or 0
     start = time.perf_counter()
     try:
         with stop.installed():
@@ -610,6 +648,11 @@ def train_model(model, bundle, args, *, resume_from: str | None = None, save_min
         "final_loss": losses[-1] if losses else None,
         "loss_history": history,
         "diverged_at_step": divergence.diverged_at,
+        # Two counts, two names: tokens processed (every non-padding token the model read, all epochs) and trained
+        # tokens (those with a loss: the responses; data.train_on_inputs adds the prompts). tokens_seen: the old name
+        # of tokens_processed, kept for readers of earlier metrics.json.
+        "tokens_processed": tokens,
+        "trained_tokens": trainer._trained_tokens,
         "tokens_seen": tokens,
         "train_seconds": round(seconds, 3),
         "train_tokens_per_second": round(session_tokens / seconds, 2) if seconds > 0 else None,
@@ -620,9 +663,12 @@ def train_model(model, bundle, args, *, resume_from: str | None = None, save_min
         loss_scope = ("train_loss (step-weighted mean of the whole loss log), " if whole is not None else "")
         summary["note"] = (f"resumed at step {clock.start_step}: train_seconds, session_tokens and "
                            f"train_tokens_per_second cover steps {clock.start_step + 1}-{state.global_step} (this "
-                           f"session); tokens_seen, {loss_scope}loss_history, first_loss and final_loss cover the "
-                           "whole run" + ("" if whole is not None else
-                                          "; the loss log has a gap, so train_loss covers this session only"))
+                           f"session); tokens_processed, {'trained_tokens, ' if counted_before is not None else ''}"
+                           f"{loss_scope}loss_history, first_loss and final_loss cover the whole run"
+                           + ("" if whole is not None else
+                              "; the loss log has a gap, so train_loss covers this session only")
+                           + ("" if counted_before is not None else
+                              "; the checkpoint held no trained-token count, so trained_tokens covers this session"))
     return trainer, summary
 
 

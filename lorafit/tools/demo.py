@@ -59,8 +59,10 @@ def comparison_lines(metrics: dict, recipe, seconds: float) -> list[str]:
         lines.append(f"  exact match: not measured ({ev.get('metrics_note') or 'evaluation.metrics is off'})")
     if "eval_loss" in ev:
         lines.append(f"  {'held-out loss':<16}{_num(ev.get('base_eval_loss')):>10}{_num(ev['eval_loss']):>10}")
-    lines.append(f"trained on {tr.get('tokens_seen', 0):,} tokens ({tr.get('steps')} steps of "
-                 f"{recipe.training.batch_size * recipe.training.grad_accum} rows)")
+    processed = tr.get("tokens_processed", tr.get("tokens_seen", 0))
+    steps = f"{tr.get('steps')} steps of {recipe.training.batch_size * recipe.training.grad_accum} rows"
+    lines.append(f"trained on {tr['trained_tokens']:,} tokens with a loss ({processed:,} processed, {steps})"
+                 if tr.get("trained_tokens") is not None else f"trained on {processed:,} tokens processed ({steps})")
     samples = (ev.get("samples") or [])[:EXAMPLES]
     if samples:
         lines.append("\nexamples (greedy):")

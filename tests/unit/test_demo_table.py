@@ -17,7 +17,7 @@ def test_the_table_reads_exact_match_loss_tokens_and_examples_from_the_metrics()
     text = "\n".join(demo.comparison_lines(metrics, recipe, 245))
     assert "exact match          2.0 %    90.0 %" in text
     assert "held-out loss       1.1000    0.0200" in text
-    assert "31,234 tokens (60 steps of 8 rows)" in text and "recipes/data/dates-eval.jsonl" in text
+    assert "31,234 tokens processed (60 steps of 8 rows)" in text  # a metrics.json from before trained_tokens and "recipes/data/dates-eval.jsonl" in text
     assert text.count("expected: ") == 3 and "prompt  : Normalise the date to YYYY-MM-DD: x1" in text
     assert text.endswith("total wall time: 4 min 5 s")
 
