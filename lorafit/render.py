@@ -372,7 +372,8 @@ def merge_lines(report: dict) -> list[str]:
                              f"(limit {v['max_merge_error_ratio']:.0%})")
         if v.get("perplexity_adapter") is not None:
             base_ppl = f"base {v['perplexity_base']:.4f}, " if v.get("perplexity_base") is not None else ""
-            lines.append(f"  perplexity {base_ppl}base+adapter {v['perplexity_adapter']:.4f}, "
+            on = f" on {v['scored_tokens']:,} {v['perplexity_on']}" if v.get("perplexity_on") else ""
+            lines.append(f"  perplexity{on}: {base_ppl}base+adapter {v['perplexity_adapter']:.4f}, "
                          f"merged {v['perplexity_merged']:.4f}")
         q = v.get("quantized")
         if q:

@@ -138,7 +138,8 @@ def _merge_section(report: dict | None) -> list[str]:
                          f"{'passed' if v.get('effect_preserved', True) else 'failed'}).")
     if v.get("perplexity_adapter") is not None:
         base_ppl = f"base {v['perplexity_base']:.4f}, " if v.get("perplexity_base") is not None else ""
-        lines.append(f"Perplexity: {base_ppl}base + adapter {v['perplexity_adapter']:.4f}, "
+        on = f" on {v['scored_tokens']:,} {v['perplexity_on']} of {v['prompt_source']}" if v.get("perplexity_on") else ""
+        lines.append(f"Perplexity{on}: {base_ppl}base + adapter {v['perplexity_adapter']:.4f}, "
                      f"merged {v['perplexity_merged']:.4f}.")
     q = v.get("quantized")
     if q:

@@ -1,6 +1,8 @@
 """`lorafit merge --verify`: prove the merged model computes what base + adapter computes.
 
-Logits and perplexity of both on a few prompts (the run's data when known, else built-in text), models
+Logits and perplexity of both on a few prompts (the run's data when known, else built-in text); the perplexity is
+over the trained tokens, the run's rows tokenized as training tokenized them, as training's loss is (every token
+of built-in text, which has no labels). Models
 loaded one at a time so RAM stays near one copy of the base; the base alone (adapter disabled) too, so the
 merge error is measured against the adapter's own effect; for a QLoRA-trained adapter, also the gap
 between the 16-bit merge and the quantized model the adapter was trained on.
@@ -33,6 +35,8 @@ BUILTIN_PROMPTS = [
     "Once upon a time, a small model learned to answer questions about the weather and colours.",
 ]
 MAX_PROMPTS, MAX_PROMPT_TOKENS = 4, 64
+MAX_ROW_TOKENS = 256  # the run's rows, as training cut them (data.max_length), at most this long
+ALL_TOKENS = "tokens (every token of the text: no labels to follow)"
 # The adapter's effect must survive the merge: max |logit diff| merged vs base+adapter (the merge error) must
 # stay below this fraction of max |logit diff| base+adapter vs base (the adapter's effect). A merge that
 # dropped the adapter scores exactly 1.0 (merged == base). Measured on the tiny test models with the test
@@ -56,9 +60,15 @@ def verify_merged(merged_dir: str | Path, source: AdapterSource, *, dtype: str) 
     import transformers
 
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(merged_dir))
-    prompts, prompt_source, chat = eval_prompts(source, tokenizer)
-    batch = _inputs(prompts, tokenizer, chat=chat, seq2seq=source.task.encoder_decoder)
     causal = source.task.generates  # a perplexity to compare: the next tokens' loss
+    found = trained_rows(source, tokenizer) if causal else None
+    if found is not None:  # the run's rows with their labels: perplexity over what training computed its loss on
+        batch, prompt_source, scored_on = found
+        prompts = batch
+    else:
+        prompts, prompt_source, chat = eval_prompts(source, tokenizer)
+        batch = _inputs(prompts, tokenizer, chat=chat, seq2seq=source.task.encoder_decoder)
+        scored_on = "tokens of the target (all of it)" if source.task.encoder_decoder else ALL_TOKENS
 
     log.info(f"verifying on {len(prompts)} prompts ({prompt_source})")
     adapted = load_adapted(source, dtype=dtype, quantized=False, device="cpu", with_tokenizer=False)[0]
@@ -96,6 +106,7 @@ def verify_merged(merged_dir: str | Path, source: AdapterSource, *, dtype: str) 
               "adapter_effect": effect, "adapter_effect_negligible": bool(negligible),
               "merge_error_ratio": ratio, "max_merge_error_ratio": MAX_EFFECT_RATIO, "effect_preserved": preserved,
               "perplexity_base": base_ppl, "perplexity_adapter": ref["ppl"], "perplexity_merged": merged["ppl"],
+              "perplexity_on": scored_on if causal else None, "scored_tokens": ref["scored"] if causal else None,
               "quantized": None}
     if causal and ref["ppl"] is not None:
         rel = abs(merged["ppl"] - ref["ppl"]) / ref["ppl"]
@@ -126,19 +137,23 @@ def _score(model, batch, causal: bool) -> dict:
 
     logits, nll, count = [], 0.0, 0
     with torch.no_grad():
-        for inputs in batch:
+        for item in batch:
+            inputs = {k: v for k, v in item.items() if k != "targets"}
             out = model(**inputs).logits.float()
             logits.append(out[0])
             ids = inputs["input_ids"]
             if "labels" in inputs:  # encoder-decoder: the decoder's logits score the target
-                nll += float(torch.nn.functional.cross_entropy(out[0], inputs["labels"][0], reduction="sum"))
-                count += inputs["labels"].shape[1]
+                labels = inputs["labels"][0]
+                nll += float(torch.nn.functional.cross_entropy(out[0], labels, ignore_index=-100, reduction="sum"))
+                count += int((labels != -100).sum())
             elif causal and ids.shape[1] > 1:
-                loss = torch.nn.functional.cross_entropy(out[0, :-1], ids[0, 1:], reduction="sum")
-                nll += float(loss)
-                count += ids.shape[1] - 1
+                # The next token's loss where training computed one (targets: its labels), else at every token.
+                targets = item.get("targets", ids)[0, 1:]
+                nll += float(torch.nn.functional.cross_entropy(out[0, :-1], targets, ignore_index=-100,
+                                                               reduction="sum"))
+                count += int((targets != -100).sum())
     del model
-    return {"logits": logits, "ppl": math.exp(nll / count) if count else None}
+    return {"logits": logits, "ppl": math.exp(nll / count) if count else None, "scored": count}
 
 
 def _training_quantization(source: AdapterSource):
@@ -175,6 +190,45 @@ def eval_prompts(source: AdapterSource, tokenizer) -> tuple[list[str], str, bool
             if texts:
                 return texts[:MAX_PROMPTS], f"{key} data {path.name}", recipe.data.format == "chat"
     return list(BUILTIN_PROMPTS), "built-in text", False
+
+
+def trained_rows(source: AdapterSource, tokenizer) -> tuple[list[dict], str, str] | None:
+    """Up to MAX_PROMPTS rows of the run's eval data (else the tail of its train data) tokenized as training
+    tokenized them (stages.data: input_ids, labels -100 where training computes no loss), cut to data.max_length
+    and MAX_ROW_TOKENS; with where they come from and what a perplexity over them measures. None when the adapter
+    has no run or its rows no longer tokenize (or keep no trained token): eval_prompts' text is scored then."""
+    import torch
+
+    from lorafit.core import libs
+    from lorafit.stages.data import text as data_text
+    from lorafit.stages.data.read import Source, read_located
+
+    libs.quiet_libraries()  # datasets' bars: four rows need none
+    try:
+        recipe = source.run_recipe()
+    except LorafitError:
+        return None
+    if recipe is None:
+        return None
+    spec = recipe.data.model_copy(update={"max_length": min(recipe.data.max_length, MAX_ROW_TOKENS)})
+    for key in ("eval", "train"):
+        path = _find_data_file(getattr(recipe.data, key), source.run_dir)
+        if path is None:
+            continue
+        try:
+            rows, locs = read_located(str(path), where=f"data.{key}")
+            pick = slice(0, MAX_PROMPTS) if key == "eval" else slice(-MAX_PROMPTS, None)
+            found = data_text.tokenize([Source(rows[pick], locs[pick], b"", str(path))], spec, tokenizer)
+        except LorafitError:  # a row or template that no longer renders, no trained token left: text instead
+            continue
+        seq2seq = spec.format == "seq2seq"
+        batch = [{"input_ids": torch.tensor([r["input_ids"]]),
+                  ("labels" if seq2seq else "targets"): torch.tensor([r["labels"]])} for r in found.parts[0]]
+        what = ("trained tokens (the target, where training computes its loss)" if seq2seq else
+                "trained tokens (the responses" + (" and prompts (data.train_on_inputs)" if spec.train_on_inputs else "")
+                + ", where training computes its loss)")
+        return batch, f"{key} data {path.name}", what
+    return None
 
 
 def _row(row: dict, spec, tokenizer) -> str | tuple[str, str]:
