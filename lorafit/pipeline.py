@@ -125,6 +125,9 @@ def train(recipe: Recipe, *, resume: str | None = None, force: bool = False) -> 
     }
     if forced_changes:
         metrics["resume_forced_changes"] = forced_changes
+    origin = models.gguf_origin(recipe.model)  # a GGUF base: the weights trained on are not the original ones
+    if origin:
+        metrics["base_origin"] = origin
     gathered = distributed.gather_adapter_state(trainer)  # FSDP / ZeRO-3: every rank takes part in the gather
     if distributed.is_main_process():
         save_adapter(trainer.model, tokenizer, run_dir, expected_modules=injection.adapted_modules,

@@ -55,6 +55,7 @@ def build_card(*, repo_id: str, kind: str, base: str | None, recipe: dict | None
     else:
         out += [f"{base_text[0].upper() + base_text[1:]} with a LoRA adapter merged into its weights "
                 f"({(merge_report or {}).get('dtype', 'bfloat16')}), made with lorafit.", ""]
+    out += _origin((metrics or {}).get("base_origin"), base_id)
     out += _usage(repo_id, kind, task)
     out += _training(recipe, dataset)
     out += _metrics(metrics)
@@ -62,6 +63,16 @@ def build_card(*, repo_id: str, kind: str, base: str | None, recipe: dict | None
     body = "\n".join(out).rstrip() + "\n"
     card = ModelCard(f"---\n{ModelCardData(**meta).to_yaml()}\n---\n\n{body}")
     return str(card)
+
+
+def _origin(origin: dict | None, base_id: str | None) -> list[str]:
+    """A GGUF base said for what it is: the weights trained on were dequantized from a (quantized) file."""
+    if not origin:
+        return []
+    original = f"safetensors of {base_id}" if base_id else "safetensors weights"
+    return [f"Base weights: `{origin['gguf_file']}` ({origin['quantization']}), dequantized to "
+            f"{origin['dequantized_to']} by lorafit. The adapter was trained on these, not the original {original}; "
+            "on those its effect may differ slightly.", ""]
 
 
 def _dataset(recipe: dict) -> tuple[str, bool] | None:

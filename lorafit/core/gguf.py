@@ -324,6 +324,22 @@ def gguf_quantization(gguf: Path, metadata: dict | None = None) -> str:
         return "unknown"
 
 
+def gguf_origin(spec: ModelSpec) -> dict | None:
+    """What a GGUF base really is, for what is published (metrics.json, the model card): its file, how the file
+    stores the weights, the dtype lorafit dequantized them to, and the hub id they came from when known. None for
+    a base that is no GGUF (or whose file is gone)."""
+    spec = gguf_spec(spec)
+    if not spec.gguf_file:
+        return None
+    try:
+        gguf = gguf_path(spec)
+        metadata = gguf_metadata(gguf)
+    except ModelError:
+        return None
+    return {"gguf_file": gguf.name, "quantization": gguf_quantization(gguf, metadata),
+            "dequantized_to": gguf_dtype(gguf, metadata), "hub_id": spec.base_id or gguf_hub_id(metadata)}
+
+
 def check_gguf_mapping(spec: ModelSpec, config) -> None:
     """check_tensor_names for a recipe's model when it is a GGUF (validate and train, before anything loads)."""
     spec = gguf_spec(spec)

@@ -17,7 +17,7 @@ from pathlib import Path
 from lorafit import log
 from lorafit.core import distributed, policies, tasks
 from lorafit.core.adapters import BLEND_FILE, AdapterSource, find_adapter, holds_adapter
-from lorafit.core.gguf import (BUILTIN_MODELS, builtin_gguf, check_gguf_mapping, gguf_dtype, gguf_hub_id, gguf_metadata,  # noqa: F401
+from lorafit.core.gguf import (BUILTIN_MODELS, builtin_gguf, check_gguf_mapping, gguf_dtype, gguf_origin, gguf_hub_id, gguf_metadata,  # noqa: F401
                                gguf_metadata_memo, gguf_path, gguf_source, gguf_spec, is_builtin, is_gguf_cache,
                                is_gguf_name, materialize_gguf)
 from lorafit.core.hub import hub_id, is_hub_id, local_dir, local_path, looks_like_path  # noqa: F401
