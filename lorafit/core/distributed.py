@@ -58,11 +58,15 @@ def rank_label() -> str:
     return "" if is_main_process() else f"(rank {os.environ.get('RANK')}) "
 
 
+REPORT_WAIT = 3.0  # seconds another rank gives the main process to say a mistake they all meet
+
+
 def first_to_report(lines: list[str]) -> bool:
     """Whether this process prints a user's mistake (*lines*). Alone: yes. Under torchrun each process that meets
     one asks, and the first on its node to claim the message prints it (a file created exclusively in a folder the
     node's processes of this launch share): a mistake every rank meets is said once, one that a single rank meets
-    (its own device, its own shard) is never swallowed."""
+    (its own device, its own shard) is never swallowed. The main process claims at once; another waits up to
+    REPORT_WAIT seconds for it to, so that a mistake they all meet is said as the main process says it."""
     if world_size() == 1:
         return True
     import hashlib
@@ -75,6 +79,12 @@ def first_to_report(lines: list[str]) -> bool:
     claim = folder / hashlib.sha256("\n".join(lines).encode()).hexdigest()[:16]
     try:
         folder.mkdir(exist_ok=True)
+        if not is_main_process():
+            import time
+
+            deadline = time.monotonic() + REPORT_WAIT
+            while not claim.exists() and time.monotonic() < deadline:
+                time.sleep(0.05)
         os.close(os.open(claim, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
     except FileExistsError:
         return False  # another rank said it
