@@ -234,16 +234,21 @@ def estimate(
 def evaluate(
     run_or_adapter: Path = typer.Argument(..., help="Run directory or adapter directory."),
     data: Optional[Path] = typer.Option(None, "--data", help="Evaluation data file (default: the run's eval split)."),
+    lm_eval: Optional[str] = typer.Option(
+        None, "--lm-eval", metavar="TASKS",
+        help="Also run EleutherAI's lm-evaluation-harness tasks (comma-separated) on base and adapter; "
+             "lorafit_heldout is the run's held-out rows as lorafit measures them (extra: lorafit[lmeval])."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON document."),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help=TRUST_HELP),
 ) -> None:
     """Base vs base + adapter on the same rows: eval loss, perplexity and the task's metrics (exact match /
-    contains of greedy generations, or accuracy / macro-F1), with sample generations. For a run dir, also
-    rewrites its report.md."""
+    contains of greedy generations, or accuracy / macro-F1), the rows the adapter gets wrong, forgetting
+    (evaluation.retain) and the baselines, with sample generations; --lm-eval adds the harness's tasks. For a run
+    dir, also rewrites its report.md and eval_predictions.jsonl."""
     from lorafit.commands.evaluate import evaluate_adapter
 
     with _trusting(trust_remote_code):
-        report = evaluate_adapter(run_or_adapter, data)
+        report = evaluate_adapter(run_or_adapter, data, lm_eval=lm_eval)
     _emit(report, render.evaluate_lines, as_json)
 
 

@@ -22,6 +22,7 @@ from lorafit.stages.evaluate import after_training, evaluate_model, not_evaluate
 from lorafit.stages.inject import inject_lora
 from lorafit.stages.quantize import prepare_quantized
 from lorafit.stages.report import eval_loss_history, write_report
+from lorafit.stages.retain import prepare_retain
 from lorafit.stages.resume import check_checkpoint, check_resume, check_run_dir, find_checkpoint
 from lorafit.stages.save import save_adapter, start_run_dir, write_json
 from lorafit.stages.train import peak_memory, run_arguments, train_model, warn_if_untrained
@@ -90,6 +91,9 @@ def train(recipe: Recipe, *, resume: str | None = None, force: bool = False) -> 
 
     # train → evaluate
     use_liger = policies.liger(recipe.training, recipe.model.task, config.model_type)
+    # forgetting: the rows the base answers right, asked now, before training (rank 0 alone, the weights whole)
+    alone = distributed.is_main_process() and not distributed.sharded_weights(recipe.training.distributed)
+    retain = prepare_retain(recipe, model, tokenizer) if alone else None
     trainer, summary = train_model(model, data, args, resume_from=checkpoint,
                                    save_minutes=recipe.training.save_minutes)
     summary.update(flops.train_throughput_or_none(model, data.train, task=recipe.model.task, precision=precision,
@@ -135,7 +139,8 @@ def train(recipe: Recipe, *, resume: str | None = None, force: bool = False) -> 
         write_json(run_dir / rundir.METRICS, metrics)
     with after_training(run_dir, recipe, metrics):  # Ctrl-C / SIGTERM: exit 130 / 143, the adapter kept
         metrics["eval"] = evaluate_model(trainer, data.eval, recipe.evaluation, recipe=recipe, tokenizer=tokenizer,
-                                         label_names=data.label_names)
+                                         label_names=data.label_names, rows=data.eval_rows, train_rows=data.train_rows,
+                                         retain=retain, out_dir=run_dir if distributed.is_main_process() else None)
         metrics["eval"]["loss_history"] = eval_loss_history(trainer.state.log_history)
     metrics["memory"] = peak_memory()
     if distributed.is_main_process():

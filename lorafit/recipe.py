@@ -269,6 +269,11 @@ class TrainingSpec(Section):
         default_factory=lambda: DistributedSpec(),
         description="Several processes (`lorafit train --nproc N`, or an external torchrun): how the model is spread "
                     "over them. docs/distributed.md.")
+    keep_best: bool = Field(
+        False, description="Keep the adapter of the evaluation with the lowest eval loss, not the last step's: needs "
+                           "training.eval_steps (a checkpoint is then written at every evaluation, and the timed "
+                           "checkpoints never evict the best one). The step kept is recorded in metrics.json "
+                           "(train.best); report.md names it. docs/evaluation.md.")
 
 
 class EvaluationSpec(Section):
@@ -296,6 +301,42 @@ class EvaluationSpec(Section):
         "model's context for evaluation.max_new_tokens (64 when unset): checked before training."))
     report_samples: int = Field(5, ge=0, le=100, description=(
         "Eval rows shown in report.md (prompt, reference, base, adapter) and kept in metrics.json."))
+    report_failures: int = Field(10, ge=0, le=1000, description=(
+        "Eval rows the adapter gets wrong listed in report.md and by `lorafit evaluate` (the prompt as the user wrote "
+        "it, the reference, the adapter's answer, the base's): not an exact match (causal_lm, seq2seq_lm), a wrong "
+        "class (seq_cls), any wrong tag (token_cls). Every eval row's outcome is in eval_predictions.jsonl."))
+    retain: Optional[str] = Field(None, description=(
+        "Forgetting: a file of rows the base already handles (any format lorafit reads), measured base vs adapter "
+        "(loss; exact_match and contains where the rows have references); report.md flags a drop beyond "
+        "evaluation.retain_tolerance. Unset: chat-format runs use lorafit's built-in general questions, kept to "
+        "those the base answers right (skipped, and said, when fewer than 10 remain); none: off. docs/evaluation.md."))
+    retain_tolerance: float = Field(0.10, ge=0, le=1, description=(
+        "Relative drop on the retain rows (exact_match or contains below the base's, or a loss above it, by more "
+        "than this fraction) that report.md flags as forgetting."))
+    baselines: list[str] = Field(default_factory=lambda: ["zero_shot"], max_length=4, description=(
+        "What the adapter is compared with, besides itself: zero_shot (the base as prompted in training, the "
+        "`base` column); few_shot (the base given k = 3 training rows as examples before each eval prompt; "
+        "few_shot:K for K examples; fewer, and said, where the context cannot hold them). causal_lm with "
+        "references (alpaca, completion, chat). Each adds its cost to the evaluation estimate said before it starts."))
+
+    @field_validator("baselines")
+    @classmethod
+    def _baselines(cls, v: list[str]) -> list[str]:
+        for item in v:
+            name, _, k = str(item).partition(":")
+            if name not in ("zero_shot", "few_shot") or (k and (name != "few_shot" or not k.isdigit()
+                                                                 or not 1 <= int(k) <= 32)):
+                raise ValueError(f"unknown baseline {item!r}; use zero_shot, few_shot or few_shot:K (K from 1 to 32)")
+        if len({str(x).partition(':')[0] for x in v}) != len(v):
+            raise ValueError("each baseline once")
+        return v
+
+    @field_validator("retain")
+    @classmethod
+    def _retain(cls, v: str | None) -> str | None:
+        if v is not None and not str(v).strip():
+            raise ValueError("give a file of rows, or none to turn the built-in general questions off")
+        return v
 
 
 class OutputSpec(Section):
@@ -343,6 +384,12 @@ class Recipe(Section):
                              "an encoder that must see each row alone); set data.packing: false")
         if self.lora.use_dora and self.quantization.bits == 8:
             raise ValueError("lora.use_dora: DoRA is not supported on 8-bit models; use bits 4 or null")
+        if self.training.keep_best and not self.training.eval_steps:
+            raise ValueError("training.keep_best: needs training.eval_steps, the steps at which an adapter is measured "
+                             "and the best kept; set training.eval_steps (e.g. 50)")
+        if self.training.keep_best and not (self.data.eval or self.data.eval_fraction > 0):
+            raise ValueError("training.keep_best: needs held-out rows to measure (data.eval, or data.eval_fraction "
+                             "above 0)")
         return self
 
 
@@ -501,6 +548,8 @@ def resolve_paths(recipe: Recipe, recipe_dir: Path) -> Recipe:
     recipe.model.name = resolve(recipe.model.name)
     recipe.data.train = resolve(recipe.data.train)
     recipe.data.eval = resolve(recipe.data.eval)
+    if recipe.evaluation.retain not in (None, "none"):
+        recipe.evaluation.retain = resolve(recipe.evaluation.retain)
     # The run directory is made where the command runs: recorded absolute, so the recipe reruns anywhere.
     recipe.output.dir = os.path.abspath(os.path.expanduser(recipe.output.dir))
     return recipe

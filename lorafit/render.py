@@ -28,7 +28,23 @@ def train_lines(result) -> list[str]:
         lines.append(f"eval loss: {base}adapter {ev['eval_loss']:.4f} on {ev['eval_rows']} held-out rows")
     for name, values in (ev.get("metrics") or {}).items():
         base = f"base {number(values.get('base'))} → " if values.get("base") is not None else ""
-        lines.append(f"{name}: {base}adapter {number(values.get('adapter'))} on {ev.get('metric_rows')} rows")
+        shots = (f" (base given {ev.get('few_shot_k')} examples: {number(values['few_shot'])})"
+                 if values.get("few_shot") is not None else "")
+        lines.append(f"{name}: {base}adapter {number(values.get('adapter'))} on {ev.get('metric_rows')} rows{shots}")
+    if ev.get("outcome_rows"):
+        lines.append(f"wrong: {ev.get('wrong_rows', 0)} of {ev['outcome_rows']} rows"
+                     + (f" (listed in report.md; every row in {ev['predictions']})" if ev.get("predictions") else ""))
+    retain = ev.get("retain") or {}
+    if retain.get("metrics"):
+        score = next((k for k in ("contains", "exact_match", "loss") if k in retain["metrics"]), None)
+        values = retain["metrics"][score]
+        flagged = "; FORGETTING: " + "; ".join(retain["flagged"]) if retain.get("flagged") else "; no drop flagged"
+        lines.append(f"retain ({retain['rows']} rows of {retain['source']}): {score} base "
+                     f"{number(values.get('base'))} → adapter {number(values.get('adapter'))}{flagged}")
+    if ev.get("overfitting"):
+        o = ev["overfitting"]
+        lines.append(f"overfitting: eval loss lowest at step {o['best_step']} ({o['best_eval_loss']:.4f}), "
+                     f"{o['last_eval_loss']:.4f} at step {o['last_step']} while train loss kept falling")
     if (result.run_dir / rundir.REPORT).is_file():
         lines.append(f"report: {result.run_dir / rundir.REPORT}")
     return lines
@@ -160,10 +176,45 @@ def comparison_rows(ev: dict) -> list[tuple[str, float | None, float | None, str
     rows = []
     if "eval_loss" in ev:
         rows.append(("eval loss", ev.get("base_eval_loss"), ev["eval_loss"], "lower"))
+    if "eval_perplexity" in ev:  # a classifier has none: exp(loss) over its classes means nothing
         rows.append(("perplexity", ev.get("base_eval_perplexity"), ev.get("eval_perplexity"), "lower"))
     for name, values in (ev.get("metrics") or {}).items():
         rows.append((name, values.get("base"), values.get("adapter"), "higher"))
     return rows
+
+
+def few_shot(ev: dict, name: str) -> float | None:
+    """The few-shot baseline's value of task metric *name* (evaluation.baselines), or None."""
+    return ((ev.get("metrics") or {}).get(name) or {}).get("few_shot")
+
+
+def failure_lines(ev: dict) -> list[str]:
+    """The rows the adapter gets wrong (metrics.json["eval"]["failures"]), as `lorafit evaluate` lists them."""
+    failures = ev.get("failures") or []
+    if not ev.get("outcome_rows"):
+        return []
+    head = (f"wrong: {ev.get('wrong_rows', len(failures))} of {ev['outcome_rows']} rows"
+            + (f" (the first {len(failures)} below; every row in {ev['predictions']})" if ev.get("predictions")
+               and failures else ""))
+    lines = ["", head]
+    for f in failures:
+        lines += [f"  row {f['row']}: {clip(f['prompt'])}", f"    reference: {clip(str(f.get('reference', '')))}"]
+        lines += [f"    {w + ':':<10} {clip(str(f[w]))}" for w in ("adapter", "base", "few_shot") if w in f]
+    return lines
+
+
+def retain_lines(retain: dict | None) -> list[str]:
+    """Forgetting on the retain rows (metrics.json["eval"]["retain"]), base vs adapter, and what it flags."""
+    if not retain or "metrics" not in retain:
+        return ["", f"retain: {retain['note']}"] if retain and retain.get("note") else []
+    lines = ["", f"retain: {retain['rows']} rows of {retain['source']}"]
+    for name, values in retain["metrics"].items():
+        lines.append(f"  {name:<12}{number(values.get('base')):>10}{number(values.get('adapter')):>10}"
+                     f"{change(values.get('base'), values.get('adapter')):>10}")
+    flagged = retain.get("flagged") or []
+    lines.append(f"  FORGETTING beyond {retain['tolerance']:.0%}: {'; '.join(flagged)}" if flagged
+                 else f"  no drop beyond {retain['tolerance']:.0%} of the base")
+    return lines + ([f"  note: {retain['note']}"] if retain.get("note") else [])
 
 
 def number(x: float | None, signed: bool = False) -> str:
@@ -197,13 +248,26 @@ def evaluate_lines(report: dict) -> list[str]:
         scope = f"{report['eval_rows']} rows" if "eval_rows" in report else ""
         if report.get("metric_rows") is not None and report.get("metric_rows") != report.get("eval_rows"):
             scope += f"; task metrics on {report['metric_rows']} rows"
-        lines += ["", f"{'':<14}{'base':>10}{'adapter':>10}{'change':>10}   ({scope}; {_better(rows)})"]
-        lines += [f"{name:<14}{number(b):>10}{number(a):>10}{change(b, a):>10}" for name, b, a, _ in rows]
+        shots = report.get("few_shot_k")
+        extra = f"{f'{shots}-shot':>10}" if shots else ""
+        lines += ["", f"{'':<14}{'base':>10}{extra}{'adapter':>10}{'change':>10}   ({scope}; {_better(rows)})"]
+        lines += [f"{name:<14}{number(b):>10}" + (f"{number(few_shot(report, name)):>10}" if shots else "")
+                  + f"{number(a):>10}{change(b, a):>10}" for name, b, a, _ in rows]
     if report.get("metrics_note"):
         lines.append(f"note: {report['metrics_note']}")
+    lines += failure_lines(report)
+    for name, per in (("class", report.get("per_class")), ("entity type", report.get("per_entity"))):
+        if per and per.get("adapter"):
+            lines += ["", f"{name:<14}{'support':>9}{'precision':>11}{'recall':>9}{'F1':>9}{'base F1':>9}"]
+            lines += [f"{clip(k, 14):<14}{v['support']:>9}{v['precision']:>11.4f}{v['recall']:>9.4f}{v['f1']:>9.4f}"
+                      f"{number(((per.get('base') or {}).get(k) or {}).get('f1')):>9}" for k, v in per["adapter"].items()]
+    lines += retain_lines(report.get("retain"))
+    for task, values in (report.get("lm_eval") or {}).get("results", {}).items():
+        lines += ["", f"lm-eval {task}:"] + [f"  {m:<20}{number(v.get('base')):>10}{number(v.get('adapter')):>10}"
+                                             f"{change(v.get('base'), v.get('adapter')):>10}" for m, v in values.items()]
     for i, s in enumerate(report.get("samples") or [], 1):
         lines += ["", f"row {i}: {clip(s['prompt'])}", f"  reference: {clip(s['reference'])}"]
-        lines += [f"  {w + ':':<10} {clip(s[w])}" for w in ("base", "adapter") if w in s]
+        lines += [f"  {w + ':':<10} {clip(s[w])}" for w in ("base", "few_shot", "adapter") if w in s]
     for p in report.get("prompts") or []:
         lines += ["", f"prompt: {clip(p['prompt'])}"]
         lines += [f"  {w + ':':<10} {clip(p[w])}" for w in ("base", "adapter") if w in p]

@@ -15,7 +15,9 @@ from lorafit.core.prompts import infer_format
 from lorafit.errors import LorafitError
 from lorafit.recipe import Recipe, validate_recipe
 from lorafit.stages.data import build_datasets, read_rows
-from lorafit.stages.evaluate import batch_progress, evaluate_model
+from lorafit.stages import harness
+from lorafit.stages.evaluate import batch_progress, evaluate_model, limit
+from lorafit.stages.retain import prepare_retain
 from lorafit.stages.train import build_trainer
 
 
@@ -43,8 +45,10 @@ def _adapter_recipe(source, data: Path | None) -> Recipe:
                             "data": {"train": str(data), "format": fmt, "eval_fraction": 0}}, source="--data")
 
 
-def evaluate_adapter(path: Path, data: Path | None) -> dict:
-    """Eval loss and perplexity of the base (adapter disabled) and of base + adapter on the same rows."""
+def evaluate_adapter(path: Path, data: Path | None, lm_eval: str | None = None) -> dict:
+    """Base (adapter disabled) vs base + adapter on the same rows: loss, the task's metrics, the rows the adapter
+    gets wrong, forgetting (evaluation.retain), the baselines; with *lm_eval* (comma-separated task names),
+    EleutherAI's lm-evaluation-harness on both. A run's eval_predictions.jsonl and report.md are rewritten."""
     source = find_adapter(path)  # before the heavy imports: a wrong path fails at once
     recipe = _adapter_recipe(source, data)
     if data is None:
@@ -68,8 +72,11 @@ def evaluate_adapter(path: Path, data: Path | None) -> dict:
     if dataset is None:
         raise LorafitError(f"the run {source.adapter_dir.parent} has no held-out split (its data.eval_fraction was 0 "
                            "and it had no data.eval)", where=str(path), fix="pass --data FILE with the rows to evaluate on")
+    tasks_asked = harness.task_names(lm_eval) if lm_eval else []  # a bad list fails before the model loads
     model, _ = models.load_adapted(source, num_labels=policies.class_count(recipe.model.num_labels, bundle.label_names),
                                    label_names=bundle.label_names)
+    run_dir = source.run_dir if source.recipe_file is not None else None
+    retain = prepare_retain(recipe, model, tokenizer)
     with tempfile.TemporaryDirectory(prefix="lorafit-eval-") as scratch:  # the Trainer's output_dir, removed after
         args = TrainingArguments(output_dir=scratch,
                                  per_device_eval_batch_size=recipe.evaluation.batch_size or recipe.training.batch_size,
@@ -77,8 +84,12 @@ def evaluate_adapter(path: Path, data: Path | None) -> dict:
                                  use_cpu=not torch.cuda.is_available(), save_strategy="no")
         trainer = build_trainer(model, args, bundle.collator)
         trainer.add_callback(batch_progress())
+        rows = bundle.train_rows if data else bundle.eval_rows
         result = evaluate_model(trainer, dataset, recipe.evaluation, recipe=recipe, tokenizer=tokenizer,
-                                label_names=bundle.label_names)
+                                label_names=bundle.label_names, rows=rows,
+                                train_rows=None if data else bundle.train_rows, retain=retain, out_dir=run_dir)
+    if tasks_asked:
+        result["lm_eval"] = harness.run(model, tokenizer, recipe, tasks_asked, dataset=limit(dataset, recipe.evaluation))
     # The rows measured: the whole --data file, else the run's held-out rows (data.eval or its eval split).
     result["data"] = str(data) if data else f"held-out rows of the run ({recipe.data.eval or 'its eval split'})"
     result["adapter"] = str(source.adapter_dir)
@@ -124,8 +135,8 @@ def _rewrite_report(source, result: dict, data: Path | None) -> Path | None:
     except (OSError, ValueError):
         metrics = {}
     evaluated = {k: v for k, v in result.items() if k not in ("data", "adapter")}
-    history = (metrics.get("eval") or {}).get("loss_history")
-    metrics["eval"] = {**evaluated, **({"loss_history": history} if history else {})}
+    trained = metrics.get("eval") or {}  # what only training saw: its eval loss history, the overfitting in it
+    metrics["eval"] = {**evaluated, **{k: trained[k] for k in ("loss_history", "overfitting") if trained.get(k)}}
     where = f"--data {data}" if data else "the run's held-out rows"
     return write_report(source.run_dir, load_recipe(source.recipe_file), metrics,
                         evaluated_by=f"`lorafit evaluate` on {where}")

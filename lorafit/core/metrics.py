@@ -141,3 +141,47 @@ def entity_scores(references: Sequence[Sequence[str]], predictions: Sequence[Seq
     f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
     return {"token_accuracy": token_accuracy(references, predictions), "entity_precision": precision,
             "entity_recall": recall, "entity_f1": f1, "entities": true, "predicted_entities": pred}
+
+
+# ----------------------------------------------------------------------------------------------
+# Where a classifier goes wrong: its confusion matrix, and precision / recall / F1 per class or entity type
+
+
+def confusion_matrix(predictions: Sequence[int], labels: Sequence[int], classes: int) -> list[list[int]]:
+    """matrix[true][predicted]: how many rows of each true class were predicted as each class."""
+    n = max([classes, *(x + 1 for x in predictions), *(y + 1 for y in labels)]) if (predictions or labels) else classes
+    matrix = [[0] * n for _ in range(n)]
+    for p, y in zip(predictions, labels):
+        matrix[y][p] += 1
+    return matrix
+
+
+def _prf(tp: int, fp: int, fn: int) -> dict:
+    precision = tp / (tp + fp) if tp + fp else 0.0
+    recall = tp / (tp + fn) if tp + fn else 0.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    return {"precision": round(precision, 4), "recall": round(recall, 4), "f1": round(f1, 4), "support": tp + fn}
+
+
+def per_class(matrix: list[list[int]], names: Sequence[str]) -> dict:
+    """{class name: {precision, recall, f1, support}} from a confusion matrix (support: rows truly of the class)."""
+    out = {}
+    for c, name in enumerate(names):
+        tp = matrix[c][c]
+        fp = sum(matrix[y][c] for y in range(len(matrix))) - tp
+        fn = sum(matrix[c]) - tp
+        out[str(name)] = _prf(tp, fp, fn)
+    return out
+
+
+def per_entity_type(references: Sequence[Sequence[str]], predictions: Sequence[Sequence[str]]) -> dict:
+    """{entity type: {precision, recall, f1, support}}: entity-level scores (exact span and type, as
+    entity_scores), one entity type at a time; support is the reference entities of that type."""
+    counts: dict[str, list[int]] = {}
+    for ref, out in zip(references, predictions):
+        r, p = entity_spans(ref), entity_spans(out)
+        for kind in {k for k, *_ in r | p}:
+            rk, pk = {s for s in r if s[0] == kind}, {s for s in p if s[0] == kind}
+            tp, fp, fn = counts.setdefault(kind, [0, 0, 0])
+            counts[kind] = [tp + len(rk & pk), fp + len(pk - rk), fn + len(rk - pk)]
+    return {kind: _prf(*counts[kind]) for kind in sorted(counts)}

@@ -307,6 +307,32 @@ def row_text(row: dict, spec: DataSpec, tokenizer, loc: str = "row") -> str:
     return "".join(text for text, _ in FORMATS[spec.format](row, loc, spec, None))
 
 
+def user_turn(row: dict, spec: DataSpec) -> str:
+    """A row's prompt as the user wrote it, for previews (report samples, failures, eval_predictions.jsonl): the
+    last user message before the reply (chat), the instruction and its input (alpaca), the prompt (completion),
+    the source (seq2seq), the text (text, classification), the words (tokens); never a template's boilerplate
+    or a default system prompt. A row that does not read as its format gives "" (it was checked at training)."""
+    cols = spec.columns
+    get = lambda key: row.get(getattr(cols, key)) if isinstance(row.get(getattr(cols, key)), str) else ""  # noqa: E731
+    if spec.format == "chat":
+        messages = row.get(cols.messages) if isinstance(row.get(cols.messages), list) else []
+        turns = [m for m in messages if isinstance(m, dict)]
+        last = max((i for i, m in enumerate(turns) if m.get("role") == "assistant"), default=len(turns))
+        users = [m.get("content") for m in turns[:last] if m.get("role") == "user" and isinstance(m.get("content"), str)]
+        return users[-1] if users else ""
+    if spec.format == "alpaca":
+        extra = get("input")
+        return get("instruction") + (f"\n\n{extra}" if extra.strip() else "")
+    if spec.format == "completion":
+        return get("prompt")
+    if spec.format == "seq2seq":
+        return get("source")
+    if spec.format == "tokens":
+        words = row.get(cols.tokens)
+        return " ".join(w for w in words if isinstance(w, str)) if isinstance(words, list) else ""
+    return get("text")
+
+
 def encode(text: str, tokenizer, *, chat: bool = False) -> list[int]:
     """Token ids of *text* as training builds them: no special tokens but BOS, added once when the
     tokenizer adds one and the text does not already start with it. A rendered chat template is taken

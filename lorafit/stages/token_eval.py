@@ -1,5 +1,6 @@
 """token_cls metrics for the evaluate stage (its core.tasks row names it: scorer): token accuracy and
-entity-level precision / recall / F1 (seqeval-style: exact span and type), base head vs adapter.
+entity-level precision / recall / F1 (seqeval-style: exact span and type), overall and per entity type, base
+head vs adapter; each row right only when every tag is.
 
 Each word is read at its first sub-token, as training labelled it (stages.data.tokens.align_labels); the forward
 pass is stages.eval_common.predict_in_order (dataset order, shared with seq_cls), the arithmetic
@@ -10,7 +11,7 @@ from __future__ import annotations
 
 from lorafit.core import metrics as M
 from lorafit.core.prompts import IGNORE
-from lorafit.stages.eval_common import by_metric, predict_in_order
+from lorafit.stages.eval_common import by_metric, passes, predict_in_order, preview
 
 SCORES = ("token_accuracy", "entity_precision", "entity_recall", "entity_f1")
 
@@ -37,6 +38,8 @@ def token_metrics(ctx) -> dict:
     out: dict = {"note": notes[0]} if notes else {}
     if not ctx.spec.metrics or ctx.dataset is None:
         return out
+    if ctx.planning:
+        return {"plan": [f"tags of {len(ctx.dataset)} rows ({' and '.join(passes(ctx))})"]}
     found = predict_in_order(ctx, "tag")
     if found is None:
         return out
@@ -50,12 +53,18 @@ def token_metrics(ctx) -> dict:
         scores = {w: {"token_accuracy": M.token_accuracy(refs, t)} for w, t in tags.items()}
     else:
         scores = {w: {k: v for k, v in M.entity_scores(refs, t).items() if k in SCORES} for w, t in tags.items()}
+        out["per_entity"] = {w: M.per_entity_type(refs, t) for w, t in tags.items()}
     out["metrics"] = by_metric(scores)
     out["rows"] = len(refs)
     if notes:
         out["note"] = "; ".join(notes)
-    n = min(len(ctx.dataset), ctx.spec.report_samples)
-    texts = ctx.dataset.select(range(n))["input_ids"] if n else []
-    out["samples"] = [{"prompt": ctx.tokenizer.decode(ids, skip_special_tokens=True), "reference": " ".join(refs[i]),
-                       **{w: " ".join(t[i]) for w, t in tags.items()}} for i, ids in enumerate(texts)]
+    texts = [preview(ctx, i) for i in range(len(refs))]
+    out["samples"] = [{"prompt": texts[i], "reference": " ".join(refs[i]), **{w: " ".join(t[i]) for w, t in tags.items()}}
+                      for i in range(min(len(refs), ctx.spec.report_samples))]
+    # A row is wrong when any of its words has a wrong tag.
+    out["records"] = {i: {"prompt": texts[i], "measured": "tagged", "reference": " ".join(ref),
+                          **{w: " ".join(t[i]) for w, t in tags.items()}, "correct": tags["adapter"][i] == ref,
+                          "wrong_tags": sum(1 for a, b in zip(tags["adapter"][i], ref) if a != b),
+                          **({"base_correct": tags["base"][i] == ref} if "base" in tags else {})}
+                      for i, ref in enumerate(refs)}
     return out

@@ -33,8 +33,9 @@ def training_arguments(spec: TrainingSpec, evaluation: EvaluationSpec, *, output
                        gradient_checkpointing: bool, has_eval: bool, run_name: str, packed: bool = False,
                        liger: bool = False):
     """*liger*: policies.liger's decision (it needs the model type and the machine, not only the spec)."""
-    import torch
     from transformers import TrainingArguments
+
+    keep_best = bool(spec.keep_best and has_eval and spec.eval_steps)
 
     return TrainingArguments(
         output_dir=str(output_dir),
@@ -60,8 +61,12 @@ def training_arguments(spec: TrainingSpec, evaluation: EvaluationSpec, *, output
         eval_strategy="steps" if (has_eval and spec.eval_steps) else "no",
         eval_steps=spec.eval_steps,
         save_strategy="steps",
-        save_steps=spec.save_steps or _NEVER,
+        # training.keep_best: a checkpoint at every evaluation, the best one's adapter loaded at the end (and
+        # never evicted by the rotation, timed checkpoints included: AtomicCheckpointTrainer keeps its path)
+        save_steps=spec.eval_steps if keep_best else spec.save_steps or _NEVER,
         save_total_limit=spec.save_total_limit,
+        **({"load_best_model_at_end": True, "metric_for_best_model": "eval_loss", "greater_is_better": False}
+           if keep_best else {}),
         seed=spec.seed,
         data_seed=spec.seed,
         report_to=[] if spec.report_to == "none" else [spec.report_to],
@@ -437,10 +442,27 @@ def _trainer_class():
                 replace_dir(staging / name, run_dir / name)
                 self._saving = None
                 shutil.rmtree(staging, ignore_errors=True)
+                self._point_at_best(run_dir, run_dir / name)
                 rotate_checkpoints(str(run_dir), save_total_limit=self.args.save_total_limit,
                                    best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
             self.accelerator.wait_for_everyone()
             self._saving = None
+
+        def _point_at_best(self, run_dir: Path, written: Path) -> None:
+            # transformers names the best checkpoint inside the staging directory the save wrote to: after the
+            # rename, the best is checkpoint-<best step> here (the rotation keeps it; load_best_model_at_end
+            # loads it), and the state saved in the new checkpoint must say so too.
+            if not self.state.best_global_step:
+                return
+            import json
+
+            best = run_dir / f"checkpoint-{self.state.best_global_step}"
+            self.state.best_model_checkpoint = str(best) if best.is_dir() else None
+            state_file = written / "trainer_state.json"
+            if state_file.is_file():
+                state = json.loads(state_file.read_text(encoding="utf-8"))
+                state["best_model_checkpoint"] = self.state.best_model_checkpoint
+                state_file.write_text(json.dumps(state, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
     return AtomicCheckpointTrainer
 
@@ -657,6 +679,10 @@ def train_model(model, bundle, args, *, resume_from: str | None = None, save_min
         "train_seconds": round(seconds, 3),
         "train_tokens_per_second": round(session_tokens / seconds, 2) if seconds > 0 else None,
     }
+    if args.load_best_model_at_end and state.best_global_step:  # training.keep_best
+        summary["best"] = {"step": state.best_global_step, "eval_loss": state.best_metric,
+                           "kept": state.best_model_checkpoint is not None,
+                           "checkpoint": Path(state.best_model_checkpoint).name if state.best_model_checkpoint else None}
     if clock.start_step:
         summary["resumed_at_step"] = clock.start_step
         summary["session_tokens"] = session_tokens

@@ -50,15 +50,25 @@ def comparison_lines(metrics: dict, recipe, seconds: float) -> list[str]:
     """The before/after table and examples, from a run's metrics.json."""
     ev, tr = metrics.get("eval") or {}, metrics.get("train") or {}
     em = (ev.get("metrics") or {}).get("exact_match") or {}
+    k = ev.get("few_shot_k") if em.get("few_shot") is not None else None
+    shots = f"{f'base {k}-shot':>14}" if k else ""
     lines = ["", f"held-out: {ev.get('eval_rows', 0)} dates no training row shows ({_rel(recipe.data.eval)})",
-             f"  {'':<16}{'base':>10}{'adapter':>10}"]
+             f"  {'':<16}{'base':>10}{shots}{'adapter':>10}"]
     if em:
-        lines.append(f"  {'exact match':<16}{_pct(em.get('base')):>10}{_pct(em.get('adapter')):>10}"
-                     f"   greedy, {ev.get('metric_rows')} rows")
+        lines.append(f"  {'exact match':<16}{_pct(em.get('base')):>10}" + (f"{_pct(em['few_shot']):>14}" if k else "")
+                     + f"{_pct(em.get('adapter')):>10}   greedy, {ev.get('metric_rows')} rows")
     else:
         lines.append(f"  exact match: not measured ({ev.get('metrics_note') or 'evaluation.metrics is off'})")
     if "eval_loss" in ev:
-        lines.append(f"  {'held-out loss':<16}{_num(ev.get('base_eval_loss')):>10}{_num(ev['eval_loss']):>10}")
+        lines.append(f"  {'held-out loss':<16}{_num(ev.get('base_eval_loss')):>10}" + (f"{'-':>14}" if k else "")
+                     + f"{_num(ev['eval_loss']):>10}")
+    if k:
+        lines.append(f"  (base {k}-shot: the base shown {k} training dates before each question, no adapter)")
+    if ev.get("outcome_rows"):
+        lines.append(f"missed: {ev.get('wrong_rows', 0)} of {ev['outcome_rows']} held-out dates"
+                     + "".join(f"\n  {f['prompt']} → {f.get('adapter', '')!r} (expected {f.get('reference', '')})"
+                               for f in (ev.get("failures") or [])[:EXAMPLES]))
+    lines += _retain_lines(ev.get("retain"))
     processed = tr.get("tokens_processed", tr.get("tokens_seen", 0))
     steps = f"{tr.get('steps')} steps of {recipe.training.batch_size * recipe.training.grad_accum} rows"
     lines.append(f"trained on {tr['trained_tokens']:,} tokens with a loss ({processed:,} processed, {steps})"
@@ -72,6 +82,23 @@ def comparison_lines(metrics: dict, recipe, seconds: float) -> list[str]:
             lines += [f"  prompt  : {prompt}", f"  expected: {s['reference']}", f"  base    : {s.get('base', '')!r}",
                       f"  adapter : {s.get('adapter', '')!r}", ""]
     lines.append(f"total wall time: {_duration(seconds)}")
+    return lines
+
+
+def _retain_lines(retain: dict | None) -> list[str]:
+    """What the adapter cost: the general questions the base answered right, asked again of the adapter."""
+    if not retain:
+        return []
+    if "metrics" not in retain:
+        return [f"general questions (forgetting): not measured: {retain.get('note', '')}"]
+    contains, loss = retain["metrics"].get("contains") or {}, retain["metrics"].get("loss") or {}
+    said = (f"general questions (forgetting): {retain['rows']} rows of {retain['source']}; still answered (contains) "
+            f"base {_pct(contains.get('base'))} → adapter {_pct(contains.get('adapter'))}, loss {_num(loss.get('base'))} "
+            f"→ {_num(loss.get('adapter'))}")
+    lines = [said, ("  FORGETTING flagged (beyond " + f"{retain['tolerance']:.0%}): " + "; ".join(retain["flagged"]))
+             if retain.get("flagged") else f"  no drop beyond {retain['tolerance']:.0%} of the base"]
+    for s in (retain.get("samples") or [])[:EXAMPLES]:
+        lines.append(f"  {s['prompt']} base {s['base']!r}, adapter {s['adapter']!r}")
     return lines
 
 

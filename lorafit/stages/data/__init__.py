@@ -25,8 +25,22 @@ from lorafit.stages.data import checks, classify, text, tokens
 from lorafit.stages.data.read import read_located, read_rows, read_source
 from lorafit.stages.data.tokens import align_labels, encode_words, read_words, word_tags
 
-__all__ = ["DataBundle", "build_datasets", "make_collator", "read_rows", "read_located", "read_words",
+__all__ = ["DataBundle", "Rows", "build_datasets", "make_collator", "read_rows", "read_located", "read_words",
            "word_tags", "align_labels", "encode_words"]
+
+
+class Rows:
+    """The rows as read (dicts) behind a tokenized split, in its order: evaluation shows a row as the user wrote
+    it (core.prompts.user_turn) and takes few-shot examples from the train rows. Read lazily from the source."""
+
+    def __init__(self, source, index: list[int]):
+        self.source, self.index = source, index
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, i: int) -> dict:
+        return dict(self.source[self.index[i]])
 
 
 @dataclass
@@ -36,6 +50,8 @@ class DataBundle:
     collator: Callable
     stats: dict
     label_names: list[str] | None
+    train_rows: Rows | None = None      # the rows as read behind train (before packing) and eval, in their order
+    eval_rows: Rows | None = None
 
 
 def build_datasets(spec: DataSpec, tokenizer, task: str = tasks.DEFAULT, num_labels: int | None = None, *,
@@ -68,6 +84,9 @@ def build_datasets(spec: DataSpec, tokenizer, task: str = tasks.DEFAULT, num_lab
         parts = train.train_test_split(test_size=n_eval, seed=spec.seed)
         train, evaluation = split = parts["train"], parts["test"]
 
+    # Each tokenized row's place in its source, then the column goes: the Trainer's collator sees ids and labels.
+    train, train_rows = _rows_behind(train, sources[0])
+    evaluation, eval_rows = _rows_behind(evaluation, sources[1] if spec.eval else sources[0])
     lengths = [len(x) for x in train["input_ids"]]
     digest = (sources[0].digest if len(sources) == 1
               else hashlib.sha256(b"".join(s.digest for s in sources)).digest()).hex()
@@ -86,12 +105,19 @@ def build_datasets(spec: DataSpec, tokenizer, task: str = tasks.DEFAULT, num_lab
         "max_length": spec.max_length,
     }
     checks.examine(stats, sources, spec, found, split=split)
-    bundle = DataBundle(train, evaluation, make_collator(tokenizer, task), stats, found.label_names)
+    bundle = DataBundle(train, evaluation, make_collator(tokenizer, task), stats, found.label_names, train_rows,
+                        eval_rows)
     if getattr(spec, "packing", False) and tasks.task(task).causal:
         from lorafit.stages.packing import pack_bundle
 
         bundle = pack_bundle(bundle, spec.max_length, tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
     return bundle
+
+
+def _rows_behind(ds, source) -> tuple[Any, Rows | None]:
+    if ds is None or "row" not in ds.column_names:
+        return ds, None
+    return ds.remove_columns("row"), Rows(source.rows, list(ds["row"]))
 
 
 def make_collator(tokenizer, task: str) -> Callable:

@@ -34,7 +34,7 @@ def _classification_dataset(src: Source, spec: DataSpec, tokenizer, label_ids: d
         return {"input_ids": enc["input_ids"], "truncated": [len(f) > spec.max_length for f in full],
                 "length": [len(f) for f in full]}
 
-    ds = datasets.Dataset.from_dict({"text": texts, "labels": labels}).map(
+    ds = datasets.Dataset.from_dict({"text": texts, "labels": labels, "row": list(range(len(texts)))}).map(
         encode, batched=True, remove_columns=["text"], new_fingerprint=fingerprint(src, spec, tokenizer), desc="tokenize")
     truncated = sum(ds["truncated"])
     doctor = {"lengths": list(ds["length"]), "eos_cut": []}  # a class label has no EOS to lose

@@ -182,7 +182,7 @@ def _read_hub(name: str, where: str, split: str) -> Source:
     return Source(ds, [f"{name}[{split}] row {n}" for n in range(1, len(ds) + 1)], digest, name)
 
 
-_COLUMNS_VERSION = 2  # bump when the tokenize maps' output columns change: cached hub-dataset maps go stale
+_COLUMNS_VERSION = 3  # bump when the tokenize maps' output columns change: cached hub-dataset maps go stale
 
 
 def fingerprint(src: Source, spec: DataSpec, tokenizer) -> str:

@@ -101,11 +101,12 @@ def _causal_dataset(src: Source, spec: DataSpec, tokenizer, bos, eos):
     chat = spec.format == "chat"
     render = chat_renderer(spec, tokenizer) if chat else None
     if isinstance(src.rows, list):
-        records = datasets.Dataset.from_dict(_prepare_rows(src.rows, src.locs, spec, tokenizer, render))
+        records = datasets.Dataset.from_dict(_prepare_rows(src.rows, src.locs, spec, tokenizer, render,
+                                                           list(range(len(src.rows)))))
     else:  # a hub dataset: prepared by datasets itself, in parallel when it is large
         records = src.rows.map(
             lambda batch, idx: _prepare_rows([dict(zip(batch, v)) for v in zip(*batch.values())],
-                                             [src.locs[i] for i in idx], spec, tokenizer, render),
+                                             [src.locs[i] for i in idx], spec, tokenizer, render, list(idx)),
             batched=True, with_indices=True, remove_columns=src.rows.column_names,
             num_proc=_num_proc(len(src.rows)), new_fingerprint=fingerprint(src, spec, tokenizer) + "-format",
             desc="format")
@@ -130,11 +131,12 @@ def _causal_dataset(src: Source, spec: DataSpec, tokenizer, bos, eos):
     return ds, truncated, dropped, doctor
 
 
-def _prepare_rows(rows: list[dict], locs: list[str], spec: DataSpec, tokenizer, render) -> dict:
+def _prepare_rows(rows: list[dict], locs: list[str], spec: DataSpec, tokenizer, render, index: list[int]) -> dict:
     """Rows → columns, through core.prompts: chat rows straight to input_ids / labels (the template's
-    own render); other formats to texts / is_response segments, tokenized next."""
+    own render); other formats to texts / is_response segments, tokenized next. *index*: each row's place in
+    its source ("row", kept through the split: evaluation shows the row as the user wrote it)."""
     if spec.format == "chat":
-        out = {"input_ids": [], "labels": [], "loc": list(locs)}
+        out = {"input_ids": [], "labels": [], "loc": list(locs), "row": list(index)}
         for row, loc in zip(rows, locs):
             ids, labels = chat_tokens(chat_messages(row, loc, spec), tokenizer, render, loc,
                                       train_on_inputs=spec.train_on_inputs)
@@ -142,7 +144,7 @@ def _prepare_rows(rows: list[dict], locs: list[str], spec: DataSpec, tokenizer, 
             out["labels"].append(labels)
         return out
     to_segments = FORMATS[spec.format]
-    out = {"texts": [], "is_response": [], "loc": list(locs)}
+    out = {"texts": [], "is_response": [], "loc": list(locs), "row": list(index)}
     for row, loc in zip(rows, locs):
         segments = to_segments(row, loc, spec, render)
         out["texts"].append([t for t, _ in segments])

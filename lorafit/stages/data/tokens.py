@@ -105,5 +105,5 @@ def _tokens_dataset(src: Source, spec: DataSpec, tokenizer, tag_ids: dict) -> tu
     enc = encode_words(tokenizer, [w for w, _ in rows], spec.max_length)
     full = encode_words(tokenizer, [w for w, _ in rows], 10**9)["input_ids"]
     labels = [align_labels(enc.word_ids(i), [tag_ids[t] for t in tags]) for i, (_, tags) in enumerate(rows)]
-    ds = datasets.Dataset.from_dict({"input_ids": enc["input_ids"], "labels": labels})
+    ds = datasets.Dataset.from_dict({"input_ids": enc["input_ids"], "labels": labels, "row": list(range(len(rows)))})
     return ds, sum(len(f) > spec.max_length for f in full), {"lengths": [len(f) for f in full]}
