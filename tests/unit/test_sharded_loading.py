@@ -16,9 +16,19 @@ from lorafit.recipe import DistributedSpec
 
 
 @pytest.fixture
-def clean_env(monkeypatch):
-    for key in ("ACCELERATE_USE_FSDP", "FSDP_CPU_RAM_EFFICIENT_LOADING", "ACCELERATE_USE_DEEPSPEED"):
-        monkeypatch.delenv(key, raising=False)
+def clean_env():
+    """No accelerate environment before, and none left after: what these tests set (as `accelerate launch` would)
+    must not make later tests in this process shard."""
+    keys = ("ACCELERATE_USE_FSDP", "FSDP_CPU_RAM_EFFICIENT_LOADING", "ACCELERATE_USE_DEEPSPEED")
+    saved = os.environ.copy()
+    for key in keys:
+        os.environ.pop(key, None)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)  # nothing of an FSDP plugin for the next Trainer
 
 
 def test_plain_and_ddp_runs_put_the_whole_base_on_their_own_gpu(clean_env):
