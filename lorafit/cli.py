@@ -262,7 +262,7 @@ def merge(
     low_memory: bool = typer.Option(False, "--low-memory", help="Merge shard by shard (RAM ≈ one shard)."),
     max_shard_size: str = typer.Option("2GB", "--max-shard-size", help="Largest safetensors shard."),
     overwrite: bool = typer.Option(False, "--overwrite",
-                                   help="Replace a non-empty --output directory (--force, its old name, still works)."),
+                                   help="Replace a non-empty --output directory."),
     force: bool = typer.Option(False, "--force", hidden=True, help="The old name of --overwrite."),
     as_json: bool = typer.Option(False, "--json", help="Print the merge report as one JSON document."),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help=TRUST_HELP),

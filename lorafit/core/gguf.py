@@ -209,8 +209,10 @@ def materialize_gguf(spec: ModelSpec) -> ModelSpec:
         from filelock import FileLock
 
         # One conversion per file and node: ranks of a launch, or two runs, asking at once wait for the first.
-        out.parent.mkdir(parents=True, exist_ok=True)
-        with FileLock(str(out.parent / f".{out.name}.lock")):
+        # The lock lives apart (cache/.locks, as the hub cache keeps its own): gguf/ holds conversions only.
+        locks = gguf_cache_root() / ".locks"
+        locks.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(locks / f"gguf-{out.name}.lock")):
             if not (out / "config.json").is_file():
                 _convert_gguf(spec, gguf, out, dtype, metadata)
     return spec.model_copy(update={"name": str(out), "gguf_file": None, "base_id": hub})

@@ -73,11 +73,12 @@ def test_show_example_says_what_n_counts():
     assert "before shuffling" not in DOCS["data.md"]
 
 
-def test_merge_overwrite_help_names_its_old_name():
+def test_merge_force_is_the_hidden_old_name_of_overwrite():
     from lorafit import cli
 
     params = {p.name: p for p in typer_command(cli.app, "merge").params}
-    assert "--force" in params["overwrite"].help
+    assert params["force"].hidden and "--overwrite" in params["force"].help
+    assert "non-empty --output" in params["overwrite"].help
 
 
 def test_a_run_dir_holding_an_adapter_names_fixes_that_work():

@@ -35,10 +35,13 @@ def test_base_spec_follows_the_run_and_drops_its_revision_for_another_base(tmp_p
     recipe = {"model": {"name": "owner/base", "revision": "abc123", "trust_remote_code": True, "dtype": "bfloat16"},
               "quantization": {"bits": 4, "compute_dtype": "float16"}, "data": {"train": "x.jsonl"},
               "training": {"precision": "fp16"}}
-    spec, quant, training = models.base_spec(_source(tmp_path / "1", recipe))
-    assert (spec.name, spec.revision, spec.trust_remote_code, spec.dtype) == ("owner/base", "abc123", True, "bfloat16")
-    assert quant.bits == 4 and training.precision == "fp16"
-    spec, _, _ = models.base_spec(_source(tmp_path / "2", recipe, base="other/base"))  # --base
+    with pytest.raises(ModelError, match="add --trust-remote-code"):  # a run dir is no consent
+        models.base_spec(_source(tmp_path / "0", recipe))
+    with models.trusting_remote_code(True):
+        spec, quant, training = models.base_spec(_source(tmp_path / "1", recipe))
+        assert (spec.name, spec.revision, spec.trust_remote_code, spec.dtype) == ("owner/base", "abc123", True, "bfloat16")
+        assert quant.bits == 4 and training.precision == "fp16"
+        spec, _, _ = models.base_spec(_source(tmp_path / "2", recipe, base="other/base"))  # --base
     assert spec.name == "other/base" and spec.revision is None
 
 
