@@ -17,7 +17,10 @@ from tests.conftest import REPO
 pytestmark = pytest.mark.slow
 
 # About half the demo's tokens and generations (the demo itself: recipes/quickstart.yaml as shipped).
-SHORT = ["training.max_steps=30", "training.warmup_ratio=0.0", "evaluation.generate_samples=24"]
+# The few-shot baseline and the retain check are the demo's own (docs/evaluation.md has their numbers): each
+# adds generations on the real model, and tests/e2e/test_error_analysis.py tests both on a tiny one.
+SHORT = ["training.max_steps=30", "training.warmup_ratio=0.0", "evaluation.generate_samples=24",
+         "evaluation.baselines=[zero_shot]", "evaluation.retain=none"]
 
 
 def test_the_demo_adapter_beats_the_base_on_exact_match_and_loss(tmp_path):

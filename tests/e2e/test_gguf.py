@@ -38,7 +38,7 @@ def trained(gguf_dir, tmp_path_factory):
         "data": {"train": str(REPO / "examples" / "data" / "tiny-chat.jsonl"), "format": "chat",
                  "max_length": 96, "eval_fraction": 0.1},
         "training": {"max_steps": 2, "batch_size": 2, "grad_accum": 1},
-        "evaluation": {"max_samples": 2},
+        "evaluation": {"max_samples": 2, "retain": "none"},  # forgetting is test_error_analysis's (40 generations)
         "output": {"dir": str(root / "run")},
     }
     checked = run_cli("validate", write_recipe(root / "folder.yaml", {
