@@ -5,6 +5,7 @@ adapter root after it was checked. The base and two chat adapters ('a' → "Pari
 
 from __future__ import annotations
 
+import json
 import queue
 import shutil
 
@@ -138,3 +139,31 @@ def test_a_runtime_adapter_reads_nothing_of_its_run_s_model_section(registry, ch
         assert e.value.status == 403 and served.peft_name not in registry.loaded
     finally:
         registry.remove("remote")
+
+
+def test_adapters_with_the_same_tokenizer_share_one_object(chat_runs, tmp_path):
+    """Adapters of one base mostly save the same tokenizer files: one object serves them (a copy of SmolLM2's costs
+    ~14 MB resident); another template ('b') or other files get their own, and each name still renders its own way."""
+    from lorafit.core.adapters import find_adapter
+    from lorafit.serving.handlers import render_chat
+    from lorafit.serving.protocol import ChatMessage
+    from lorafit.serving.registry import open_registry, runtime_adapter
+
+    copy = tmp_path / "root" / "a-copy"
+    shutil.copytree(chat_runs["a"], copy)
+    edited = tmp_path / "root" / "a-edited"
+    shutil.copytree(chat_runs["a"], edited)
+    config = edited / "adapter" / "tokenizer_config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "model_max_length": 77}))
+    named = [(name, find_adapter(path)) for name, path in
+             (("a", chat_runs["a"]), ("a2", copy), ("d", chat_runs["d"]), ("b", chat_runs["b"]), ("e", edited))]
+    registry = open_registry(named, None, max_loaded=1)
+    a, a2, d, b, e = (registry.get(name).tokenizer for name in ("a", "a2", "d", "b", "e"))
+    assert a is a2 and a is d and a is registry.base.tokenizer
+    assert b is not a and e is not a and e.model_max_length == 77 != a.model_max_length
+    assert len(registry.tokenizers) == 3
+    ask = [ChatMessage(role="user", content=ASK)]
+    assert render_chat(registry.get("b"), ask) != render_chat(registry.get("a"), ask)
+    assert render_chat(registry.get("a2"), ask) == render_chat(registry.get("a"), ask)
+    runtime = runtime_adapter(registry, "later", "a-copy", tmp_path / "root")  # a stranger's folder, the same files
+    assert runtime.tokenizer is a
