@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field
 from lorafit import log
 from lorafit.core import distributed, policies
 from lorafit.core.advice import Advice, Facts, advise, epochs, examples, optimizer_steps
-from lorafit.errors import AdviceError
+from lorafit.errors import AdviceError, DataError
 from lorafit.recipe import Recipe
 
 
@@ -39,9 +39,27 @@ def facts(recipe: Recipe, stats: dict, tokenizer, config, layout: dict) -> Facts
                  world_size=distributed.world_size())
 
 
+def check_vocabulary(stats: dict, tokenizer, layout: dict) -> None:
+    """A row holding a token id the model's input embedding lacks (a token added to the tokenizer, not to the
+    model) would stop training with an IndexError: an error (exit 2) naming the row, before any weight loads."""
+    rows, top = (layout or {}).get("embedding_rows"), stats.get("top_token")
+    if not rows or not top or top["id"] < rows:
+        return
+    token = tokenizer.convert_ids_to_tokens(top["id"]) if tokenizer is not None else None
+    names = [n.rsplit(".", 1)[-1] for n in (layout.get("embedding"), layout.get("output_embedding")) if n]
+    raise DataError(f"token id {top['id']:,}{f' ({token!r})' if token else ''} has no row in the model's input "
+                    f"embedding ({rows:,} rows): the tokenizer holds tokens that were added to it, not to the model",
+                    where=top["where"],
+                    fix="resize the model's embeddings to the tokenizer (model.resize_token_embeddings(len(tokenizer)), "
+                        f"saved with the model) and train them with lora.modules_to_save: [{', '.join(names)}], "
+                        "or keep such tokens out of the data")
+
+
 def check(recipe: Recipe, stats: dict, tokenizer, config, layout: dict) -> Findings:
     """Every advice of this run, advice.ignore applied. Raises AdviceError when advice.strict (or data.strict)
-    is on and any applies; otherwise returns them, for the caller to say (validate's table, train's warnings)."""
+    is on and any applies; otherwise returns them, for the caller to say (validate's table, train's warnings).
+    A token id past the model's embedding is an error first (check_vocabulary)."""
+    check_vocabulary(stats, tokenizer, layout)
     known = facts(recipe, stats, tokenizer, config, layout)
     found = advise(recipe, known)
     ignore = list(recipe.advice.ignore)

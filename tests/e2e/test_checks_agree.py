@@ -173,3 +173,39 @@ def test_an_uncached_hub_id_fails_fast_when_the_hub_cannot_be_reached(root):
     line = errors(proc)[0]
     assert "acme/not-cached-model" in line and "cannot be reached" in line and "config.json" in line, line
     assert seconds < 15, f"{seconds:.1f} s: the hub was retried"
+
+
+# ----------------------------------------------------------------------------------------------
+# Tokens the model's embedding lacks
+
+
+def test_a_token_the_embedding_lacks_is_exit_2_naming_its_row_in_validate_and_train(root):
+    """A token added to the tokenizer and not to the model (ids past the embedding's rows) used to stop training
+    with an IndexError (exit 1) once the model had loaded; validate only advised. Now both refuse, naming the
+    row (file:line), before any weight loads or anything is written. Unused added tokens stay advice."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    model = root / "added-tokens-model"
+    shutil.copytree(TINY, model)
+    tokenizer = AutoTokenizer.from_pretrained(str(model))
+    assert len(tokenizer) == 384
+    tokenizer.add_tokens(["<tool_call>", "</tool_call>"], special_tokens=True)
+    tokenizer.save_pretrained(str(model))
+    rows = ROWS[:6] + [{"instruction": "Call the tool.", "input": "", "output": "<tool_call>add(2, 2)</tool_call>"}]
+    write_jsonl(root / "tools.jsonl", rows)
+    path = recipe(root, "added-tokens", data={"train": str(root / "tools.jsonl")})
+    path.write_text(path.read_text().replace(str(TINY), str(model)))
+    for command in ("validate", "train"):
+        proc = run_cli(command, path)
+        assert proc.returncode == 2, (command, proc.stdout, proc.stderr)
+        said = errors(proc) if command == "train" else [l for l in (proc.stdout + proc.stderr).splitlines()
+                                                           if "has no row" in l]
+        assert len(said) == 1, (command, proc.stdout, proc.stderr)
+        assert f"tools.jsonl:7: token id 385 ('</tool_call>') has no row in the model's input embedding (384 rows)" \
+            in said[0] and "resize_token_embeddings" in said[0], said
+    assert not (root / "added-tokens").exists()
+    write_jsonl(root / "tools.jsonl", ROWS[:6])  # the same tokenizer, no added token in the data: advice only
+    proc = run_cli("validate", path)
+    assert proc.returncode == 0 and "[new-tokens]" in proc.stdout, proc.stdout + proc.stderr

@@ -84,6 +84,7 @@ def build_datasets(spec: DataSpec, tokenizer, task: str = tasks.DEFAULT, num_lab
         parts = train.train_test_split(test_size=n_eval, seed=spec.seed)
         train, evaluation = split = parts["train"], parts["test"]
 
+    top = checks.top_token([(train, sources[0]), (evaluation, sources[1] if spec.eval else sources[0])])
     # Each tokenized row's place in its source, then the column goes: the Trainer's collator sees ids and labels.
     train, train_rows = _rows_behind(train, sources[0])
     evaluation, eval_rows = _rows_behind(evaluation, sources[1] if spec.eval else sources[0])
@@ -103,6 +104,7 @@ def build_datasets(spec: DataSpec, tokenizer, task: str = tasks.DEFAULT, num_lab
         "files": [{"path": s.name, "sha256": s.digest.hex(), "rows": len(s.rows)} for s in sources],
         "format": spec.format,
         "max_length": spec.max_length,
+        "top_token": top,
     }
     checks.examine(stats, sources, spec, found, split=split)
     bundle = DataBundle(train, evaluation, make_collator(tokenizer, task), stats, found.label_names, train_rows,

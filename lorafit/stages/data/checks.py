@@ -28,6 +28,24 @@ def examine(stats: dict, sources: list[Source], spec: DataSpec, found: Tokenized
     stats["first_rows"] = first
 
 
+def top_token(parts) -> dict | None:
+    """The highest token id of the tokenized rows and the first row (file:line) that holds it, over (dataset,
+    source) *parts* whose datasets still carry each row's place in its source ("row"). An id past the model's
+    input embedding is an error before any weight loads (stages/advise.check_vocabulary)."""
+    best = None
+    for ds, source in parts:
+        if ds is None or "input_ids" not in ds.column_names:
+            continue
+        places = ds["row"] if "row" in ds.column_names else None
+        for i, ids in enumerate(ds["input_ids"]):
+            top = max(ids, default=-1)
+            if best is None or top > best["id"]:
+                place = places[i] if places is not None else None
+                best = {"id": top, "where": source.locs[place] if place is not None and place < len(source.locs)
+                        else source.name}
+    return best
+
+
 def _split_leak(train, evaluation) -> int:
     """Held-out rows whose input_ids and labels equal a training row's."""
     def keys(ds):
