@@ -324,12 +324,23 @@ def _new_tokens(recipe, facts, threshold):
     rows, size = facts.layout.get("embedding_rows"), facts.tokenizer_size
     if rows is None or size is None or size - rows <= threshold:
         return None
-    names = [n.rsplit(".", 1)[-1] for n in (facts.layout.get("embedding"), facts.layout.get("output_embedding")) if n]
+    names = embedding_names(facts.layout)
     return ("model.name", f"the tokenizer holds {size:,} tokens and the model's input embedding "
                           f"({names[0] if names else 'embedding'}) {rows:,} rows: {size - rows} of its tokens were added "
                           f"to the tokenizer, not to the model (ids ≥ {rows:,} have no embedding, and LoRA trains none)",
-            "resize the model's embeddings to the tokenizer (model.resize_token_embeddings(len(tokenizer)), saved "
-            f"with the model) and train them: lora.modules_to_save: [{', '.join(names)}]")
+            resize_fix(facts.layout))
+
+
+def embedding_names(layout: dict) -> list[str]:
+    """The model's own names of its input embedding and output head (targets.layout), e.g. embed_tokens, lm_head."""
+    return [n.rsplit(".", 1)[-1] for n in (layout.get("embedding"), layout.get("output_embedding")) if n]
+
+
+def resize_fix(layout: dict) -> str:
+    """The fix for tokens the model's embedding lacks: the new-tokens advice's, and the error when a row uses one
+    (stages/advise.check_vocabulary)."""
+    return ("resize the model's embeddings to the tokenizer (model.resize_token_embeddings(len(tokenizer)), saved "
+            f"with the model) and train them: lora.modules_to_save: [{', '.join(embedding_names(layout))}]")
 
 
 _CHECKS = {"rank-high": _rank_high, "alpha-ratio": _alpha_ratio, "lr-low": _lr_low, "lr-high": _lr_high,

@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, field
 
 from lorafit import log
 from lorafit.core import distributed, policies
-from lorafit.core.advice import Advice, Facts, advise, epochs, examples, optimizer_steps
+from lorafit.core.advice import Advice, Facts, advise, epochs, examples, optimizer_steps, resize_fix
 from lorafit.errors import AdviceError, DataError
 from lorafit.recipe import Recipe
 
@@ -46,13 +46,9 @@ def check_vocabulary(stats: dict, tokenizer, layout: dict) -> None:
     if not rows or not top or top["id"] < rows:
         return
     token = tokenizer.convert_ids_to_tokens(top["id"]) if tokenizer is not None else None
-    names = [n.rsplit(".", 1)[-1] for n in (layout.get("embedding"), layout.get("output_embedding")) if n]
     raise DataError(f"token id {top['id']:,}{f' ({token!r})' if token else ''} has no row in the model's input "
                     f"embedding ({rows:,} rows): the tokenizer holds tokens that were added to it, not to the model",
-                    where=top["where"],
-                    fix="resize the model's embeddings to the tokenizer (model.resize_token_embeddings(len(tokenizer)), "
-                        f"saved with the model) and train them with lora.modules_to_save: [{', '.join(names)}], "
-                        "or keep such tokens out of the data")
+                    where=top["where"], fix=resize_fix(layout) + "; or keep such tokens out of the data")
 
 
 def check(recipe: Recipe, stats: dict, tokenizer, config, layout: dict) -> Findings:

@@ -84,11 +84,14 @@ def build_datasets(spec: DataSpec, tokenizer, task: str = tasks.DEFAULT, num_lab
         parts = train.train_test_split(test_size=n_eval, seed=spec.seed)
         train, evaluation = split = parts["train"], parts["test"]
 
-    top = checks.top_token([(train, sources[0]), (evaluation, sources[1] if spec.eval else sources[0])])
     # Each tokenized row's place in its source, then the column goes: the Trainer's collator sees ids and labels.
+    eval_source = sources[1] if spec.eval else sources[0]
+    train_ids = train["input_ids"]
+    eval_ids = evaluation["input_ids"] if evaluation is not None else []
     train, train_rows = _rows_behind(train, sources[0])
-    evaluation, eval_rows = _rows_behind(evaluation, sources[1] if spec.eval else sources[0])
-    lengths = [len(x) for x in train["input_ids"]]
+    evaluation, eval_rows = _rows_behind(evaluation, eval_source)
+    top = checks.top_token([(train_ids, train_rows, sources[0]), (eval_ids, eval_rows, eval_source)])
+    lengths = [len(x) for x in train_ids]
     digest = (sources[0].digest if len(sources) == 1
               else hashlib.sha256(b"".join(s.digest for s in sources)).digest()).hex()
     stats = {

@@ -29,18 +29,15 @@ def examine(stats: dict, sources: list[Source], spec: DataSpec, found: Tokenized
 
 
 def top_token(parts) -> dict | None:
-    """The highest token id of the tokenized rows and the first row (file:line) that holds it, over (dataset,
-    source) *parts* whose datasets still carry each row's place in its source ("row"). An id past the model's
-    input embedding is an error before any weight loads (stages/advise.check_vocabulary)."""
+    """The highest token id of the tokenized rows and the first row (file:line) that holds it, over (input_ids,
+    Rows or None, source) *parts*: a split's ids, each row's place in its source, the source. An id past the
+    model's input embedding is an error before any weight loads (stages/advise.check_vocabulary)."""
     best = None
-    for ds, source in parts:
-        if ds is None or "input_ids" not in ds.column_names:
-            continue
-        places = ds["row"] if "row" in ds.column_names else None
-        for i, ids in enumerate(ds["input_ids"]):
+    for ids_of_rows, rows, source in parts:
+        for i, ids in enumerate(ids_of_rows):
             top = max(ids, default=-1)
             if best is None or top > best["id"]:
-                place = places[i] if places is not None else None
+                place = rows.index[i] if rows is not None else None
                 best = {"id": top, "where": source.locs[place] if place is not None and place < len(source.locs)
                         else source.name}
     return best
